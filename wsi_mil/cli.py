@@ -1,0 +1,210 @@
+"""`wsi-mil` command line: parses arguments, loads the config, calls a workflow.
+
+Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable); command-specific
+flags are shortcuts for config keys (``--workers 4`` is ``--set compute.workers=4``). Errors in the
+user's input print one sentence and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from wsi_mil import __version__
+from wsi_mil.config import Config, dump_config, load_config
+from wsi_mil.errors import WsiMilError
+
+log = logging.getLogger("wsi_mil")
+
+# flag dest -> config key; a flag left at None does not override the config
+FLAG_KEYS: dict[str, str] = {
+    "scheduler": "compute.scheduler",
+    "workers": "compute.workers",
+    "encoder": "features.encoder",
+    "weights": "features.weights",
+    "batch_size": "features.batch_size",
+    "device": "features.device",
+    "model": "model.name",
+    "tracking_uri": "tracking.uri",
+    "labels": "training.labels_csv",
+    "epochs": "training.epochs",
+    "folds": "training.folds",
+    "normalize": "heatmap.normalize",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML experiment config (see configs/).")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override one config key, e.g. --set training.epochs=20 (repeatable).")
+
+
+def _add_synth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", type=Path, help="Directory for the cohort (slides/, truth/, labels.csv).")
+    p.add_argument("--slides", type=int, default=8, help="Number of slides.")
+    p.add_argument("--seed", type=int, default=0, help="Random seed (same seed, same bytes).")
+    p.add_argument("--size", type=int, default=8192, help="Slide width and height in level-0 pixels.")
+    p.add_argument("--format", choices=["svs", "tiff"], default="svs", help="Aperio SVS or generic pyramidal TIFF.")
+    p.add_argument("--tumour", choices=["micro", "small", "large", "mixed"], default="small",
+                   help="Tumour size on positive slides.")
+    p.add_argument("--positive-fraction", type=float, default=0.5, help="Share of positive slides.")
+    p.add_argument("--artefacts", action="store_true", help="Add pen marks, blur and folds to some slides.")
+    p.add_argument("--mpp", type=float, default=0.25, help="Level-0 microns per pixel.")
+
+
+def _add_tile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slides_dir", type=Path, help="Directory of whole-slide images.")
+    p.add_argument("--out", type=Path, required=True, help="Output directory.")
+    p.add_argument("--scheduler", help="Address of an existing Dask scheduler (tcp://HOST:PORT).")
+    p.add_argument("--workers", type=int, help="Local Dask workers.")
+    p.add_argument("--strict", action="store_true", help="Stop at the first failed slide.")
+
+
+def _add_extract(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", type=Path, help="Output directory of `wsi-mil tile`.")
+    p.add_argument("--encoder", help="Encoder name (resnet50_trunc, any timm name, hf-hub:...).")
+    p.add_argument("--weights", help="pretrained | random | path to a local weights file.")
+    p.add_argument("--batch-size", type=int, help="Patches per forward pass.")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="Compute device.")
+    p.add_argument("--scheduler", help="Spread slides over an existing Dask cluster (tcp://HOST:PORT).")
+    p.add_argument("--strict", action="store_true", help="Stop at the first failed slide.")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", type=Path, help="Output directory holding features/.")
+    p.add_argument("--labels", type=Path, help="CSV with slide_id,label[,patient_id][,split].")
+    p.add_argument("--model", help="mean | max | abmil | gated_abmil | transmil | dsmil | mhim | ins.")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
+    p.add_argument("--epochs", type=int, help="Maximum epochs.")
+    p.add_argument("--folds", type=int, help="Cross-validation folds.")
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="MLflow run id of a `wsi-mil train` parent run.")
+    p.add_argument("--out", type=Path, default=Path("."), help="Output directory of that run.")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
+
+
+def _add_heatmap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="MLflow run id (a `train` parent run or one fold's run).")
+    p.add_argument("--out", type=Path, default=Path("."), help="Output directory of that run.")
+    p.add_argument("--slides", nargs="*", help="Slide ids (default: each fold's test slides).")
+    p.add_argument("--normalize", choices=["raw", "rank", "percentile"], help="Score normalisation.")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slides_dir", type=Path, help="Directory of new slides.")
+    p.add_argument("--run", required=True, help="MLflow run id of a `wsi-mil train` parent run.")
+    p.add_argument("--out", type=Path, default=Path("."), help="Output directory of that run.")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slides_dir", type=Path, help="Directory of whole-slide images.")
+    p.add_argument("--labels", type=Path, required=True, help="CSV with slide_id,label[,patient_id].")
+    p.add_argument("--out", type=Path, required=True, help="Output directory.")
+    p.add_argument("--scheduler", help="Address of an existing Dask scheduler (tcp://HOST:PORT).")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
+    p.add_argument("--weights", help="pretrained | random | path to a local weights file.")
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("wsi-mil-demo"), help="Output directory.")
+    p.add_argument("--slides", type=int, default=12, help="Synthetic slides.")
+    p.add_argument("--weights", help="pretrained | random | path (default: pretrained when available).")
+
+
+def _add_ui(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", type=Path, help="Output directory whose MLflow store to open.")
+    p.add_argument("--port", type=int, default=5000, help="Port on 127.0.0.1.")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["show"], help="show: print the resolved config.")
+
+
+# name -> (help, argument builder, "module:function" handler taking (args, cfg) and returning an exit code)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "synth": ("Generate a synthetic slide cohort with ground truth.", _add_synth, "wsi_mil.synthetic:cli_synth"),
+    "tile": ("Find tissue and tile a slide directory into Zarr patch stores.", _add_tile, "workflows.tile:cli_tile"),
+    "extract": ("Embed patch stores into per-slide HDF5 feature bags.", _add_extract, "workflows.extract:cli_extract"),
+    "train": ("Cross-validate a MIL model on feature bags; log to MLflow.", _add_train, "workflows.train:cli_train"),
+    "evaluate": ("Re-score a trained run's checkpoints on their test folds.", _add_evaluate,
+                 "workflows.train:cli_evaluate"),
+    "heatmap": ("Draw per-slide heatmaps from a trained run.", _add_heatmap, "workflows.heatmap:cli_heatmap"),
+    "predict": ("Predict new slides with a trained run.", _add_predict, "workflows.predict:cli_predict"),
+    "run": ("Whole workflow: tile, extract, train, evaluate, heatmaps.", _add_run, "workflows.cohort:cli_run"),
+    "demo": ("Synthesise a cohort and run the whole workflow offline.", _add_demo, "workflows.demo:cli_demo"),
+    "ui": ("Open the MLflow UI over an output directory.", _add_ui, "workflows.ui:cli_ui"),
+    "config": ("Print the resolved configuration.", _add_config, "wsi_mil.cli:cli_config"),
+}
+
+
+def cli_config(args: argparse.Namespace, cfg: Config) -> int:
+    """`wsi-mil config show`: print the resolved config as YAML."""
+    sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser."""
+    parser = argparse.ArgumentParser(prog="wsi-mil", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"wsi-mil {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="More log output (-vv: debug).")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        _common(p)
+    return parser
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """Plain, timestamped log lines on stderr."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("distributed", "mlflow", "alembic", "urllib3", "matplotlib", "PIL", "numcodecs", "h5py"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load --config, then apply flag shortcuts and --set overrides (later wins)."""
+    overrides: list[str] = []
+    for dest, key in FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    overrides.extend(getattr(args, "overrides", []) or [])
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def _handler(target: str) -> Callable[[argparse.Namespace, Config], int]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `wsi-mil` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        cfg = config_from_args(args)
+        return int(_handler(COMMANDS[args.command][2])(args, cfg) or 0)
+    except WsiMilError as exc:
+        print(f"wsi-mil {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wsi-mil {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""Typed, validated settings for every stage.
+
+This module is the one place where defaults live. A YAML experiment file holds any subset of the
+sections below; it is merged over the defaults, single keys can be overridden from the command line
+(``--set training.epochs=20``), and the result is validated. Unknown keys, wrong types and
+out-of-range values raise :class:`~wsi_mil.errors.ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from wsi_mil.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------- slides
+class SlidesConfig(Section):
+    """How slides are found and how their physical resolution is known."""
+
+    extensions: list[str] = Field(
+        default=[".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm"],
+        description="File extensions taken as slides when scanning a directory.",
+    )
+    recursive: bool = Field(default=False, description="Scan sub-directories too.")
+    mpp_override_csv: Path | None = Field(
+        default=None, description="CSV with columns slide_id,mpp overriding the slide's own level-0 MPP."
+    )
+    default_mpp: float | None = Field(
+        default=None, gt=0, description="Level-0 MPP for slides that declare none (None: such slides fail)."
+    )
+
+
+# --------------------------------------------------------------------------------------------- tissue
+class TissueConfig(Section):
+    """Tissue segmentation on a low-resolution thumbnail."""
+
+    preset: Literal["default", "faint", "strict"] = Field(
+        default="default", description="Starting point; explicit keys below override it."
+    )
+    thumbnail_mpp: float = Field(default=8.0, gt=0, description="Resolution of the segmentation thumbnail (um/px).")
+    median_blur: int = Field(default=7, ge=1, description="Median filter size in thumbnail pixels (odd).")
+    saturation_threshold: float | None = Field(
+        default=None, ge=0, le=255, description="Fixed HSV-saturation threshold; None = Otsu per slide."
+    )
+    min_saturation: float = Field(default=15.0, ge=0, le=255, description="Floor under the Otsu threshold.")
+    remove_pen: bool = Field(default=True, description="Remove blue/green/black pen marks before thresholding.")
+    closing_um: float = Field(default=64.0, ge=0, description="Morphological closing radius (um).")
+    min_tissue_area_um2: float = Field(default=50_000.0, ge=0, description="Smallest tissue piece kept (um^2).")
+    max_hole_area_um2: float = Field(default=20_000.0, ge=0, description="Holes smaller than this are filled (um^2).")
+
+
+# --------------------------------------------------------------------------------------------- tiling
+class TilingConfig(Section):
+    """Patch grid and patch store."""
+
+    target_mpp: float = Field(default=0.5, gt=0, description="Patch resolution in um/px (0.5 ~ '20x').")
+    patch_size: int = Field(default=256, ge=16, le=4096, description="Patch side in pixels at target_mpp.")
+    overlap: int = Field(default=0, ge=0, description="Overlap between neighbouring patches (pixels at target_mpp).")
+    tissue_threshold: float = Field(
+        default=0.25, ge=0, le=1, description="Minimum tissue fraction of a patch for it to be kept."
+    )
+    chunk_patches: int = Field(default=64, ge=1, description="Patches per Zarr chunk and per Dask task.")
+    codec: Literal["zstd", "lz4", "blosc-zstd", "none"] = Field(
+        default="zstd", description="Compression of the patch array."
+    )
+    compression_level: int = Field(default=3, ge=0, le=22, description="Codec level.")
+    export_clam_h5: bool = Field(default=False, description="Also write CLAM-style coordinate HDF5 files.")
+    max_patches_per_slide: int | None = Field(
+        default=None, ge=1, description="Keep at most this many patches (evenly spaced); None keeps all."
+    )
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> TilingConfig:
+        if self.overlap >= self.patch_size:
+            raise ValueError(f"tiling.overlap ({self.overlap}) must be smaller than tiling.patch_size ({self.patch_size})")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- features
+class FeaturesConfig(Section):
+    """Patch encoder and the embedding stage."""
+
+    encoder: str = Field(
+        default="resnet50_trunc",
+        description="Registry name (resnet50_trunc, resnet18, tiny_cnn) or any timm model, e.g. 'hf-hub:MahmoodLab/uni'.",
+    )
+    weights: str = Field(
+        default="pretrained",
+        description="'pretrained' (torchvision/timm download or cache), 'random', or a path to a local weights file.",
+    )
+    batch_size: int = Field(default=64, ge=1, description="Patches per forward pass.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="auto = cuda > mps > cpu.")
+    num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes.")
+    precision: Literal["float32", "float16"] = Field(default="float32", description="Stored feature dtype.")
+    amp: bool = Field(default=True, description="Mixed precision on GPU.")
+    export_pt: bool = Field(default=False, description="Also write [N, D] .pt tensors.")
+
+
+# ---------------------------------------------------------------------------------------------- model
+class MHIMConfig(Section):
+    """Masked hard instance mining (Tang et al., ICCV 2023); see docs/MHIM-MIL.md for the reference values."""
+
+    student: Literal["abmil", "gated_abmil", "transmil", "dsmil"] = "abmil"
+    cl_alpha: float = Field(default=0.1, ge=0, description="Weight of the teacher-student consistency loss.")
+    mask_ratio_high: float = Field(default=0.01, ge=0, le=1, description="Initial high-attention mask ratio (decays to 0).")
+    high_random_ratio: float = Field(default=0.5, gt=0, le=1, description="'hr': random fraction of the top-k actually masked.")
+    mask_ratio_random: float = Field(default=0.5, ge=0, le=1, description="Uniformly random mask ratio.")
+    mask_ratio_low: float = Field(default=0.0, ge=0, le=1, description="Low-attention mask ratio.")
+    momentum: float = Field(default=0.9999, ge=0, le=1, description="Teacher EMA momentum.")
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    teacher_eval: bool = Field(default=True, description="Run the teacher in eval mode (dropout off).")
+    teacher_temperature: float = Field(default=0.1, gt=0)
+    student_temperature: float = Field(default=1.0, gt=0)
+    copy_embed: bool = Field(default=True, description="Student starts from the baseline's embedding layer.")
+    baseline_run: str | None = Field(
+        default=None, description="MLflow run id of a trained baseline (same folds); None trains one per fold."
+    )
+
+
+class INSConfig(Section):
+    """Prototype-contrastive instance classifier (Qu et al., TCSVT); see docs/INS.md."""
+
+    variant: Literal["features", "patches"] = "features"
+    backbone: str = Field(default="resnet18", description="CNN for the 'patches' variant.")
+    batch_size: int = Field(default=64, ge=2)
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(default=1e-3, ge=0)
+    queue_size: int = Field(default=8192, ge=1)
+    proto_momentum: float = Field(default=0.9, ge=0, le=1)
+    ema: float = Field(default=0.999, ge=0, le=1, description="Key-encoder momentum.")
+    contrastive_weight: float = Field(default=0.5, ge=0)
+    temperature: float = Field(default=0.07, gt=0)
+    proto_start: int = Field(default=1, ge=0, description="Epoch from which PPLG and SupCon are used.")
+    phi_start: float = Field(default=0.95, ge=0, le=1)
+    phi_end: float = Field(default=0.8, ge=0, le=1)
+    embed_dim: int = Field(default=128, ge=2)
+    feature_dropout: float = Field(default=0.1, ge=0, lt=1, description="Feature-view augmentation: dropout.")
+    feature_noise: float = Field(default=0.05, ge=0, description="Feature-view augmentation: Gaussian noise std.")
+    bag_aggregator: Literal["auto", "mean", "max"] = Field(
+        default="auto", description="auto = choose mean or max on the validation split."
+    )
+    pretrain_epochs: int = Field(default=1, ge=0, description="Epochs where each instance takes its bag label.")
+    max_instances_per_epoch: int | None = Field(
+        default=None, ge=1, description="Subsample instances per epoch (None = all)."
+    )
+
+
+class ModelConfig(Section):
+    """Which MIL model to train and its architecture."""
+
+    name: Literal["mean", "max", "abmil", "gated_abmil", "transmil", "dsmil", "mhim", "ins"] = "abmil"
+    hidden_dim: int = Field(default=512, ge=8, description="Embedding width after the input projection.")
+    dropout: float = Field(default=0.25, ge=0, lt=1)
+    attention_dim: int = Field(default=128, ge=4, description="ABMIL attention width.")
+    heads: int = Field(default=8, ge=1, description="TransMIL attention heads.")
+    mhim: MHIMConfig = Field(default_factory=MHIMConfig)
+    ins: INSConfig = Field(default_factory=INSConfig)
+
+
+# ------------------------------------------------------------------------------------------- training
+class TrainingConfig(Section):
+    """Cross-validation, optimisation and evaluation."""
+
+    labels_csv: Path | None = Field(default=None, description="CSV with slide_id,label[,patient_id][,split].")
+    classes: list[str] | None = Field(default=None, description="Label names in class-index order (None: sorted).")
+    on_missing: Literal["error", "exclude"] = Field(
+        default="error", description="Slides with a label but no bag (or vice versa): error, or warn and exclude."
+    )
+    folds: int = Field(default=5, ge=2, description="Outer (test) folds, stratified at patient level.")
+    val_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each training fold held out for validation.")
+    seeds: list[int] = Field(default=[0], min_length=1, description="Repeat the cross-validation with these seeds.")
+    fixed_splits: bool = Field(default=False, description="Use the CSV's 'split' column (train/val/test) instead of k-fold.")
+    epochs: int = Field(default=200, ge=1)
+    min_epochs: int = Field(default=10, ge=0, description="No early stop before this epoch.")
+    patience: int = Field(default=20, ge=1, description="Epochs without validation-AUC gain before stopping.")
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    scheduler: Literal["cosine", "none"] = "cosine"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    cache_bags: bool = Field(default=True, description="Keep bags in RAM when they fit.")
+    bootstrap: int = Field(default=1000, ge=0, description="Bootstrap resamples for 95% CIs (0 = none).")
+    instance_threshold: float = Field(
+        default=0.5, gt=0, le=1, description="Tumour fraction above which a patch counts as positive (instance AUC)."
+    )
+    annotations_dir: Path | None = Field(
+        default=None, description="Tumour annotations (GeoJSON / ASAP XML / masks) for instance-level evaluation."
+    )
+
+
+# ------------------------------------------------------------------------------------------- heatmaps
+class HeatmapConfig(Section):
+    """Per-slide heatmaps."""
+
+    normalize: Literal["raw", "rank", "percentile"] = "rank"
+    colormap: str = "jet"
+    alpha: float = Field(default=0.45, ge=0, le=1, description="Overlay opacity.")
+    top_k: int = Field(default=16, ge=0, description="Patches in the top-k montage.")
+    pyramidal_tiff: bool = Field(default=False, description="Also write a pyramidal TIFF heatmap for viewers.")
+
+
+# ------------------------------------------------------------------------------------------- tracking
+class TrackingConfig(Section):
+    """MLflow."""
+
+    uri: str | None = Field(default=None, description="Tracking URI; None = SQLite store inside the output directory.")
+    experiment: str | None = Field(default=None, description="Experiment name; None = derived from the labels file.")
+
+
+# -------------------------------------------------------------------------------------------- compute
+class ComputeConfig(Section):
+    """Dask cluster."""
+
+    scheduler: str | None = Field(default=None, description="tcp://host:port of an existing cluster; None = local.")
+    workers: int = Field(default=1, ge=1, description="Local worker processes.")
+    threads_per_worker: int = Field(default=2, ge=1, description="Threads per local worker (OpenSlide frees the GIL).")
+    memory_limit: str = Field(default="auto", description="Per-worker memory limit of the local cluster.")
+    dashboard: bool = Field(default=False, description="Serve the Dask dashboard for the local cluster.")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError("compute.scheduler must look like tcp://HOST:PORT")
+        return value
+
+
+# ------------------------------------------------------------------------------------------- workflow
+class RunConfig(Section):
+    """What `wsi-mil run` trains."""
+
+    models: list[str] = Field(
+        default=["abmil", "mhim", "ins"], min_length=1, description="Model names trained in order."
+    )
+
+
+class Config(Section):
+    """Every setting of a wsi-mil experiment."""
+
+    slides: SlidesConfig = Field(default_factory=SlidesConfig)
+    tissue: TissueConfig = Field(default_factory=TissueConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """The whole config flattened to ``section.key`` -> JSON-friendly value (for MLflow params)."""
+        return flatten(self.model_dump(mode="json"))
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short stable hash of the given sections (all when none given)."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {name: data[name] for name in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """A validated copy with ``section.key`` overrides applied."""
+        data = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            _set_dotted(data, dotted, value, source="override")
+        return _validate(data, source="override")
+
+
+# ------------------------------------------------------------------------------------------ load/save
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, *, source: str) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{source}: unknown config section '{where}' in '{dotted}'; see `wsi-mil config show`.")
+        node = node[part]
+    if parts[-1] not in node:
+        allowed = ", ".join(sorted(node))
+        raise ConfigError(f"{source}: unknown config key '{dotted}'; allowed keys here: {allowed}.")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.path=value`` (value read as YAML, so numbers/lists/null work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. training.epochs=20.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__}).") from None
+    return key.strip(), value
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        name = f"{prefix}{key}"
+        if key not in out:
+            allowed = ", ".join(sorted(out))
+            raise ConfigError(f"{source}: unknown config key '{name}'; allowed keys here: {allowed}.")
+        if isinstance(out[key], dict):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{name}' must be a mapping of settings, got {type(value).__name__}.")
+            out[key] = _deep_merge(out[key], value, source, f"{name}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _validate(data: dict[str, Any], *, source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"'{loc}': {msg} (got {err.get('input')!r})" if loc else msg)
+        raise ConfigError(f"{source}: invalid setting " + "; ".join(problems) + ".") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load defaults, merge a YAML file over them, apply overrides, validate.
+
+    Relative paths inside the file are resolved against the file's directory.
+    """
+    data = Config().model_dump(mode="json")
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc}); fix the syntax.") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (slides, tiling, ...).")
+        loaded = _resolve_relative_paths(loaded, path.parent)
+        data = _deep_merge(data, loaded, source)
+    if overrides:
+        items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+        for key, value in items:
+            _set_dotted(data, key, value, source="override" if path is None else f"override of {path}")
+    if overrides:
+        source = "overrides" if path is None else f"{path} with overrides"
+    cfg = _validate(data, source=source)
+    check_files(cfg)
+    return cfg
+
+
+_PATH_KEYS = {("slides", "mpp_override_csv"), ("training", "labels_csv"), ("training", "annotations_dir")}
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    for section, key in _PATH_KEYS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute():
+            data[section][key] = str((base / value).resolve())
+    return data
+
+
+def check_files(cfg: Config) -> None:
+    """Raise a ConfigError for any configured file that does not exist."""
+    for section, key in sorted(_PATH_KEYS):
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"{section}.{key}: file {value} does not exist; fix the path or remove the key.")
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,275 @@
+"""On-disk formats: the Zarr patch store and the HDF5 feature bag (the one module that defines them).
+
+Patch store ``<id>.zarr`` (zarr v3 group):
+    ``patches`` uint8 [N, P, P, 3], chunked by ``chunk_patches`` patches, compressed;
+    ``coords``  int64 [N, 2], level-0 x, y of each patch's top-left corner;
+    group attributes: every tiling setting, exact MPPs (``mpp_level0``, ``target_mpp``), ``patch_size``,
+    ``patch_size_level0``, ``level``, ``downsample``, slide fingerprint, package version, ``complete``.
+
+Feature bag ``<id>.h5``:
+    ``features`` float32/float16 [N, D]; ``coords`` int64 [N, 2];
+    attributes: ours (encoder, weights sha256, tiling attributes...) plus CLAM's ``patch_size`` and
+    ``patch_level`` (on the file and on ``coords``) so CLAM-style readers work unchanged.
+
+Both are written under a temporary name beside the target and renamed into place when complete, so
+a reader never sees a half-written output and a crash never damages a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import zarr
+
+from wsi_mil import __version__
+from wsi_mil.errors import WsiMilError
+
+FORMAT_VERSION = 1
+PARTIAL_TAG = ".partial-"
+
+
+# ------------------------------------------------------------------------------------------- atomic
+def partial_path(final: Path) -> Path:
+    """A unique temporary sibling of ``final`` (same directory, so the rename is atomic)."""
+    final = Path(final)
+    return final.with_name(f"{final.name}{PARTIAL_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or directory tree if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Move a finished temporary output into place, replacing an older one atomically where possible."""
+    tmp, final = Path(tmp), Path(final)
+    if final.is_dir():  # directories cannot be replaced by rename: move the old one aside first
+        trash = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        remove_path(trash)
+    else:
+        os.replace(tmp, final)
+
+
+def clean_partials(directory: Path) -> int:
+    """Remove leftovers of interrupted writes in ``directory``; returns how many were removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    leftovers = [p for p in directory.iterdir() if PARTIAL_TAG in p.name or ".old-" in p.name]
+    for path in leftovers:
+        remove_path(path)
+    return len(leftovers)
+
+
+@contextlib.contextmanager
+def atomic_output(final: Path) -> Iterator[Path]:
+    """Yield a temporary path to write to; on success it replaces ``final``, on error it is deleted."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(final)
+    try:
+        yield tmp
+        commit(tmp, final)
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file atomically."""
+    with atomic_output(Path(path)) as tmp:
+        Path(tmp).write_text(text)
+
+
+def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(attrs), default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} as an attribute")
+
+
+# -------------------------------------------------------------------------------------- patch store
+def _codec(name: str, level: int) -> list[Any] | None:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "none":
+        return None
+    if name == "zstd":
+        return [ZstdCodec(level=level)]
+    if name == "lz4":
+        return [BloscCodec(cname="lz4", clevel=min(level, 9), shuffle="noshuffle")]
+    if name == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="bitshuffle")]
+    raise ValueError(f"unknown codec {name!r}")
+
+
+def create_patch_store(
+    path: Path,
+    *,
+    n_patches: int,
+    patch_size: int,
+    chunk_patches: int,
+    codec: str = "zstd",
+    level: int = 3,
+    attrs: Mapping[str, Any] | None = None,
+) -> zarr.Group:
+    """Create an empty patch store at ``path`` (normally a :func:`partial_path`)."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    shape = (n_patches, patch_size, patch_size, 3)
+    group.create_array(
+        "patches",
+        shape=shape,
+        chunks=(max(1, min(chunk_patches, max(n_patches, 1))), patch_size, patch_size, 3),
+        dtype="uint8",
+        compressors=_codec(codec, level),
+        fill_value=0,
+    )
+    group.create_array("coords", shape=(n_patches, 2), chunks=(max(n_patches, 1), 2), dtype="int64", fill_value=0)
+    meta = {"format": "wsi-mil-patches", "format_version": FORMAT_VERSION, "wsi_mil_version": __version__}
+    meta.update(_jsonable(attrs or {}))
+    meta["complete"] = False
+    group.attrs.update(meta)
+    return group
+
+
+def mark_complete(path: Path) -> None:
+    """Flag a fully written patch store as complete (done just before it is renamed into place)."""
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["complete"] = True
+
+
+@dataclass
+class PatchStore:
+    """A read-only view of a finished patch store."""
+
+    path: Path
+    patches: zarr.Array
+    coords: np.ndarray
+    attrs: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.patches.shape[1])
+
+
+def is_complete_store(path: Path) -> bool:
+    """True when ``path`` is a patch store that was finished (never true for a partial write)."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        return False
+    try:
+        return bool(zarr.open_group(str(path), mode="r").attrs.get("complete", False))
+    except Exception:
+        return False
+
+
+def open_patch_store(path: Path) -> PatchStore:
+    """Open a complete patch store, or raise a clear error naming the file and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise WsiMilError(f"patch store {path} does not exist; run `wsi-mil tile` first.")
+    if not is_complete_store(path):
+        raise WsiMilError(f"patch store {path} is incomplete or unreadable; rerun `wsi-mil tile` to redo it.")
+    group = zarr.open_group(str(path), mode="r")
+    return PatchStore(path=path, patches=group["patches"], coords=np.asarray(group["coords"][:]), attrs=dict(group.attrs))
+
+
+# ---------------------------------------------------------------------------------------- HDF5 bags
+@dataclass
+class Bag:
+    """A slide's features and coordinates as stored in an HDF5 bag."""
+
+    features: np.ndarray
+    coords: np.ndarray
+    attrs: dict[str, Any]
+
+
+def _h5_attr(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)) or value is None:
+        return json.dumps(value, default=_json_default)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_bag(path: Path, features: np.ndarray, coords: np.ndarray, attrs: Mapping[str, Any] | None = None) -> None:
+    """Write an HDF5 bag atomically (features [N, D], coords [N, 2])."""
+    features = np.asarray(features)
+    coords = np.asarray(coords, dtype=np.int64)
+    if features.ndim != 2 or coords.shape != (features.shape[0], 2):
+        raise ValueError(f"features {features.shape} and coords {coords.shape} do not form a bag")
+    meta = {"format": "wsi-mil-bag", "format_version": FORMAT_VERSION, "wsi_mil_version": __version__}
+    meta.update(attrs or {})
+    with atomic_output(Path(path)) as tmp:
+        n, d = features.shape
+        rows = max(1, min(n, max(1, (1 << 20) // max(1, d * features.dtype.itemsize))))
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features, chunks=(rows, d) if n else None,
+                             compression="gzip" if n else None, compression_opts=1 if n else None, shuffle=bool(n))
+            ds = f.create_dataset("coords", data=coords)
+            for key, value in meta.items():
+                f.attrs[key] = _h5_attr(value)
+            for key in ("patch_size", "patch_level"):
+                if key in meta:
+                    ds.attrs[key] = meta[key]
+
+
+def _read_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{\"n":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_bag_attrs(path: Path) -> dict[str, Any]:
+    """Only the attributes of a bag."""
+    with h5py.File(path, "r") as f:
+        return {k: _read_attr(v) for k, v in f.attrs.items()}
+
+
+def read_bag(path: Path) -> Bag:
+    """Read a whole bag, or raise a clear error naming the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsiMilError(f"feature bag {path} does not exist; run `wsi-mil extract` first.")
+    try:
+        with h5py.File(path, "r") as f:
+            return Bag(
+                features=f["features"][:],
+                coords=f["coords"][:].astype(np.int64),
+                attrs={k: _read_attr(v) for k, v in f.attrs.items()},
+            )
+    except (OSError, KeyError) as exc:
+        raise WsiMilError(f"feature bag {path} is unreadable ({exc}); delete it and rerun `wsi-mil extract`.") from None
