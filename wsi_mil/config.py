@@ -44,22 +44,67 @@ class SlidesConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------- tissue
+TISSUE_PRESETS: dict[str, dict[str, Any]] = {
+    # H&E at usual staining strength
+    "default": {"median_blur": 7, "saturation_threshold": None, "otsu_scale": 1.0, "min_saturation": 15.0,
+                "remove_pen": True, "closing_um": 16.0, "min_tissue_area_um2": 10_000.0,
+                "max_hole_area_um2": 5_000.0},
+    # pale / faint staining, small biopsies: lower floor, softer Otsu, keep smaller pieces
+    "faint": {"median_blur": 7, "saturation_threshold": None, "otsu_scale": 0.5, "min_saturation": 6.0,
+              "remove_pen": True, "closing_um": 32.0, "min_tissue_area_um2": 5_000.0,
+              "max_hole_area_um2": 10_000.0},
+    # dirty slides (dust, faint smears): higher floor, bigger minimum piece, less hole filling
+    "strict": {"median_blur": 9, "saturation_threshold": None, "otsu_scale": 1.1, "min_saturation": 25.0,
+               "remove_pen": True, "closing_um": 8.0, "min_tissue_area_um2": 50_000.0,
+               "max_hole_area_um2": 2_000.0},
+}
+
+
 class TissueConfig(Section):
-    """Tissue segmentation on a low-resolution thumbnail."""
+    """Tissue segmentation on a low-resolution thumbnail.
+
+    ``preset`` selects a parameter set (see ``TISSUE_PRESETS``); each key below left at ``None`` takes
+    the preset's value, a key given explicitly overrides it. :meth:`resolved` gives the values used.
+    """
 
     preset: Literal["default", "faint", "strict"] = Field(
-        default="default", description="Starting point; explicit keys below override it."
+        default="default", description="Parameter set (default | faint | strict); explicit keys below override it."
     )
     thumbnail_mpp: float = Field(default=8.0, gt=0, description="Resolution of the segmentation thumbnail (um/px).")
-    median_blur: int = Field(default=7, ge=1, description="Median filter size in thumbnail pixels (odd).")
-    saturation_threshold: float | None = Field(
-        default=None, ge=0, le=255, description="Fixed HSV-saturation threshold; None = Otsu per slide."
+    thumbnail_min_size: int = Field(
+        default=768, ge=64,
+        description="Small slides get a finer thumbnail so its longer side has at least this many pixels.",
     )
-    min_saturation: float = Field(default=15.0, ge=0, le=255, description="Floor under the Otsu threshold.")
-    remove_pen: bool = Field(default=True, description="Remove blue/green/black pen marks before thresholding.")
-    closing_um: float = Field(default=64.0, ge=0, description="Morphological closing radius (um).")
-    min_tissue_area_um2: float = Field(default=50_000.0, ge=0, description="Smallest tissue piece kept (um^2).")
-    max_hole_area_um2: float = Field(default=20_000.0, ge=0, description="Holes smaller than this are filled (um^2).")
+    median_blur: int | None = Field(default=None, ge=1, description="Median filter size in thumbnail pixels (odd); None = preset.")
+    saturation_threshold: float | None = Field(
+        default=None, ge=0, le=255, description="Fixed HSV-saturation threshold (0-255); None = preset (Otsu per slide)."
+    )
+    otsu_scale: float | None = Field(
+        default=None, gt=0, le=2, description="Multiplier of the per-slide Otsu threshold; None = preset."
+    )
+    min_saturation: float | None = Field(
+        default=None, ge=0, le=255, description="Floor under the Otsu threshold (0-255); None = preset."
+    )
+    remove_pen: bool | None = Field(default=None, description="Remove blue/green/black pen marks; None = preset.")
+    closing_um: float | None = Field(default=None, ge=0, description="Morphological closing radius (um); None = preset.")
+    min_tissue_area_um2: float | None = Field(
+        default=None, ge=0, description="Smallest tissue piece kept (um^2); None = preset."
+    )
+    max_hole_area_um2: float | None = Field(
+        default=None, ge=0, description="Holes smaller than this are filled (um^2); None = preset."
+    )
+
+    def resolved(self) -> dict[str, Any]:
+        """The effective parameters: the preset's values with explicit keys laid over them."""
+        values = dict(TISSUE_PRESETS[self.preset])
+        for key in values:
+            explicit = getattr(self, key)
+            if explicit is not None:
+                values[key] = explicit
+        values["thumbnail_mpp"] = self.thumbnail_mpp
+        values["thumbnail_min_size"] = self.thumbnail_min_size
+        values["preset"] = self.preset
+        return values
 
 
 # --------------------------------------------------------------------------------------------- tiling
@@ -74,13 +119,19 @@ class TilingConfig(Section):
     )
     chunk_patches: int = Field(default=64, ge=1, description="Patches per Zarr chunk and per Dask task.")
     codec: Literal["zstd", "lz4", "blosc-zstd", "none"] = Field(
-        default="zstd", description="Compression of the patch array."
+        default="zstd", description="Compression of the patch array (chosen by benchmarks/tiling.py)."
     )
     compression_level: int = Field(default=3, ge=0, le=22, description="Codec level.")
+    write_from: Literal["workers", "client"] = Field(
+        default="workers",
+        description="Who writes patch chunks: 'workers' write straight into the store (needs a file system "
+        "shared with the workers), 'client' receives the arrays and writes them.",
+    )
     export_clam_h5: bool = Field(default=False, description="Also write CLAM-style coordinate HDF5 files.")
     max_patches_per_slide: int | None = Field(
         default=None, ge=1, description="Keep at most this many patches (evenly spaced); None keeps all."
     )
+    qc_images: bool = Field(default=True, description="Write thumbnail, mask and grid PNGs to OUT/qc/.")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> TilingConfig:
@@ -103,10 +154,20 @@ class FeaturesConfig(Section):
     )
     batch_size: int = Field(default=64, ge=1, description="Patches per forward pass.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="auto = cuda > mps > cpu.")
-    num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes.")
+    num_workers: int = Field(
+        default=2, ge=0,
+        description="DataLoader worker processes reading the patch stores on a GPU/MPS device (0 = one background "
+        "thread). On the CPU a background thread is always used: worker processes would only compete with the "
+        "forward pass for the cores.",
+    )
+    prefetch: int = Field(default=4, ge=1, description="Blocks of patches read ahead of the forward pass (per reader).")
     precision: Literal["float32", "float16"] = Field(default="float32", description="Stored feature dtype.")
-    amp: bool = Field(default=True, description="Mixed precision on GPU.")
-    export_pt: bool = Field(default=False, description="Also write [N, D] .pt tensors.")
+    amp: bool = Field(default=True, description="Mixed precision on GPU (bfloat16 where supported, else float16).")
+    export_pt: bool = Field(default=False, description="Also write [N, D] float32 .pt tensors beside the bags.")
+    encoder_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for timm.create_model (e.g. {init_values: 1.0e-5} for UNI).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -134,7 +195,9 @@ class INSConfig(Section):
     """Prototype-contrastive instance classifier (Qu et al., TCSVT); see docs/INS.md."""
 
     variant: Literal["features", "patches"] = "features"
-    backbone: str = Field(default="resnet18", description="CNN for the 'patches' variant.")
+    backbone: str = Field(
+        default="resnet18", description="CNN for the 'patches' variant: tiny_cnn, resnet18, resnet34, resnet50."
+    )
     batch_size: int = Field(default=64, ge=2)
     lr: float = Field(default=0.01, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum.")
@@ -154,8 +217,30 @@ class INSConfig(Section):
         default="auto", description="auto = choose mean or max on the validation split."
     )
     pretrain_epochs: int = Field(default=1, ge=0, description="Epochs where each instance takes its bag label.")
+    pretrain_target: float = Field(
+        default=1.0, gt=0.5, le=1,
+        description="p(positive) target of positive-bag instances in the pretrain epochs (1 = the hard bag "
+        "label of the reference; ~0.75 keeps the 0.5 decision boundary between negative- and positive-looking "
+        "instances of positive bags when positives are rare).",
+    )
+    initial_positive_conf: float = Field(
+        default=0.5, ge=0.5, lt=1,
+        description="Initial soft target p(positive) of positive-bag instances (0.5 = uniform over the candidates).",
+    )
     max_instances_per_epoch: int | None = Field(
         default=None, ge=1, description="Subsample instances per epoch (None = all)."
+    )
+    width: int = Field(default=512, ge=8, description="Feature variant: width of the MLP backbone (D -> width).")
+    standardize: bool = Field(
+        default=True, description="Feature variant: standardise features with the training split's mean/std."
+    )
+    backbone_weights: str | None = Field(
+        default=None, description="Patches variant: local state-dict file for the CNN (None = random init)."
+    )
+    crop_scale: float = Field(default=0.5, gt=0, le=1, description="Patches variant: smallest random-resized-crop area.")
+    color_jitter: float = Field(default=0.4, ge=0, le=1, description="Patches variant: colour-jitter strength.")
+    shuffle_chunks: int = Field(
+        default=8, ge=1, description="Patches variant: store chunks mixed per shuffle window (and kept decoded)."
     )
 
 
@@ -200,17 +285,74 @@ class TrainingConfig(Section):
     annotations_dir: Path | None = Field(
         default=None, description="Tumour annotations (GeoJSON / ASAP XML / masks) for instance-level evaluation."
     )
+    features_dir: Path | None = Field(
+        default=None,
+        description="Directory of HDF5 bags to train on; None = OUT/features/<tiling key>/<encoder key>/.",
+    )
+    threshold: Literal["youden", "f1"] = Field(
+        default="youden",
+        description="Binary decision threshold chosen on the validation split: Youden's J or maximum F1.",
+    )
+    min_delta: float = Field(
+        default=0.0, ge=0, description="Validation-AUC gain that counts as an improvement for early stopping."
+    )
+    cache_max_gb: float = Field(
+        default=8.0, ge=0, description="RAM budget for caching bags (also capped at half the free memory)."
+    )
+    progress: bool = Field(default=True, description="Show a tqdm progress bar per fold (on terminals).")
+    threads: int | None = Field(
+        default=None, ge=1, description="torch CPU threads while training (None = torch's default; 1 is often "
+        "fastest for one-bag steps on busy CPUs)."
+    )
 
 
 # ------------------------------------------------------------------------------------------- heatmaps
 class HeatmapConfig(Section):
     """Per-slide heatmaps."""
 
-    normalize: Literal["raw", "rank", "percentile"] = "rank"
-    colormap: str = "jet"
+    normalize: Literal["raw", "rank", "percentile"] = Field(
+        default="rank",
+        description="Score normalisation: raw (min-max), rank (uniform over patches; never 'cold'), "
+        "percentile (clip to percentile_low..percentile_high, then min-max).",
+    )
+    percentile_low: float = Field(default=1.0, ge=0, lt=100, description="Lower clip percentile for 'percentile'.")
+    percentile_high: float = Field(default=99.0, gt=0, le=100, description="Upper clip percentile for 'percentile'.")
+    colormap: str = Field(default="jet", description="Matplotlib colour map name.")
     alpha: float = Field(default=0.45, ge=0, le=1, description="Overlay opacity.")
-    top_k: int = Field(default=16, ge=0, description="Patches in the top-k montage.")
+    top_k: int = Field(default=16, ge=0, description="Patches in the top-k montage (0 = no montage).")
+    thumbnail_max_size: int = Field(
+        default=2048, ge=64, le=16384, description="Longest side of the slide thumbnail the overlay is drawn on (px)."
+    )
+    geojson_object_type: Literal["tile", "detection", "annotation"] = Field(
+        default="tile", description="QuPath object type of the patch polygons in the GeoJSON."
+    )
     pyramidal_tiff: bool = Field(default=False, description="Also write a pyramidal TIFF heatmap for viewers.")
+    tiff_scale: int = Field(
+        default=2, ge=1, le=16,
+        description="The TIFF heatmap is rasterised at thumbnail size times this factor (memory grows with its square).",
+    )
+    tiff_compression: Literal["jpeg", "deflate"] = Field(default="jpeg", description="TIFF tile compression.")
+    tiff_overlay: bool = Field(
+        default=True, description="TIFF shows the colour map blended over the thumbnail (False: colour map on white)."
+    )
+
+    @model_validator(mode="after")
+    def _percentiles_ordered(self) -> HeatmapConfig:
+        if self.percentile_low >= self.percentile_high:
+            raise ValueError(
+                f"heatmap.percentile_low ({self.percentile_low}) must be below heatmap.percentile_high "
+                f"({self.percentile_high})"
+            )
+        return self
+
+    @field_validator("colormap")
+    @classmethod
+    def _known_colormap(cls, value: str) -> str:
+        import matplotlib
+
+        if value not in matplotlib.colormaps:
+            raise ValueError(f"unknown colour map {value!r}; use a matplotlib name such as jet, viridis, inferno")
+        return value
 
 
 # ------------------------------------------------------------------------------------------- tracking
@@ -219,6 +361,8 @@ class TrackingConfig(Section):
 
     uri: str | None = Field(default=None, description="Tracking URI; None = SQLite store inside the output directory.")
     experiment: str | None = Field(default=None, description="Experiment name; None = derived from the labels file.")
+    run_name: str | None = Field(default=None, description="Name of the parent run; None = '<model> cv'.")
+    log_checkpoints: bool = Field(default=True, description="Store each fold's best checkpoint as an artifact.")
 
 
 # -------------------------------------------------------------------------------------------- compute
@@ -226,10 +370,16 @@ class ComputeConfig(Section):
     """Dask cluster."""
 
     scheduler: str | None = Field(default=None, description="tcp://host:port of an existing cluster; None = local.")
-    workers: int = Field(default=1, ge=1, description="Local worker processes.")
+    workers: int = Field(default=1, ge=1, description="Local Dask workers.")
     threads_per_worker: int = Field(default=2, ge=1, description="Threads per local worker (OpenSlide frees the GIL).")
+    processes: bool = Field(
+        default=False,
+        description="Run local workers as separate processes; False keeps them as threads of this process "
+        "(faster for OpenSlide reads on few cores, no pickling of patches).",
+    )
     memory_limit: str = Field(default="auto", description="Per-worker memory limit of the local cluster.")
     dashboard: bool = Field(default=False, description="Serve the Dask dashboard for the local cluster.")
+    connect_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for an external scheduler.")
 
     @field_validator("scheduler")
     @classmethod
@@ -383,7 +533,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     return cfg
 
 
-_PATH_KEYS = {("slides", "mpp_override_csv"), ("training", "labels_csv"), ("training", "annotations_dir")}
+_PATH_KEYS = {("slides", "mpp_override_csv"), ("training", "labels_csv"), ("training", "annotations_dir"),
+              ("training", "features_dir")}
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:

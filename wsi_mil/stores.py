@@ -273,3 +273,28 @@ def read_bag(path: Path) -> Bag:
             )
     except (OSError, KeyError) as exc:
         raise WsiMilError(f"feature bag {path} is unreadable ({exc}); delete it and rerun `wsi-mil extract`.") from None
+
+
+# ------------------------------------------------------------------------------ CLAM coordinate export
+def write_clam_coords(
+    path: Path,
+    coords: np.ndarray,
+    *,
+    patch_size: int,
+    patch_level: int,
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a CLAM-style ``coords`` HDF5 file atomically.
+
+    CLAM reads ``read_region(coord, patch_level, (patch_size, patch_size))``, so ``patch_size`` here is
+    the size read at ``patch_level`` (our ``read_size``); our target size and exact MPPs go in ``attrs``.
+    """
+    coords = np.asarray(coords, dtype=np.int64)
+    with atomic_output(Path(path)) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("coords", data=coords)
+        ds.attrs["patch_size"] = int(patch_size)
+        ds.attrs["patch_level"] = int(patch_level)
+        f.attrs["patch_size"] = int(patch_size)
+        f.attrs["patch_level"] = int(patch_level)
+        for key, value in (attrs or {}).items():
+            ds.attrs[key] = _h5_attr(value)

@@ -1,0 +1,99 @@
+"""Real servers on 127.0.0.1 for end-to-end tests: a Dask scheduler with workers, an MLflow server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _wait(check, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if check():
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def dask_cluster(n_workers: int = 2, log_dir: Path | None = None) -> Iterator[str]:
+    """`dask scheduler` + ``n_workers`` `dask worker` processes (1 thread each); yields the address."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    log = open(os.devnull, "w") if log_dir is None else open(Path(log_dir) / "dask.log", "w")  # noqa: SIM115
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0", "--no-show"], stdout=log, stderr=log)]
+    try:
+        _wait(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, "dask scheduler")
+        for _ in range(n_workers):
+            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                           "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "2GiB"],
+                                          stdout=log, stderr=log))
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(n_workers, timeout=60)
+        yield address
+    finally:
+        _stop(procs)
+        log.close()
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """`mlflow server` over a fresh SQLite store with proxied artifacts; yields its http URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(root / "mlflow-server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=log, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, "mlflow server", 120)
+        yield url
+    finally:
+        _stop([proc])
+        log.close()
+
+
+def rest(url: str, endpoint: str, payload: dict | None = None, *, raw: bool = False):
+    """Call the MLflow REST API (GET without payload, POST with); JSON answer, or bytes with ``raw``."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(f"{url}{endpoint}", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        body = answer.read()
+    return body if raw else json.loads(body)

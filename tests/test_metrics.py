@@ -1,0 +1,99 @@
+"""Metrics against scikit-learn, thresholds chosen on validation, bootstrap CIs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from wsi_mil.mil import metrics as M
+
+
+def _binary(rng, n=80):
+    y = rng.integers(0, 2, size=n)
+    p1 = np.clip(0.35 * y + rng.normal(0.35, 0.2, size=n), 0, 1)
+    return y, np.stack([1 - p1, p1], axis=1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.62])
+def test_binary_metrics_match_sklearn(seed, threshold):
+    y, probs = _binary(np.random.default_rng(seed))
+    probs[:5, 1] = probs[5:10, 1]  # ties
+    got = M.compute_metrics(y, probs, threshold)
+    pred = (probs[:, 1] >= threshold).astype(int)
+    assert got["auc"] == pytest.approx(roc_auc_score(y, probs[:, 1]))
+    assert got["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert got["f1"] == pytest.approx(f1_score(y, pred, zero_division=0))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_multiclass_metrics_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=90)
+    logits = rng.normal(size=(90, 3)) + 1.5 * np.eye(3)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    got = M.compute_metrics(y, probs)
+    pred = probs.argmax(1)
+    assert got["auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert got["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert got["f1"] == pytest.approx(f1_score(y, pred, average="macro", labels=[0, 1, 2], zero_division=0))
+
+
+def test_single_class_auc_is_nan():
+    got = M.compute_metrics([1, 1, 1], np.array([0.2, 0.6, 0.9]), 0.5)
+    assert math.isnan(got["auc"])
+    assert got["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_threshold_chosen_on_validation_not_test():
+    # validation: positives score >= 0.7, negatives <= 0.4 -> Youden threshold between them
+    y_val = np.array([0, 0, 0, 1, 1, 1])
+    s_val = np.array([0.1, 0.3, 0.4, 0.7, 0.8, 0.95])
+    t = M.choose_threshold(y_val, s_val, "youden")
+    assert 0.4 < t <= 0.7 and t == pytest.approx(0.55)
+    assert M.compute_metrics(y_val, s_val, t)["accuracy"] == 1.0
+    # the test set is scored with the validation threshold, even where another cut would do better
+    y_test = np.array([0, 0, 1, 1])
+    s_test = np.array([0.2, 0.3, 0.45, 0.5])
+    assert M.compute_metrics(y_test, s_test, t)["accuracy"] == 0.5
+    assert M.compute_metrics(y_test, s_test, 0.4)["accuracy"] == 1.0
+
+
+def test_f1_threshold_and_fallback():
+    y = np.array([0, 0, 1, 0, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.35, 0.6, 0.7, 0.9])
+    t = M.choose_threshold(y, s, "f1")
+    best = max(f1_score(y, (s >= c).astype(int)) for c in s)
+    assert f1_score(y, (s >= t).astype(int)) == pytest.approx(best)
+    assert M.choose_threshold([1, 1], [0.2, 0.3]) == 0.5
+
+
+def test_bootstrap_ci_contains_estimate_and_is_reproducible():
+    y, probs = _binary(np.random.default_rng(0), n=200)
+    a = M.bootstrap_ci(y, probs, 0.5, n_boot=500, seed=3)
+    b = M.bootstrap_ci(y, probs, 0.5, n_boot=500, seed=3)
+    point = M.compute_metrics(y, probs, 0.5)
+    assert a == b
+    for k in M.METRICS:
+        lo, hi = a[k]
+        assert lo <= point[k] <= hi
+        assert hi - lo < 0.3
+    small = M.bootstrap_ci(y[:30], probs[:30], 0.5, n_boot=500, seed=3)
+    assert small["auc"][1] - small["auc"][0] > a["auc"][1] - a["auc"][0]
+    ev = M.evaluate(y, probs, 0.5, n_boot=100, seed=1)
+    assert set(ev) >= {"auc", "auc_ci_low", "auc_ci_high", "f1_ci_high"}
+
+
+def test_nll_and_summary():
+    assert M.nll([0, 1], np.array([[0.5, 0.5], [0.25, 0.75]])) == pytest.approx(-(math.log(0.5) + math.log(0.75)) / 2)
+    table = M.summarize([{"auc": 0.8, "accuracy": 0.7, "balanced_accuracy": 0.7, "f1": 0.6},
+                         {"auc": 0.9, "accuracy": 0.9, "balanced_accuracy": 0.8, "f1": 0.8}])
+    assert table.loc["auc", "mean"] == pytest.approx(0.85)
+    assert table.loc["auc", "std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert table.loc["f1", "n"] == 2
+    assert "auc" in M.format_summary(table)

@@ -1,0 +1,135 @@
+"""Slides: finding, opening, MPP resolution, level choice and region reads on real synthetic files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest_tiler import build_tiler_slides
+from PIL import Image
+
+from wsi_mil.config import SlidesConfig
+from wsi_mil.errors import ConfigError, SlideError, WsiMilError
+from wsi_mil.slides import (
+    choose_level,
+    find_slides,
+    inspect_slide,
+    open_slide,
+    read_patch,
+    read_thumbnail,
+    resolve_mpp,
+)
+
+
+@pytest.fixture(scope="session")
+def slides(tmp_path_factory):
+    return build_tiler_slides(tmp_path_factory.getbasetemp() / "tiler_slides")
+
+
+def test_find_slides_sorted_filtered_and_unique(tmp_path: Path) -> None:
+    for name in ["b.svs", "a.TIFF", "notes.txt", ".hidden.svs", "c.ndpi"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.svs").write_bytes(b"x")
+    names = [p.name for p in find_slides(tmp_path, SlidesConfig())]
+    assert names == ["a.TIFF", "b.svs", "c.ndpi"]
+    assert [p.name for p in find_slides(tmp_path, SlidesConfig(recursive=True))][-1] == "d.svs"
+    (tmp_path / "b.tiff").write_bytes(b"x")
+    with pytest.raises(WsiMilError, match=r"b\.svs.*b\.tiff|b\.tiff.*b\.svs"):
+        find_slides(tmp_path, SlidesConfig())
+    with pytest.raises(WsiMilError, match="does not exist"):
+        find_slides(tmp_path / "missing", SlidesConfig())
+
+
+def test_open_slide_is_cached_and_errors_are_clear(slides) -> None:
+    path = slides.good_dir / "good.svs"
+    assert open_slide(path) is open_slide(str(path))
+    with pytest.raises(SlideError, match="notes.svs.*not in a format OpenSlide can read"):
+        open_slide(slides.not_a_slide)
+    with pytest.raises(SlideError, match="missing.svs"):
+        open_slide(slides.root / "missing.svs")
+
+
+def test_inventory_of_svs_and_tiff(slides) -> None:
+    svs = inspect_slide(slides.good_dir / "good.svs", SlidesConfig())
+    assert (svs.vendor, svs.width, svs.height, svs.levels) == ("aperio", 3072, 3072, 2)
+    assert svs.mpp == pytest.approx(0.25) and svs.mpp_source == "slide"
+    tif = inspect_slide(slides.good_dir / "generic.tiff", SlidesConfig())
+    assert tif.vendor == "generic-tiff" and tif.mpp == pytest.approx(0.25, rel=1e-4)
+    assert svs.fingerprint["size"] == (slides.good_dir / "good.svs").stat().st_size
+    assert svs.fingerprint != tif.fingerprint
+
+
+def test_mpp_missing_default_and_override(slides, tmp_path: Path) -> None:
+    slide = open_slide(slides.no_mpp)
+    with pytest.raises(SlideError, match="nompp declares no microns-per-pixel.*default_mpp"):
+        resolve_mpp(slide, "nompp", SlidesConfig())
+    assert resolve_mpp(slide, "nompp", SlidesConfig(default_mpp=0.5)) == (0.5, "default")
+    csv = tmp_path / "mpp.csv"
+    csv.write_text("slide_id,mpp\nnompp,0.2425\ngood,0.3\n")
+    cfg = SlidesConfig(mpp_override_csv=csv, default_mpp=0.5)
+    assert resolve_mpp(slide, "nompp", cfg) == (0.2425, "override")
+    assert resolve_mpp(open_slide(slides.good_dir / "good.svs"), "good", cfg) == (0.3, "override")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide,microns\nx,1\n")
+    with pytest.raises(ConfigError, match="slide_id,mpp"):
+        resolve_mpp(slide, "nompp", SlidesConfig(mpp_override_csv=bad))
+
+
+@pytest.mark.parametrize(
+    ("downsamples", "mpp0", "target", "expected"),
+    [
+        ([1, 4, 16], 0.25, 0.5, (0, 512)),  # no 2x level: read 512 at level 0, resize
+        ([1, 4, 16], 0.25, 1.0, (1, 256)),  # exact level
+        ([1, 4, 16], 0.25, 0.25, (0, 256)),  # native
+        ([1, 2.0004, 8.001], 0.25, 0.5, (1, 256)),  # odd pyramid sizes: still that level, no resampling
+        ([1, 4, 16], 0.2526, 0.5, (0, 507)),  # exact physical size: 256 * 0.5 / 0.2526
+        ([1, 4], 0.5, 0.25, (0, 128)),  # slide coarser than target: upsampled from level 0
+        ([1, 4, 16], 0.25, 2.0, (1, 512)),  # never coarser than the target
+    ],
+)
+def test_choose_level(downsamples, mpp0, target, expected) -> None:
+    plan = choose_level([float(d) for d in downsamples], mpp0, target, 256)
+    assert (plan.level, plan.read_size) == expected
+    assert plan.level_mpp <= target * (1 + 0.5 / 256) or plan.level == 0
+    assert plan.patch_size_level0 == pytest.approx(256 * target / mpp0)
+
+
+@pytest.mark.parametrize("name", ["good.svs", "generic.tiff"])
+def test_read_patch_native_equals_read_region(slides, name: str) -> None:
+    slide = open_slide(slides.good_dir / name)
+    plan = choose_level(list(slide.level_downsamples), 0.25, 1.0, 256)  # level 1, no resampling
+    assert plan.level == 1 and not plan.resample
+    for x, y in [(1024, 1024), (0, 0), (2048, 512)]:
+        expected = np.asarray(slide.read_region((x, y), 1, (256, 256)))[..., :3]
+        np.testing.assert_array_equal(read_patch(slide, x, y, plan), expected)
+
+
+def test_read_patch_resampled_matches_physical_size(slides) -> None:
+    slide = open_slide(slides.good_dir / "good.svs")
+    plan = choose_level(list(slide.level_downsamples), 0.25, 0.5, 256)
+    assert plan.resample and plan.read_size == 512
+    x, y = 1024, 1024
+    patch = read_patch(slide, x, y, plan).astype(np.float64)
+    native = np.asarray(slide.read_region((x, y), 0, (512, 512)))[..., :3].astype(np.float64)
+    box = native.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3))  # independent 2x reduction
+    assert patch.shape == (256, 256, 3)
+    assert np.abs(patch - box).mean() < 6.0
+    assert abs(patch.mean() - native.mean()) < 1.0
+
+
+def test_read_outside_the_slide_is_white(slides) -> None:
+    slide = open_slide(slides.good_dir / "good.svs")
+    plan = choose_level(list(slide.level_downsamples), 0.25, 0.25, 256)
+    patch = read_patch(slide, 3072 - 128, 0, plan)
+    assert (patch[:, 200:] == 255).all()
+
+
+def test_thumbnail_geometry(slides) -> None:
+    slide = open_slide(slides.good_dir / "good.svs")
+    thumb = read_thumbnail(slide, 0.25, 2.0)
+    assert thumb.shape == (384, 384, 3) and thumb.dtype == np.uint8
+    reference = np.asarray(slide.get_thumbnail((384, 384)).convert("RGB"), dtype=np.float64)
+    small = np.asarray(Image.fromarray(thumb).resize(reference.shape[1::-1]), dtype=np.float64)
+    assert np.abs(small - reference).mean() < 8.0

@@ -1,0 +1,128 @@
+"""Patient-level splits: no patient crosses folds or roles, stratified, fixed splits respected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wsi_mil.config import TrainingConfig
+from wsi_mil.errors import WsiMilError
+from wsi_mil.mil.data import read_labels
+from wsi_mil.mil.splits import check_splits, fold_ids, load_splits, make_splits, save_splits
+
+
+def _cohort(tmp_path, rng, n_patients, n_classes, name="labels.csv"):
+    rows = []
+    for p in range(n_patients):
+        label = p % n_classes if p < 5 * n_classes else int(rng.integers(n_classes))
+        for s in range(int(rng.integers(1, 4))):
+            # a few patients also have a slide of another class (e.g. tumour + normal slides)
+            y = label if s == 0 or rng.random() > 0.2 else int(rng.integers(n_classes))
+            rows.append({"slide_id": f"P{p}_S{s}", "patient_id": f"P{p}", "label": f"c{y}"})
+    path = tmp_path / name
+    pd.DataFrame(rows).sample(frac=1, random_state=int(rng.integers(1000))).to_csv(path, index=False)
+    return read_labels(path)
+
+
+@pytest.mark.parametrize("cohort_seed", range(6))
+def test_random_cohorts_never_leak(tmp_path, cohort_seed):
+    rng = np.random.default_rng(cohort_seed)
+    n_classes = 2 + cohort_seed % 2
+    folds = 3 + cohort_seed % 3
+    labels = _cohort(tmp_path, rng, int(rng.integers(5 * n_classes, 60)), n_classes)
+    cfg = TrainingConfig(folds=folds, seeds=[0, 1, 7], val_fraction=0.25)
+    table = make_splits(labels, cfg)
+    patient_of = dict(zip(labels.df["slide_id"], labels.df["patient_id"], strict=True))
+    assert len(table) == len(labels.df) * folds * 3
+    for seed in cfg.seeds:
+        tested: list[str] = []
+        test_fold_of_patient: dict[str, int] = {}
+        for fold in range(folds):
+            roles = {r: set(fold_ids(table, seed, fold, r)) for r in ("train", "val", "test")}
+            assert roles["train"] and roles["val"] and roles["test"]
+            assert not (roles["train"] & roles["val"]) and not (roles["train"] & roles["test"])
+            assert not (roles["val"] & roles["test"])
+            pats = {r: {patient_of[s] for s in ids} for r, ids in roles.items()}
+            assert not (pats["train"] & pats["val"]), "validation leaks into training"
+            assert not (pats["train"] & pats["test"]), "test leaks into training"
+            assert not (pats["val"] & pats["test"]), "test leaks into validation"
+            for p in pats["test"]:
+                assert test_fold_of_patient.setdefault(p, fold) == fold, "patient in two test folds"
+            tested.extend(roles["test"])
+            # stratified: every test fold holds every class
+            ys = table[(table.seed == seed) & (table.fold == fold) & (table.role == "test")]["y"]
+            assert set(ys) == set(range(n_classes))
+        assert sorted(tested) == sorted(labels.slide_ids)
+
+
+def test_splits_are_reproducible_and_seed_dependent(tmp_path):
+    labels = _cohort(tmp_path, np.random.default_rng(3), 40, 2)
+    cfg = TrainingConfig(folds=4, seeds=[0, 1])
+    a, b = make_splits(labels, cfg), make_splits(labels, cfg)
+    assert a.equals(b)
+    s0 = a[a.seed == 0].reset_index(drop=True)["role"]
+    s1 = a[a.seed == 1].reset_index(drop=True)["role"]
+    assert not s0.equals(s1)
+
+
+def test_fold_sizes_balanced(tmp_path):
+    labels = _cohort(tmp_path, np.random.default_rng(5), 50, 2)
+    table = make_splits(labels, TrainingConfig(folds=5))
+    counts = table[table.role == "test"].groupby("fold").size()
+    assert counts.max() - counts.min() <= 4
+
+
+def test_fixed_splits_respected(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label,patient_id,split\na,0,P1,train\nb,1,P1,Train\nc,0,P2,val\nd,1,P3,validation\n"
+                    "e,0,P4,test\nf,1,P5,test\n")
+    table = make_splits(read_labels(path), TrainingConfig(fixed_splits=True, seeds=[0, 3]))
+    assert sorted(table.seed.unique()) == [0, 3]
+    for seed in (0, 3):
+        assert fold_ids(table, seed, 0, "train") == ["a", "b"]
+        assert fold_ids(table, seed, 0, "val") == ["c", "d"]
+        assert fold_ids(table, seed, 0, "test") == ["e", "f"]
+
+
+def test_fixed_splits_reject_patient_in_two_splits(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label,patient_id,split\na,0,P1,train\nb,1,P1,test\nc,0,P2,val\nd,1,P3,test\n")
+    with pytest.raises(WsiMilError, match="P1 have slides in more than one split"):
+        make_splits(read_labels(path), TrainingConfig(fixed_splits=True))
+
+
+def test_fixed_splits_need_column_and_roles(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\na,0\nb,1\n")
+    with pytest.raises(WsiMilError, match="no 'split' column"):
+        make_splits(read_labels(path), TrainingConfig(fixed_splits=True))
+    path.write_text("slide_id,label,split\na,0,train\nb,1,test\n")
+    with pytest.raises(WsiMilError, match="no val slides"):
+        make_splits(read_labels(path), TrainingConfig(fixed_splits=True))
+
+
+def test_too_few_patients_per_class(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label\n" + "".join(f"s{i},{int(i < 3)}\n" for i in range(20)))
+    with pytest.raises(WsiMilError, match="too few patients per class for 5 folds"):
+        make_splits(read_labels(path), TrainingConfig(folds=5))
+
+
+def test_check_splits_catches_leak(tmp_path):
+    labels = _cohort(tmp_path, np.random.default_rng(1), 20, 2)
+    table = make_splits(labels, TrainingConfig(folds=3))
+    bad = table.copy()
+    row = bad[(bad.seed == 0) & (bad.fold == 0) & (bad.role == "test")].index[0]
+    patient = bad.loc[row, "patient_id"]
+    other = bad[(bad.seed == 0) & (bad.fold == 0) & (bad.patient_id != patient) & (bad.role == "train")].index[0]
+    bad.loc[other, "patient_id"] = patient
+    with pytest.raises(WsiMilError, match="more than one role"):
+        check_splits(bad)
+
+
+def test_save_load_roundtrip(tmp_path):
+    labels = _cohort(tmp_path, np.random.default_rng(2), 20, 2)
+    table = make_splits(labels, TrainingConfig(folds=3))
+    back = load_splits(save_splits(table, tmp_path / "s" / "splits.csv"))
+    pd.testing.assert_frame_equal(table, back, check_dtype=False)

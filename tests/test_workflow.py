@@ -1,0 +1,186 @@
+"""End-to-end `wsi-mil run`, `heatmap`, `predict`: resumability, crash recovery, real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from servers import dask_cluster, mlflow_server, rest
+
+from wsi_mil import stores
+from wsi_mil.cli import main
+from wsi_mil.config import load_config
+from wsi_mil.encoders import encoder_key
+from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.synthetic import generate_cohort
+from wsi_mil.tracking import open_tracker
+
+pytestmark = pytest.mark.slow
+
+MODELS = "[abmil,mhim,ins]"
+
+
+def fast_settings(truth_dir: Path, models: str = MODELS) -> list[str]:
+    """A tiny encoder and short training so the whole workflow takes about a minute on 2 cores."""
+    pairs = {
+        "features.encoder": "tiny_cnn", "features.weights": "random", "features.num_workers": 0,
+        "training.folds": 2, "training.epochs": 4, "training.min_epochs": 1, "training.bootstrap": 0,
+        "training.annotations_dir": str(truth_dir), "model.ins.queue_size": 256, "run.models": models,
+        "tracking.experiment": "e2e", "heatmap.top_k": 4,
+    }
+    out = []
+    for key, value in pairs.items():
+        out += ["--set", f"{key}={value}"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return generate_cohort(tmp_path_factory.mktemp("cohort"), n_slides=8, seed=11, size=4096, tumour="large")
+
+
+def run_args(cohort, out: Path, *extra: str, models: str = MODELS) -> list[str]:
+    return ["run", str(cohort.slides_dir), "--labels", str(cohort.labels_csv), "--out", str(out),
+            *fast_settings(cohort.truth_dir, models), *extra]
+
+
+def outputs(out: Path, cohort) -> tuple[Path, Path]:
+    cfg = load_config(None, [a for a in fast_settings(cohort.truth_dir) if a != "--set"])
+    return Layout(out).tiles_dir(tiling_key(cfg)), Layout(out).features_dir(tiling_key(cfg), encoder_key(cfg.features))
+
+
+def stage_mtimes(out: Path, cohort) -> dict[str, int]:
+    tiles, features = outputs(out, cohort)
+    paths = list(tiles.glob("*.zarr")) + list(features.glob("*.h5"))
+    return {p.name: p.stat().st_mtime_ns for p in paths}
+
+
+@pytest.fixture(scope="module")
+def finished(cohort, tmp_path_factory):
+    """One uninterrupted run on the embedded defaults (SQLite MLflow, local Dask)."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(run_args(cohort, out)) == 0
+    return out
+
+
+def test_run_produces_every_output(finished, cohort):
+    summary = Layout(finished).summary_md.read_text()
+    for model in ("abmil", "mhim", "ins"):
+        assert f"| {model} |" in summary
+    tracker = open_tracker(finished, load_config())
+    runs = tracker.find_runs("e2e")
+    assert sorted(r.tags["wsi_mil.model"].split("(")[0].lower() for r in runs) == ["abmil", "ins", "mhim"]
+    for run in runs:
+        assert "test_auc_mean" in run.metrics
+        # every slide was a test slide once: one heatmap each, logged to the run
+        maps = tracker.list_artifacts(run.run_id, "heatmaps")
+        assert sum(a.endswith(".png") and not a.endswith("_topk.png") for a in maps) == len(cohort.slide_ids)
+        assert sum(a.endswith(".geojson") for a in maps) == len(cohort.slide_ids)
+        # ground truth exists, so the localisation AUC of the scores is measured and logged
+        assert 0.0 <= run.metrics["heatmap_localisation_auc"] <= 1.0
+    summaries = tracker.find_runs("e2e", role="summary")
+    assert len(summaries) == 1 and "summary.md" in tracker.list_artifacts(summaries[0].run_id)
+
+
+def test_rerun_does_no_stage_twice(finished, cohort, capsys):
+    before = stage_mtimes(finished, cohort)
+    tracker = open_tracker(finished, load_config())
+    cv_before = {r.run_id for r in tracker.find_runs("e2e")}
+    assert main(run_args(cohort, finished)) == 0
+    assert stage_mtimes(finished, cohort) == before  # no store or bag rewritten
+    assert {r.run_id for r in tracker.find_runs("e2e")} == cv_before  # no model retrained
+    printed = capsys.readouterr().out
+    assert "slides: 0 tiled, 8 reused" in printed and "features: 0 embedded, 8 reused" in printed
+
+
+def test_killed_run_resumes_to_the_same_result(finished, cohort, tmp_path):
+    out = tmp_path / "killed"
+    command = [str(Path(sys.executable).parent / "wsi-mil"), *run_args(cohort, out)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _, features = outputs(out, cohort)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and len(list(features.glob("*.h5"))) < 3:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed; make the cohort larger"
+    os.killpg(proc.pid, signal.SIGKILL)  # a crash: nothing gets to clean up
+    proc.wait()
+    assert main(run_args(cohort, out)) == 0
+    # same stores and bags as the uninterrupted run, and the same test metrics
+    for name in ("tiles", "features"):
+        ref_dir, new_dir = (outputs(finished, cohort)[name == "features"], outputs(out, cohort)[name == "features"])
+        assert sorted(p.name for p in ref_dir.iterdir()) == sorted(p.name for p in new_dir.iterdir())
+    ref_tiles, new_tiles = outputs(finished, cohort)[0], outputs(out, cohort)[0]
+    for store in ref_tiles.glob("*.zarr"):
+        a, b = stores.open_patch_store(store), stores.open_patch_store(new_tiles / store.name)
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(a.patches[:], b.patches[:])
+    ref_feats, new_feats = outputs(finished, cohort)[1], outputs(out, cohort)[1]
+    for bag in ref_feats.glob("*.h5"):
+        np.testing.assert_allclose(stores.read_bag(bag).features, stores.read_bag(new_feats / bag.name).features,
+                                   rtol=1e-5, atol=1e-6)
+    ref = _metric_table(finished)
+    new = _metric_table(out)
+    pd.testing.assert_frame_equal(ref, new, rtol=1e-6)
+
+
+def _metric_table(out: Path) -> pd.DataFrame:
+    tracker = open_tracker(out, load_config())
+    rows = [{"model": r.tags["wsi_mil.model"], "auc": r.metrics.get("test_auc_mean")} for r in tracker.find_runs("e2e")]
+    return pd.DataFrame(rows).sort_values("model").reset_index(drop=True)
+
+
+def test_heatmap_and_predict_commands(finished, cohort, tmp_path, capsys):
+    tracker = open_tracker(finished, load_config())
+    run = next(r for r in tracker.find_runs("e2e") if r.tags["wsi_mil.model"].lower().startswith("abmil"))
+    assert main(["heatmap", "--run", run.run_id, "--out", str(finished), "--slides", "slide_001",
+                 "--normalize", "percentile"]) == 0
+    png = Layout(finished).heatmaps_dir(run.run_id) / "slide_001.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    new = tmp_path / "new_slides"
+    new.mkdir()
+    for sid in cohort.slide_ids[:2]:
+        shutil.copy(cohort.slides_dir / f"{sid}.svs", new / f"new_{sid}.svs")
+    (new / "broken.svs").write_bytes(b"not a slide")
+    code = main(["predict", str(new), "--run", run.run_id, "--out", str(finished)])
+    assert code == 1  # one slide failed, and says so
+    frame = pd.read_csv(finished / "predictions" / run.run_id / "predictions.csv")
+    ok = frame[frame["slide_id"].str.startswith("new_")]
+    assert len(ok) == 2 and ok["prob_tumor"].between(0, 1).all()
+    assert frame.loc[frame["slide_id"] == "broken", "error"].str.len().iloc[0] > 10
+    assert "predictions/predictions.csv" in tracker.list_artifacts(run.run_id, "predictions")
+
+
+def test_run_against_real_dask_cluster_and_mlflow_server(cohort, tmp_path):
+    out = tmp_path / "served"
+    with dask_cluster(2, log_dir=tmp_path) as scheduler, mlflow_server(tmp_path / "mlflow") as url:
+        command = [str(Path(sys.executable).parent / "wsi-mil"),
+                   *run_args(cohort, out, "--scheduler", scheduler, "--tracking-uri", url, models="[abmil,ins]")]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        experiment = rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=e2e")["experiment"]
+        found = rest(url, "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [experiment["experiment_id"]], "filter": "tags.`wsi_mil.role` = 'cv'"})["runs"]
+        assert len(found) == 2
+        for run in found:
+            metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+            assert 0.0 <= metrics["test_auc_mean"] <= 1.0 and "heatmap_localisation_auc" in metrics
+            run_id = run["info"]["run_id"]
+            listing = rest(url, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=heatmaps")["files"]
+            names = [f["path"] for f in listing]
+            assert "heatmaps/slide_000.png" in names and "heatmaps/slide_000.geojson" in names
+            png = rest(url, f"/get-artifact?path=heatmaps/slide_000.png&run_uuid={run_id}", raw=True)
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            geo = json.loads(rest(url, f"/get-artifact?path=heatmaps/slide_000.geojson&run_uuid={run_id}", raw=True))
+            assert geo["type"] == "FeatureCollection" and "score" in geo["features"][0]["properties"]
+        # the slides really went through the cluster: same stores as a local run would write
+        assert (out / "slides.csv").is_file()
+    assert not (out / "mlflow.db").exists()  # nothing went to the embedded store

@@ -1,0 +1,205 @@
+"""`wsi-mil run SLIDES_DIR --labels CSV --out OUT`: the whole workflow on a slide directory.
+
+inventory + tissue + tiling -> embedding -> for each model of ``run.models``: cross-validated
+training (MLflow) -> heatmaps of the test slides (+ localisation AUC where ground truth exists) ->
+a summary table (printed, ``OUT/summary.md``, and an MLflow run of its own).
+
+Every stage skips finished work: stores and bags are reused when their settings match, and a model
+whose training finished before under the same settings and data is not trained again (its MLflow
+run is found by the ``wsi_mil.workflow_key`` tag). Slides that fail to tile or embed are reported and
+excluded from training; the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from workflows.heatmap import heatmaps_for_run
+from wsi_mil.compute import dask_client
+from wsi_mil.config import Config
+from wsi_mil.encoders import encoder_key
+from wsi_mil.extract import ExtractReport, extract_cohort
+from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.mil.trainer import train_cohort
+from wsi_mil.stores import write_text_atomic
+from wsi_mil.tiling import TilingReport, tile_cohort
+from wsi_mil.tracking import Tracker, experiment_name, open_tracker
+
+log = logging.getLogger(__name__)
+
+WORKFLOW_TAG = "wsi_mil.workflow_key"
+SUMMARY_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1")
+
+
+@dataclass
+class ModelOutcome:
+    """One trained model of the workflow."""
+
+    name: str
+    run_id: str
+    reused: bool
+    summary: dict[str, tuple[float, float]]  # metric -> (mean, std) over folds and seeds
+    localisation_auc: float = float("nan")
+    heatmaps: int = 0
+
+
+@dataclass
+class CohortOutcome:
+    """Everything `wsi-mil run` did."""
+
+    tiling: TilingReport
+    extraction: ExtractReport
+    models: list[ModelOutcome] = field(default_factory=list)
+    summary_md: Path | None = None
+    summary_run_id: str | None = None
+
+    def table(self) -> pd.DataFrame:
+        """One row per model: test metrics (mean +- std) and localisation AUC."""
+        rows = []
+        for m in self.models:
+            row: dict[str, object] = {"model": m.name, "run_id": m.run_id}
+            for metric in SUMMARY_METRICS:
+                mean, std = m.summary.get(metric, (math.nan, math.nan))
+                row[metric] = f"{mean:.3f} +- {std:.3f}"
+            row["localisation_auc"] = "n/a" if math.isnan(m.localisation_auc) else f"{m.localisation_auc:.3f}"
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def model_config(cfg: Config, name: str, trained: dict[str, str]) -> Config:
+    """The config of one listed model; MHIM reuses a baseline trained earlier in this run."""
+    cfg = cfg.with_overrides({"model.name": name})
+    if name == "mhim" and cfg.model.mhim.baseline_run is None and cfg.model.mhim.student in trained:
+        cfg = cfg.with_overrides({"model.mhim.baseline_run": trained[cfg.model.mhim.student]})
+    return cfg
+
+
+def workflow_key(cfg: Config, features_dir: Path) -> str:
+    """Hash of the settings that shape a model's results and of the bags it trains on."""
+    bags = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in features_dir.glob("*.h5"))
+    data = {
+        "config": cfg.model_dump(mode="json", include={"model", "training"}),
+        "tiling": tiling_key(cfg),
+        "encoder": encoder_key(cfg.features),
+        "bags": bags,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finished_run(tracker: Tracker, cfg: Config, key: str) -> str | None:
+    runs = tracker.find_runs(experiment_name(cfg), f"tags.`{WORKFLOW_TAG}` = '{key}' and attributes.status = 'FINISHED'")
+    return runs[0].run_id if runs else None
+
+
+def _summary_of(tracker: Tracker, run_id: str) -> dict[str, tuple[float, float]]:
+    metrics = tracker.get_run(run_id).metrics
+    return {m: (metrics.get(f"test_{m}_mean", math.nan), metrics.get(f"test_{m}_std", math.nan)) for m in SUMMARY_METRICS}
+
+
+def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[ModelOutcome]:
+    """Train (or reuse) each model of ``cfg.run.models`` and draw its test-slide heatmaps."""
+    layout = Layout(out)
+    features_dir = layout.features_dir(tiling_key(cfg), encoder_key(cfg.features))
+    tracker = open_tracker(out, cfg)
+    trained: dict[str, str] = {}
+    outcomes = []
+    for name in cfg.run.models:
+        mcfg = model_config(cfg, name, trained)
+        key = workflow_key(mcfg, features_dir)
+        run_id = _finished_run(tracker, mcfg, key)
+        reused = run_id is not None
+        if run_id is None:
+            log.info("training %s", name)
+            run_id = train_cohort(out, mcfg).parent_run_id
+        else:
+            log.info("%s: reusing finished MLflow run %s (same settings and bags)", name, run_id)
+        trained[name] = run_id
+        outcome = ModelOutcome(name, run_id, reused, _summary_of(tracker, run_id))
+        has_maps = bool(tracker.list_artifacts(run_id, "heatmaps"))
+        if heatmaps and not has_maps:
+            drawn = heatmaps_for_run(run_id, out, mcfg)
+            outcome.heatmaps, outcome.localisation_auc = len(drawn.slides), drawn.localisation_auc
+        else:
+            outcome.localisation_auc = tracker.get_run(run_id).metrics.get("heatmap_localisation_auc", math.nan)
+        if not reused:  # tagged last: a run interrupted before its heatmaps is redone
+            tracker.set_tags(run_id, {WORKFLOW_TAG: key})
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _log_summary(out: Path, cfg: Config, outcome: CohortOutcome, markdown: str) -> str:
+    tracker = open_tracker(out, cfg)
+    experiment = tracker.experiment(experiment_name(cfg))
+    run_id = tracker.start_run(experiment, "workflow summary", tags={"wsi_mil.role": "summary"})
+    metrics = {}
+    for m in outcome.models:
+        for metric, (mean, _) in m.summary.items():
+            if not math.isnan(mean):
+                metrics[f"{m.name}_{metric}_mean"] = mean
+        if not math.isnan(m.localisation_auc):
+            metrics[f"{m.name}_localisation_auc"] = m.localisation_auc
+    tracker.log_metrics(run_id, metrics)
+    tracker.set_tags(run_id, {f"wsi_mil.run.{m.name}": m.run_id for m in outcome.models})
+    tracker.log_text(run_id, markdown, "summary.md")
+    tracker.end_run(run_id)
+    return run_id
+
+
+def summary_markdown(outcome: CohortOutcome) -> str:
+    """The workflow's summary as Markdown."""
+    t, e = outcome.tiling, outcome.extraction
+    lines = [
+        "# wsi-mil run summary",
+        "",
+        f"- slides: {sum(r.status == 'done' for r in t.results)} tiled, "
+        f"{sum(r.status == 'skipped' for r in t.results)} reused, {len(t.failed)} failed, {t.n_patches} patches",
+        f"- features: {len(e.done)} embedded, {len(e.skipped)} reused, {len(e.failed)} failed",
+    ]
+    for r in t.failed:
+        lines.append(f"  - tiling failed: {r.slide_id}: {r.error}")
+    for r in e.failed:
+        lines.append(f"  - embedding failed: {r.slide_id}: {r.error}")
+    lines += ["", "Test-fold metrics (mean +- std over folds and seeds); localisation = AUC of per-patch scores",
+              "against ground-truth tumour where annotations exist.", ""]
+    lines.append(markdown_table(outcome.table()))
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A DataFrame as a GitHub-flavoured Markdown table."""
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def run_cohort(slides_dir: Path, labels_csv: Path, out: Path, cfg: Config) -> CohortOutcome:
+    """Run every stage on ``slides_dir``; see the module docstring."""
+    out = Path(out)
+    cfg = cfg.with_overrides({"training.labels_csv": str(Path(labels_csv).resolve()), "training.on_missing": "exclude"})
+    with dask_client(cfg.compute) as client:
+        tiling = tile_cohort(slides_dir, out, cfg, client=client)
+    extraction = extract_cohort(out, cfg)
+    outcome = CohortOutcome(tiling, extraction)
+    outcome.models = train_models(out, cfg)
+    markdown = summary_markdown(outcome)
+    outcome.summary_md = Layout(out).summary_md
+    write_text_atomic(outcome.summary_md, markdown)
+    outcome.summary_run_id = _log_summary(out, cfg, outcome, markdown)
+    return outcome
+
+
+def cli_run(args: argparse.Namespace, cfg: Config) -> int:
+    """`wsi-mil run SLIDES_DIR --labels CSV --out OUT`."""
+    outcome = run_cohort(args.slides_dir, args.labels, args.out, cfg)
+    print(summary_markdown(outcome))
+    print(f"summary: {outcome.summary_md}; heatmaps: {Layout(args.out).root / 'heatmaps'}")
+    return 0

@@ -1,0 +1,158 @@
+"""`wsi-mil heatmap --run RUN_ID`: per-slide heatmaps of a trained run from its saved features.
+
+Scores come from the fold model that held the slide out as test (attention of ABMIL/TransMIL/DSMIL/
+MHIM students, instance probabilities of INS); nothing is re-extracted. Outputs per slide go to
+``OUT/heatmaps/<run>/`` and are attached to the MLflow run under ``heatmaps/``. When instance ground
+truth exists (``training.annotations_dir``), the localisation AUC of the scores is logged too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from wsi_mil import stores
+from wsi_mil.annotations import instance_auc, load_instance_labels
+from wsi_mil.config import Config, HeatmapConfig
+from wsi_mil.errors import WsiMilError
+from wsi_mil.heatmaps import SlideHeatmap, render_slide_heatmap, slide_thumbnail
+from wsi_mil.layout import Layout
+from wsi_mil.mil.base import BagItem
+from wsi_mil.tracking import Tracker, load_fold_method, open_tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunHeatmaps:
+    """Heatmaps drawn for one run and, where ground truth exists, their localisation AUC."""
+
+    run_id: str
+    slides: list[SlideHeatmap] = field(default_factory=list)
+    localisation_auc: float = float("nan")
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def parent_run_id(tracker: Tracker, run_id: str) -> str:
+    run = tracker.get_run(run_id)
+    return run.parent_id if run.tags.get("wsi_mil.role") == "fold" and run.parent_id else run_id
+
+
+def _features_dir(tracker: Tracker, parent: str) -> Path:
+    """The features directory the run trained on."""
+    tags = tracker.get_run(parent).tags
+    directory = Path(tags["wsi_mil.features_dir"]) if "wsi_mil.features_dir" in tags else None
+    if directory is None or not directory.is_dir():
+        raise WsiMilError(f"MLflow run {parent} records no existing features directory; rerun `wsi-mil extract`.")
+    return directory
+
+
+def _tissue_mask(layout: Layout, slide_id: str) -> np.ndarray | None:
+    path = layout.qc_dir / f"{slide_id}_mask.png"
+    return np.asarray(Image.open(path).convert("L")) > 127 if path.is_file() else None
+
+
+def _instance_labels(cfg: Config, slide_id: str, coords: np.ndarray, size0: float, label: int | None) -> np.ndarray | None:
+    directory = cfg.training.annotations_dir
+    if directory is None:
+        return None
+    labels = load_instance_labels(Path(directory), slide_id, coords, size0, cfg.training.instance_threshold)
+    if labels is None and label == 0:  # normal slides carry no tumour annotation (CAMELYON16 convention)
+        labels = np.zeros(len(coords), dtype=np.int64)
+    return labels
+
+
+def score_slide(method: object, bag: stores.Bag, slide_id: str, device: torch.device) -> np.ndarray:
+    """Per-patch scores of one bag from a trained method (attention or instance probability)."""
+    item = BagItem(slide_id, torch.as_tensor(bag.features, dtype=torch.float32, device=device), -1, bag.coords)
+    return np.asarray(method.predict(item).instance_scores, dtype=np.float64).reshape(-1)
+
+
+def draw_slide(slide_id: str, bag: stores.Bag, scores: np.ndarray, out_dir: Path, hcfg: HeatmapConfig, layout: Layout,
+               *, title: str, model_name: str, run_id: str) -> SlideHeatmap:
+    """Render one slide's heatmap files from its bag (coordinates, slide path, patch store) and scores."""
+    attrs = bag.attrs
+    thumb, downsample = slide_thumbnail(Path(attrs["slide_path"]), max_size=hcfg.thumbnail_max_size)
+    patches = None
+    if attrs.get("patch_store") and stores.is_complete_store(Path(attrs["patch_store"])):
+        patches = stores.open_patch_store(Path(attrs["patch_store"])).patches
+    return render_slide_heatmap(
+        slide_id=slide_id, coords=bag.coords, scores=scores, patch_size_level0=float(attrs["patch_size_level0"]),
+        thumbnail=thumb, downsample=downsample, out_dir=out_dir, cfg=hcfg, tissue_mask=_tissue_mask(layout, slide_id),
+        patches=patches, title=title,
+        score_label="instance probability" if model_name == "ins" else "attention",
+        mpp_level0=attrs.get("mpp_level0"), properties={"model": model_name, "run_id": run_id},
+    )
+
+
+def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str] | None = None,
+                     log_artifacts: bool = True) -> RunHeatmaps:
+    """Draw heatmaps for ``slide_ids`` (default: every fold's test slides) of a `wsi-mil train` run."""
+    out = Path(out)
+    layout = Layout(out)
+    tracker = open_tracker(out, cfg)
+    parent = parent_run_id(tracker, run_id)
+    run_cfg = tracker.load_config(parent)
+    if cfg.training.annotations_dir is not None:
+        run_cfg = run_cfg.with_overrides({"training.annotations_dir": str(cfg.training.annotations_dir)})
+    hcfg = cfg.heatmap
+    folds = tracker.fold_runs(parent)
+    splits = tracker.load_splits(parent)
+    y_of = dict(zip(splits["slide_id"], splits["y"].astype(int), strict=False))
+    # each slide is scored by the model of the first fold that held it out as test
+    owner: dict[str, object] = {}
+    for f in folds:
+        for sid in f.test_slide_ids:
+            owner.setdefault(sid, f)
+    wanted = slide_ids or sorted(owner)
+    unknown = [s for s in wanted if s not in owner]
+    if unknown:
+        log.info("slides %s were in no test fold; scored by the first fold's model", ", ".join(unknown[:5]))
+    result = RunHeatmaps(parent)
+    target = layout.heatmaps_dir(parent)
+    device = torch.device("cpu")
+    loaded: dict[str, object] = {}
+    model_name = tracker.get_run(parent).tags.get("wsi_mil.model", run_cfg.model.name)
+    features_dir = _features_dir(tracker, parent)
+    for sid in tqdm(wanted, desc="heatmaps", unit="slide", leave=False):
+        fold = owner.get(sid, folds[0])
+        if fold.run_id not in loaded:
+            loaded[fold.run_id] = load_fold_method(tracker, fold.run_id, device="cpu", config=run_cfg).method
+        bag = stores.read_bag(features_dir / f"{sid}.h5")
+        scores = score_slide(loaded[fold.run_id], bag, sid, device)
+        role = "test fold" if sid in owner else "not in any test fold"
+        result.slides.append(draw_slide(
+            sid, bag, scores, target, hcfg, layout,
+            title=f"{sid} - {model_name} (fold {fold.fold}, seed {fold.seed}, {role})", model_name=model_name,
+            run_id=parent,
+        ))
+        result.scores[sid] = scores
+        labels = _instance_labels(run_cfg, sid, bag.coords, float(bag.attrs["patch_size_level0"]), y_of.get(sid))
+        if labels is not None:
+            result.labels[sid] = labels
+    if result.labels:
+        result.localisation_auc = instance_auc(result.scores, result.labels)
+    if log_artifacts and result.slides:
+        tracker.log_artifact(parent, target, "heatmaps")
+        if np.isfinite(result.localisation_auc):
+            tracker.log_metrics(parent, {"heatmap_localisation_auc": result.localisation_auc})
+    return result
+
+
+def cli_heatmap(args: argparse.Namespace, cfg: Config) -> int:
+    """`wsi-mil heatmap --run RUN_ID [--slides ID ...]`."""
+    result = heatmaps_for_run(args.run, args.out, cfg, slide_ids=args.slides or None)
+    for drawn in result.slides:
+        print(f"{drawn.slide_id}: {drawn.png}  {drawn.geojson}")
+    if np.isfinite(result.localisation_auc):
+        print(f"localisation AUC (per-patch scores vs ground truth): {result.localisation_auc:.4f}")
+    print(f"{len(result.slides)} heatmaps in {Layout(args.out).heatmaps_dir(result.run_id)}, logged to MLflow run {result.run_id}")
+    return 0

@@ -1,0 +1,35 @@
+"""`wsi-mil ui OUT`: the MLflow UI over an output directory's embedded store, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from wsi_mil.config import Config
+from wsi_mil.errors import WsiMilError
+from wsi_mil.layout import Layout
+
+
+def ui_command(layout: Layout, port: int) -> list[str]:
+    """The `mlflow ui` command line that serves ``layout``'s store (also shown to the user)."""
+    mlflow = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
+    return [
+        mlflow, "ui",
+        "--backend-store-uri", layout.tracking_uri,
+        "--default-artifact-root", str(layout.mlflow_artifacts.resolve()),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+
+
+def cli_ui(args: argparse.Namespace, cfg: Config) -> int:
+    """Replace this process by `mlflow ui` over OUT (Ctrl-C stops it)."""
+    layout = Layout(args.out)
+    if not layout.mlflow_db.is_file():
+        raise WsiMilError(f"{layout.mlflow_db} does not exist; run `wsi-mil train` or `wsi-mil run` with --out {args.out} first.")
+    command = ui_command(layout, args.port)
+    print(f"MLflow UI on http://127.0.0.1:{args.port}  (Ctrl-C to stop)\n  {' '.join(command)}", flush=True)
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.execv(command[0], command)
+    return 0  # pragma: no cover - execv does not return

@@ -1,0 +1,98 @@
+"""INS losses and target updates: candidate labels, PPLG soft targets, SupCon, InfoNCE, soft CE."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def candidate_labels(bag_labels: Tensor) -> Tensor:
+    """Partial labels from slide labels only: [1, 0] for negative bags, [1, 1] for positive bags."""
+    bag_labels = bag_labels.long().view(-1)
+    y = torch.ones(bag_labels.shape[0], 2, device=bag_labels.device)
+    y[bag_labels == 0, 1] = 0.0
+    return y
+
+
+def initial_confidence(candidates: Tensor, positive: float = 0.5) -> Tensor:
+    """Soft targets at the start: [1, 0] for negative-bag instances, [1 - positive, positive] for the
+    others (``positive=0.5``: the candidate set normalised, as in the reference)."""
+    conf = candidates / candidates.sum(dim=1, keepdim=True)
+    both = candidates[:, 1] > 0
+    conf[both] = torch.tensor([1.0 - positive, positive], device=conf.device, dtype=conf.dtype)
+    return conf
+
+
+def bag_targets(candidates: Tensor, positive: float = 1.0) -> Tensor:
+    """Pretrain targets from the bag label: [1, 0] for negative bags, [1 - positive, positive] otherwise."""
+    return initial_confidence(candidates, positive)
+
+
+def restricted_probs(logits: Tensor, candidates: Tensor) -> Tensor:
+    """Classifier probabilities restricted to the candidate set and renormalised [B, 2]."""
+    p = torch.softmax(logits, dim=1) * candidates
+    return p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def phi_at(epoch: int, num_epochs: int, start: float, end: float) -> float:
+    """PPLG mixing weight: linear from ``start`` at epoch 0 to ``end`` at the last epoch."""
+    if num_epochs <= 1:
+        return float(start)
+    t = min(max(epoch, 0), num_epochs - 1) / (num_epochs - 1)
+    return float(start + (end - start) * t)
+
+
+@torch.no_grad()
+def pplg_update(conf: Tensor, prototype_scores: Tensor, candidates: Tensor, phi: float) -> Tensor:
+    """Prototype-based pseudo label generation for a batch of soft targets.
+
+    ``conf <- phi * conf + (1 - phi) * onehot(argmax(s * Y))``; rows whose candidate set is {negative}
+    (instances of negative bags) are forced back to [1, 0]. Returns the new targets [B, 2].
+    """
+    choice = (prototype_scores * candidates).argmax(dim=1)
+    onehot = F.one_hot(choice, num_classes=conf.shape[1]).to(conf.dtype)
+    new = phi * conf + (1.0 - phi) * onehot
+    negative = candidates[:, 1] == 0
+    new[negative] = torch.tensor([1.0, 0.0], device=conf.device, dtype=conf.dtype)
+    return new
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy against soft targets: ``-(targets * log_softmax(logits)).sum(1).mean()``."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def supcon_loss(
+    anchors: Tensor, pool: Tensor, anchor_labels: Tensor, pool_labels: Tensor, temperature: float
+) -> Tensor:
+    """Supervised contrastive loss of anchors [B, d] against a pool [M, d] whose first B rows are the anchors.
+
+    For anchor i the candidates are every pool entry except itself (column i); positives are those of
+    the same (pseudo) class. ``loss_i = -mean_{p in P(i)} log(exp(a_i.p/T) / sum_{j != i} exp(a_i.z_j/T))``,
+    averaged over anchors that have at least one positive.
+    """
+    b = anchors.shape[0]
+    logits = anchors @ pool.t() / temperature
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    idx = torch.arange(b, device=anchors.device)
+    self_mask[idx, idx] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (anchor_labels.view(-1, 1) == pool_labels.view(1, -1)) & ~self_mask
+    log_prob = log_prob.masked_fill(~positives, 0.0)
+    n_pos = positives.sum(dim=1)
+    has = n_pos > 0
+    if not bool(has.any()):
+        return anchors.sum() * 0.0
+    per_anchor = -log_prob.sum(dim=1)[has] / n_pos[has]
+    return per_anchor.mean()
+
+
+def infonce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """MoCo InfoNCE: each q_i must pick its own key k_i among k_i and the queued keys."""
+    pos = (q * k).sum(dim=1, keepdim=True)
+    neg = q @ queue.t() if queue.shape[0] else q.new_zeros(q.shape[0], 0)
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, target)

@@ -1,0 +1,160 @@
+"""Training methods (what the trainer drives per fold) and their registry.
+
+- :class:`BagMethod` trains a plain bag-level :class:`~wsi_mil.mil.base.MILModel` (mean/max pooling,
+  ABMIL, TransMIL, DSMIL): one bag per step, Adam/AdamW, cosine learning rate per epoch.
+- :func:`build_method` picks the method for ``cfg.model.name``: ``mhim`` -> MHIM-MIL, ``ins`` -> INS,
+  any aggregator name -> :class:`BagMethod` around :func:`wsi_mil.mil.models.build_model`.
+
+Contract for every method class ``M(cfg, ctx)``: the constructor builds the networks but trains
+nothing (so :func:`wsi_mil.tracking.load_fold_method` can rebuild it from a checkpoint with empty
+``ctx.train``/``ctx.val``); :meth:`setup` does per-fold preparation (MHIM trains/loads its baseline).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsi_mil.config import Config, ModelConfig, TrainingConfig
+from wsi_mil.mil.base import BagItem, FoldContext, MILMethod, MILModel, Prediction
+
+AGGREGATORS = ("mean", "max", "abmil", "gated_abmil", "transmil", "dsmil")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda > mps > cpu; otherwise the named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def build_model(name: str, in_dim: int, n_classes: int, cfg: ModelConfig) -> MILModel:
+    """An aggregator by name (delegates to :mod:`wsi_mil.mil.models`)."""
+    from wsi_mil.mil.models import build_model as _build
+
+    return _build(name, in_dim, n_classes, cfg)
+
+
+def make_optimizer(params: Any, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW with the configured learning rate and weight decay."""
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def cosine_lr(base_lr: float, epoch: int, num_epochs: int, min_lr: float = 0.0) -> float:
+    """Cosine-annealed learning rate for ``epoch`` (0-based) of ``num_epochs``."""
+    if num_epochs <= 1:
+        return base_lr
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * epoch / num_epochs))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A reproducible shuffled bag order for one epoch."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+class BagMethod:
+    """Plain bag-level training of one MIL model (one bag per optimiser step)."""
+
+    kind = "bag"
+
+    def __init__(self, model: MILModel, cfg: Config, ctx: FoldContext, model_name: str | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.model_name = model_name or cfg.model.name
+        self.model = model.to(ctx.device)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg.training)
+
+    def setup(self, fold: FoldContext) -> None:
+        """Nothing to prepare for plain training."""
+        self.ctx = fold
+
+    def train_epoch(self, epoch: int, num_epochs: int) -> dict[str, float]:
+        """One pass over the training bags in a shuffled order; returns the mean loss and the lr."""
+        tcfg = self.cfg.training
+        lr = cosine_lr(tcfg.lr, epoch, num_epochs) if tcfg.scheduler == "cosine" else tcfg.lr
+        set_lr(self.optimizer, lr)
+        self.model.train()
+        total, count = 0.0, 0
+        for i in epoch_order(len(self.ctx.train), self.ctx.seed, epoch):
+            bag = self.ctx.train[i]
+            out = self.model(bag.features)
+            target = torch.tensor(bag.label, device=bag.features.device)
+            loss = self.model.bag_loss(out, target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach())
+            count += 1
+        return {"loss": total / max(count, 1), "lr": lr}
+
+    @torch.no_grad()
+    def predict(self, bag: BagItem) -> Prediction:
+        """Class probabilities and instance scores of one bag (eval mode)."""
+        return predict_with(self.model, bag)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model weights and the model name."""
+        return {"model": self.model.state_dict(), "model_name": self.model_name}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        self.model.load_state_dict(state["model"])
+
+
+@torch.no_grad()
+def predict_with(model: nn.Module, bag: BagItem) -> Prediction:
+    """Run ``model`` on one bag in eval mode; softmax probabilities and instance scores as NumPy."""
+    was_training = model.training
+    model.eval()
+    out = model(bag.features)
+    if was_training:
+        model.train()
+    probs = torch.softmax(out.logits.float().reshape(-1), dim=0).cpu().numpy()
+    scores = out.instance_scores.detach().float().reshape(-1).cpu().numpy()
+    return Prediction(probs=probs, instance_scores=scores)
+
+
+def method_label(cfg: Config) -> str:
+    """Human-readable model name, e.g. ``abmil`` or ``mhim(transmil)``."""
+    name = cfg.model.name
+    if name == "mhim":
+        return f"mhim({cfg.model.mhim.student})"
+    return name
+
+
+def build_method(cfg: Config, ctx: FoldContext) -> MILMethod:
+    """The training method for ``cfg.model.name`` on one fold (no training happens here)."""
+    name = cfg.model.name
+    if name == "mhim":
+        from wsi_mil.mil.mhim import MHIMMethod
+
+        return MHIMMethod(cfg, ctx)
+    if name == "ins":
+        from wsi_mil.mil.ins import INSMethod
+
+        return INSMethod(cfg, ctx)
+    return BagMethod(build_model(name, ctx.in_dim, ctx.n_classes, cfg.model), cfg, ctx, name)

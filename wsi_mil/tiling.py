@@ -1,0 +1,547 @@
+"""Tile a slide directory into Zarr patch stores, in parallel on a Dask cluster.
+
+For every slide: the inventory entry (vendor, size, levels, MPP) is read on the client; a complete
+store with the same settings and slide fingerprint is skipped; otherwise a worker segments tissue on
+a thumbnail and lays the patch grid, the client creates the store under a temporary name, and one
+task per Zarr chunk of coordinates reads its patches (each worker keeps its own slide handles) and
+writes them straight into that chunk (or returns them to the client, ``tiling.write_from``). The
+store is marked complete and renamed into place once every chunk is written. Failures are per slide:
+they are recorded in ``OUT/slides.csv`` and the cohort carries on (``strict`` stops at the first).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import openslide
+import zarr
+from tqdm.auto import tqdm
+
+from wsi_mil import __version__
+from wsi_mil.config import Config, TilingConfig, TissueConfig
+from wsi_mil.errors import SlideError, WsiMilError
+from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.slides import (
+    ReadPlan,
+    SlideInfo,
+    choose_level,
+    find_slides,
+    forget_slide,
+    inspect_slide,
+    open_slide,
+    read_patch,
+    read_thumbnail,
+    slide_id,
+)
+from wsi_mil.stores import (
+    clean_partials,
+    commit,
+    create_patch_store,
+    is_complete_store,
+    mark_complete,
+    partial_path,
+    remove_path,
+    write_clam_coords,
+    write_text_atomic,
+)
+from wsi_mil.tissue import TissueParams, save_qc_images, segment_tissue, thumbnail_mpp
+
+if TYPE_CHECKING:
+    import distributed
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = [
+    "slide_id", "path", "vendor", "width", "height", "levels", "mpp", "mpp_source",
+    "level", "downsample", "read_size", "status", "error", "n_patches", "store",
+]
+
+
+# ------------------------------------------------------------------------------------------- results
+@dataclass
+class SlideResult:
+    """The outcome for one slide."""
+
+    slide_id: str
+    path: str
+    status: str = "pending"  # done | skipped | failed | pending
+    n_patches: int = 0
+    error: str = ""
+    store: str = ""
+    info: SlideInfo | None = None
+    plan: ReadPlan | None = None
+
+    def row(self) -> dict[str, Any]:
+        info, plan = self.info, self.plan
+        return {
+            "slide_id": self.slide_id,
+            "path": self.path,
+            "vendor": info.vendor if info else "",
+            "width": info.width if info else "",
+            "height": info.height if info else "",
+            "levels": info.levels if info else "",
+            "mpp": f"{info.mpp:.6g}" if info else "",
+            "mpp_source": info.mpp_source if info else "",
+            "level": plan.level if plan else "",
+            "downsample": f"{plan.downsample:.6g}" if plan else "",
+            "read_size": plan.read_size if plan else "",
+            "status": self.status,
+            "error": self.error,
+            "n_patches": self.n_patches,
+            "store": self.store,
+        }
+
+
+@dataclass
+class TilingReport:
+    """Per-slide results of :func:`tile_cohort` (also written to ``OUT/slides.csv``)."""
+
+    tiling_key: str
+    tiles_dir: Path
+    results: list[SlideResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[SlideResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def ok(self) -> list[SlideResult]:
+        return [r for r in self.results if r.status in ("done", "skipped")]
+
+    @property
+    def n_patches(self) -> int:
+        return sum(r.n_patches for r in self.ok)
+
+    def summary(self) -> str:
+        counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
+        lines = [
+            f"{len(self.results)} slide(s) -> {self.tiles_dir}: {counts['done']} tiled, {counts['skipped']} "
+            f"already done, {counts['failed']} failed; {self.n_patches} patches."
+        ]
+        lines += [f"  FAILED {r.slide_id}: {r.error}" for r in self.failed]
+        return "\n".join(lines)
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for r in self.results:
+            writer.writerow(r.row())
+        return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------- settings/attrs
+def patch_settings(cfg: Config) -> dict[str, Any]:
+    """Every setting that changes which patches are stored or their pixels."""
+    t: TilingConfig = cfg.tiling
+    return {
+        "target_mpp": t.target_mpp,
+        "patch_size": t.patch_size,
+        "overlap": t.overlap,
+        "tissue_threshold": t.tissue_threshold,
+        "max_patches_per_slide": t.max_patches_per_slide,
+        "tissue": cfg.tissue.resolved(),
+        "resample_filter": "lanczos",
+    }
+
+
+def store_attrs(info: SlideInfo, plan: ReadPlan, cfg: Config, key: str) -> dict[str, Any]:
+    """Attributes of a slide's patch store (all settings, exact MPPs, level, slide fingerprint)."""
+    t = cfg.tiling
+    settings = patch_settings(cfg)
+    signature_src = {"settings": settings, "fingerprint": info.fingerprint, "mpp_level0": info.mpp,
+                     "level": plan.level, "read_size": plan.read_size}
+    signature = hashlib.sha256(json.dumps(signature_src, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "slide_id": info.slide_id,
+        "slide_path": info.path,
+        "slide_fingerprint": info.fingerprint,
+        "vendor": info.vendor,
+        "width": info.width,
+        "height": info.height,
+        "mpp_level0": info.mpp,
+        "mpp_source": info.mpp_source,
+        "target_mpp": t.target_mpp,
+        "patch_size": t.patch_size,
+        "patch_size_level0": plan.patch_size_level0,
+        "step_level0": (t.patch_size - t.overlap) * t.target_mpp / info.mpp,
+        "level": plan.level,
+        "patch_level": plan.level,
+        "downsample": plan.downsample,
+        "level_mpp": plan.level_mpp,
+        "read_size": plan.read_size,
+        "resampled": plan.resample,
+        "resample_filter": "lanczos",
+        "overlap": t.overlap,
+        "tissue_threshold": t.tissue_threshold,
+        "max_patches_per_slide": t.max_patches_per_slide,
+        "tissue": settings["tissue"],
+        "chunk_patches": t.chunk_patches,
+        "codec": t.codec,
+        "compression_level": t.compression_level,
+        "tiling_key": key,
+        "signature": signature,
+        "wsi_mil_version": __version__,
+    }
+
+
+def _stored_signature(path: Path) -> str | None:
+    if not is_complete_store(path):
+        return None
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("signature")
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ the grid
+def patch_grid(mask: np.ndarray, width: int, height: int, mpp0: float, tiling: TilingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 top-left coordinates (int64 [N, 2], row-major) of patches whose tissue fraction passes.
+
+    Returns the coordinates and their tissue fractions (measured on the thumbnail mask).
+    """
+    size0 = tiling.patch_size * tiling.target_mpp / mpp0
+    step0 = (tiling.patch_size - tiling.overlap) * tiling.target_mpp / mpp0
+    nx = int(np.floor((width - size0) / step0)) + 1 if width >= size0 else 0
+    ny = int(np.floor((height - size0) / step0)) + 1 if height >= size0 else 0
+    if nx <= 0 or ny <= 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
+    xs = np.round(np.arange(nx) * step0).astype(np.int64)
+    ys = np.round(np.arange(ny) * step0).astype(np.int64)
+    th, tw = mask.shape
+    sx, sy = width / tw, height / th
+    integral = np.zeros((th + 1, tw + 1), dtype=np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
+    c0 = np.clip(np.round(xs / sx).astype(np.int64), 0, tw - 1)
+    c1 = np.clip(np.maximum(c0 + 1, np.round((xs + size0) / sx).astype(np.int64)), 1, tw)
+    r0 = np.clip(np.round(ys / sy).astype(np.int64), 0, th - 1)
+    r1 = np.clip(np.maximum(r0 + 1, np.round((ys + size0) / sy).astype(np.int64)), 1, th)
+    R0, C0 = np.meshgrid(r0, c0, indexing="ij")
+    R1, C1 = np.meshgrid(r1, c1, indexing="ij")
+    area = (R1 - R0) * (C1 - C0)
+    inside = integral[R1, C1] - integral[R0, C1] - integral[R1, C0] + integral[R0, C0]
+    fraction = (inside / np.maximum(area, 1)).ravel()
+    Y, X = np.meshgrid(ys, xs, indexing="ij")
+    coords = np.stack([X.ravel(), Y.ravel()], axis=1)
+    keep = fraction >= tiling.tissue_threshold if tiling.tissue_threshold > 0 else fraction > 0
+    coords, fraction = coords[keep], fraction[keep]
+    if tiling.max_patches_per_slide is not None and len(coords) > tiling.max_patches_per_slide:
+        idx = np.unique(np.round(np.linspace(0, len(coords) - 1, tiling.max_patches_per_slide)).astype(np.int64))
+        coords, fraction = coords[idx], fraction[idx]
+    return np.ascontiguousarray(coords, dtype=np.int64), fraction
+
+
+def grid_boxes(coords: np.ndarray, size0: float, width: int, height: int, thumb_shape: tuple[int, int]) -> np.ndarray:
+    """Patch boxes [N, 4] (x0, y0, x1, y1) in thumbnail pixels, for the QC grid image."""
+    th, tw = thumb_shape
+    sx, sy = width / tw, height / th
+    c = coords.astype(np.float64)
+    return np.stack([c[:, 0] / sx, c[:, 1] / sy, (c[:, 0] + size0) / sx, (c[:, 1] + size0) / sy], axis=1)
+
+
+# ------------------------------------------------------------------------------------ worker tasks
+def _slide_failure(path: str, exc: BaseException, what: str) -> SlideError:
+    if isinstance(exc, SlideError):
+        return exc
+    forget_slide(path)  # an OpenSlide handle stays unusable after a read error
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, openslide.OpenSlideError | OSError):
+        return SlideError(f"slide {path}: {what} failed ({text}); the file may be corrupt or truncated.")
+    return SlideError(f"slide {path}: {what} failed ({type(exc).__name__}: {text}).")
+
+
+def find_tissue_task(
+    path: str, mpp0: float, tissue: TissueConfig, tiling: TilingConfig, with_thumbnail: bool
+) -> dict[str, Any]:
+    """Worker task: thumbnail, tissue mask and patch grid of one slide."""
+    try:
+        slide = open_slide(path)
+        params = TissueParams.from_config(tissue)
+        width, height = slide.dimensions
+        thumb = read_thumbnail(slide, mpp0, thumbnail_mpp(width, height, mpp0, params))
+        um_per_px = mpp0 * width / thumb.shape[1]
+        mask = segment_tissue(thumb, um_per_px, params)
+        coords, _ = patch_grid(mask, width, height, mpp0, tiling)
+    except Exception as exc:
+        raise _slide_failure(path, exc, "tissue detection") from None
+    return {"coords": coords, "mask": mask, "thumbnail": thumb if with_thumbnail else None,
+            "tissue_fraction": float(mask.mean())}
+
+
+def read_patches(path: str, coords: np.ndarray, plan: ReadPlan) -> np.ndarray:
+    """Patches [n, P, P, 3] uint8 at ``coords`` of the slide at ``path`` (cached handle)."""
+    slide = open_slide(path)
+    out = np.empty((len(coords), plan.patch_size, plan.patch_size, 3), dtype=np.uint8)
+    for i, (x, y) in enumerate(coords):
+        read_patch(slide, int(x), int(y), plan, out=out[i])
+    return out
+
+
+def extract_chunk_task(
+    path: str, coords: np.ndarray, plan: ReadPlan, store: str | None, start: int
+) -> np.ndarray | int:
+    """Worker task: read one chunk of patches; write it into ``store`` (returns the count) or return it."""
+    try:
+        patches = read_patches(path, coords, plan)
+    except Exception as exc:
+        raise _slide_failure(path, exc, f"reading patches {start}-{start + len(coords) - 1}") from None
+    if store is None:
+        return patches
+    _patch_array(store)[start : start + len(patches)] = patches
+    return len(patches)
+
+
+@lru_cache(maxsize=8)
+def _patch_array(store: str) -> zarr.Array:
+    """The ``patches`` array of a store being written, opened once per worker process."""
+    return zarr.open_array(store, path="patches", mode="r+")
+
+
+# ---------------------------------------------------------------------------------------- the cohort
+@dataclass
+class _Job:
+    """A slide in flight on the cluster."""
+
+    index: int
+    result: SlideResult
+    attrs: dict[str, Any]
+    final: Path
+    partial: Path | None = None
+    coords: np.ndarray | None = None
+    remaining: int = 0
+    futures: list[Any] = field(default_factory=list)
+
+
+class _CohortRun:
+    def __init__(self, cfg: Config, out: Path, client: distributed.Client, strict: bool) -> None:
+        self.cfg = cfg
+        self.layout = Layout(out)
+        self.key = tiling_key(cfg)
+        self.tiles_dir = self.layout.tiles_dir(self.key)
+        self.client = client
+        self.strict = strict
+        self.report = TilingReport(tiling_key=self.key, tiles_dir=self.tiles_dir)
+
+    # -- bookkeeping
+    def write_csv(self) -> None:
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.layout.slides_csv, self.report.to_csv())
+
+    def fail(self, job: _Job | None, result: SlideResult, exc: BaseException) -> None:
+        result.status = "failed"
+        result.error = str(exc) if isinstance(exc, WsiMilError) else f"{type(exc).__name__}: {exc}"
+        result.store = ""
+        result.n_patches = 0
+        log.warning("slide %s failed: %s", result.slide_id, result.error)
+        if job is not None:
+            for fut in job.futures:
+                fut.cancel()
+            if job.partial is not None:
+                remove_path(job.partial)
+        if self.strict:
+            self.write_csv()
+            raise SlideError(f"{result.error} (stopped by --strict)")
+
+    # -- stages
+    def inventory(self, paths: Iterable[Path]) -> list[_Job]:
+        jobs: list[_Job] = []
+        for index, path in enumerate(paths):
+            result = SlideResult(slide_id=slide_id(path), path=str(Path(path).resolve()))
+            self.report.results.append(result)
+            try:
+                info = inspect_slide(path, self.cfg.slides)
+                result.slide_id = info.slide_id
+                result.info = info
+                result.plan = choose_level(info.downsamples, info.mpp, self.cfg.tiling.target_mpp,
+                                           self.cfg.tiling.patch_size)
+            except Exception as exc:
+                self.fail(None, result, exc if isinstance(exc, SlideError) else _slide_failure(str(path), exc, "opening"))
+                continue
+            final = self.layout.patch_store(self.key, info.slide_id)
+            attrs = store_attrs(info, result.plan, self.cfg, self.key)
+            if _stored_signature(final) == attrs["signature"]:
+                result.status = "skipped"
+                result.store = str(final)
+                result.n_patches = int(zarr.open_group(str(final), mode="r").attrs.get("n_patches", 0))
+                continue
+            jobs.append(_Job(index=index, result=result, attrs=attrs, final=final))
+        return jobs
+
+    def start_extraction(self, job: _Job, found: dict[str, Any]) -> list[Any]:
+        info, plan, t = job.result.info, job.result.plan, self.cfg.tiling
+        assert info is not None and plan is not None
+        coords: np.ndarray = found["coords"]
+        if self.cfg.tiling.qc_images and found.get("thumbnail") is not None:
+            boxes = grid_boxes(coords, plan.patch_size_level0, info.width, info.height, found["mask"].shape)
+            save_qc_images(self.layout.qc_dir, info.slide_id, found["thumbnail"], found["mask"], boxes)
+        if len(coords) == 0:
+            raise SlideError(
+                f"slide {info.path}: no tissue found (tissue fraction {found['tissue_fraction']:.3f} of the "
+                "thumbnail); check qc/ images, try tissue.preset=faint or a lower tiling.tissue_threshold."
+            )
+        job.coords = coords
+        job.attrs["n_patches"] = len(coords)
+        job.attrs["thumbnail_shape"] = list(found["mask"].shape)
+        job.final.parent.mkdir(parents=True, exist_ok=True)
+        job.partial = partial_path(job.final)
+        group = create_patch_store(job.partial, n_patches=len(coords), patch_size=t.patch_size,
+                                   chunk_patches=t.chunk_patches, codec=t.codec, level=t.compression_level,
+                                   attrs=job.attrs)
+        group["coords"][:] = coords
+        store = str(job.partial) if t.write_from == "workers" else None
+        step = t.chunk_patches
+        futures = []
+        for start in range(0, len(coords), step):
+            fut = self.client.submit(extract_chunk_task, info.path, coords[start : start + step], plan, store, start,
+                                     pure=False, priority=1_000_000 - job.index)
+            futures.append(fut)
+        job.futures = futures
+        job.remaining = len(futures)
+        return futures
+
+    def finish(self, job: _Job) -> None:
+        assert job.partial is not None and job.coords is not None
+        mark_complete(job.partial)
+        commit(job.partial, job.final)
+        job.partial = None
+        plan = job.result.plan
+        if self.cfg.tiling.export_clam_h5 and plan is not None:
+            write_clam_coords(
+                self.tiles_dir / "clam_coords" / f"{job.result.slide_id}.h5", job.coords,
+                patch_size=plan.read_size, patch_level=plan.level,
+                attrs={"target_patch_size": self.cfg.tiling.patch_size, "mpp_level0": job.attrs["mpp_level0"],
+                       "target_mpp": self.cfg.tiling.target_mpp, "patch_size_level0": plan.patch_size_level0,
+                       "name": job.result.slide_id},
+            )
+        job.result.status = "done"
+        job.result.store = str(job.final)
+        job.result.n_patches = len(job.coords)
+        log.info("slide %s: %d patches", job.result.slide_id, len(job.coords))
+
+    def run(self, jobs: list[_Job]) -> None:
+        from distributed import as_completed
+
+        from wsi_mil.compute import total_threads
+
+        self.tiles_dir.mkdir(parents=True, exist_ok=True)
+        removed = clean_partials(self.tiles_dir)
+        if removed:
+            log.info("removed %d partial store(s) of an interrupted run", removed)
+        queue = list(jobs)
+        max_open = max(2, total_threads(self.client))
+        open_jobs: dict[int, _Job] = {}
+        kinds: dict[str, tuple[str, _Job, int]] = {}
+        ac = as_completed(loop=self.client.loop)
+        slide_bar = tqdm(total=len(self.report.results), desc="slides", unit="slide", disable=None)
+        slide_bar.update(len(self.report.results) - len(jobs))
+        patch_bar = tqdm(total=0, desc="patches", unit="patch", disable=None)
+
+        def top_up() -> None:
+            while queue and len(open_jobs) < max_open:
+                job = queue.pop(0)
+                open_jobs[job.index] = job
+                assert job.result.info is not None
+                fut = self.client.submit(find_tissue_task, job.result.info.path, job.result.info.mpp,
+                                         self.cfg.tissue, self.cfg.tiling, self.cfg.tiling.qc_images,
+                                         pure=False, priority=-job.index)
+                kinds[fut.key] = ("tissue", job, 0)
+                ac.add(fut)
+
+        def close(job: _Job) -> None:
+            open_jobs.pop(job.index, None)
+            slide_bar.update(1)
+            self.write_csv()
+            top_up()
+
+        try:
+            top_up()
+            for fut in ac:
+                kind, job, start = kinds.pop(fut.key, ("", None, 0))
+                if job is None or job.index not in open_jobs:
+                    continue
+                try:
+                    if fut.status == "error":
+                        raise fut.exception()
+                    if fut.status == "cancelled":
+                        continue
+                    value = fut.result()
+                    if kind == "tissue":
+                        futures = self.start_extraction(job, value)
+                        patch_bar.total += len(job.coords)
+                        patch_bar.refresh()
+                        step = self.cfg.tiling.chunk_patches
+                        for i, f in enumerate(futures):
+                            kinds[f.key] = ("chunk", job, i * step)
+                        ac.update(futures)
+                    else:
+                        if not isinstance(value, int):  # write_from == "client"
+                            array = zarr.open_array(str(job.partial), path="patches", mode="r+")
+                            array[start : start + len(value)] = value
+                            value = len(value)
+                        patch_bar.update(value)
+                        job.remaining -= 1
+                        if job.remaining == 0:
+                            self.finish(job)
+                            close(job)
+                except Exception as exc:
+                    self.fail(job, job.result, exc if isinstance(exc, SlideError) else
+                              _slide_failure(job.result.path, exc, "tiling"))
+                    close(job)
+                finally:
+                    fut.release()
+        finally:
+            for job in list(open_jobs.values()):  # interrupted: drop what is unfinished
+                for f in job.futures:
+                    f.cancel()
+                if job.partial is not None:
+                    remove_path(job.partial)
+            slide_bar.close()
+            patch_bar.close()
+
+
+def tile_cohort(
+    slides_dir: Path,
+    out: Path,
+    cfg: Config,
+    *,
+    strict: bool = False,
+    client: distributed.Client | None = None,
+) -> TilingReport:
+    """Tile every slide of ``slides_dir`` into ``OUT/tiles/<tiling_key>/<slide_id>.zarr``.
+
+    Complete stores with the same settings and slide fingerprint are kept; partial ones are redone.
+    Per-slide failures are recorded in the report and ``OUT/slides.csv``; with ``strict`` the first
+    failure raises :class:`SlideError`. ``client`` reuses a Dask client; otherwise one is started
+    from ``cfg.compute`` for this call.
+    """
+    from wsi_mil.compute import dask_client
+
+    paths = find_slides(Path(slides_dir), cfg.slides)
+    if not paths:
+        raise WsiMilError(
+            f"no slides found in {slides_dir} (extensions {', '.join(cfg.slides.extensions)}); "
+            "check the directory or slides.extensions."
+        )
+    run = _CohortRun(cfg, Path(out), client, strict)  # type: ignore[arg-type]
+    jobs = run.inventory(paths)
+    run.write_csv()
+    if jobs:
+        if client is not None:
+            run.run(jobs)
+        else:
+            with dask_client(cfg.compute) as own:
+                run.client = own
+                run.run(jobs)
+    run.write_csv()
+    log.info("%s", run.report.summary())
+    return run.report
