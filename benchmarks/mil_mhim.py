@@ -6,8 +6,9 @@ ABMIL vs MHIM(ABMIL) and TransMIL vs MHIM(TransMIL), using the CAMELYON16 preset
 trainer's plain :class:`wsi_mil.mil.methods.BagMethod`; the MHIM epoch is
 :meth:`wsi_mil.mil.mhim.MHIMMethod.train_epoch` (teacher forward on all instances + student on the
 kept ones + EMA). Epochs are interleaved (baseline, MHIM, baseline, ...) and the median of ``--repeats``
-is reported; the RESULT ratio is the median of the paired (MHIM / preceding baseline) epoch ratios. Peak memory: CUDA ``max_memory_allocated`` on GPU; on CPU, the peak RSS increase over
-the RSS once bags and networks are built, in a fresh subprocess per (model, repetition).
+is reported; the RESULT ratio is the median of the paired (MHIM / preceding baseline) epoch ratios.
+Peak memory: CUDA ``max_memory_allocated`` on GPU; on CPU, the peak RSS (sampled every 10 ms) above
+the RSS once bags and networks are built, over two epochs in a fresh subprocess per model.
 
     python benchmarks/mil_mhim.py [--device cpu|cuda] [--bags 16] [--min-n 500] [--max-n 3000]
 
@@ -20,7 +21,6 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -86,17 +86,32 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_in_subprocess(args: tuple) -> float:
-    """CPU peak memory (MB): peak RSS of a fresh process over two epochs minus its RSS once set up."""
+    """CPU peak memory (MB): RSS sampled every 10 ms over two epochs, minus the RSS once set up.
+
+    (``ru_maxrss`` is useless here: a spawned child inherits the parent's high-water mark.)
+    """
+    import threading
+
     kind, student, preset, n_bags, min_n, max_n, threads = args
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     bags = make_bags(n_bags, min_n, max_n, device)
     method = make_method(kind, student, preset, bags, device)
     before = _rss_mb()  # bags and networks are built; the rest is training memory
+    peak = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.01):
+            peak[0] = max(peak[0], _rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     method.train_epoch(0, 200)
     method.train_epoch(1, 200)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return max(0.0, peak - before)
+    stop.set()
+    sampler.join()
+    return max(0.0, max(peak[0], _rss_mb()) - before)
 
 
 def cpu_peak_memory(args: argparse.Namespace) -> dict[str, float]:

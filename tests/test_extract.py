@@ -144,6 +144,10 @@ def test_resume_skips_finished_bags_and_redoes_interrupted_ones(tmp_path):
     report = extract_cohort(tmp_path, cfg)
     assert report.status_of("s0").status == "done" and report.status_of("s1").status == "skipped"
     assert stores.read_bag(done).features.shape == (12, 64)
+    # patch stores deleted after embedding to save space: the bags stay valid
+    stores.remove_path(Layout(tmp_path).patch_store(tiling_key(cfg), "s1"))
+    report = extract_cohort(tmp_path, cfg, slide_ids=["s0", "s1"])
+    assert [r.status for r in report.results] == ["skipped", "skipped"]
 
 
 def test_missing_and_incomplete_stores_fail_clearly_while_others_complete(tmp_path):

@@ -341,8 +341,8 @@ def test_end_to_end_fold_learns_synthetic_bags() -> None:
     torch.manual_seed(0)
     cfg = _cfg(mask_ratio_high=0.03, high_random_ratio=0.5, mask_ratio_random=0.3, cl_alpha=0.1)
     cfg.training.lr = 2e-3
-    train = _bags(24, 10, hot_range=(5, 9), shift=4.0)
-    val = _bags(16, 11, hot_range=(5, 9), shift=4.0)
+    train = _bags(16, 10, n_range=(15, 30), hot_range=(4, 8), shift=4.0)
+    val = _bags(12, 11, n_range=(15, 30), hot_range=(4, 8), shift=4.0)
     ctx = _ctx(cfg, train, baseline_epochs=3, val=val)
     method = MHIMMethod(cfg, ctx)
     method.setup(ctx)

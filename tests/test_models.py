@@ -171,3 +171,18 @@ def test_max_pool_takes_the_most_positive_instance() -> None:
 def test_unknown_model_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="unknown MIL model 'foo'"):
         build_model("foo", IN_DIM, 2, CFG)
+
+
+def test_nystrom_uses_at_most_the_landmark_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long sequences (with or without the cls-attention read-out) invert an m x m matrix, m <= landmarks."""
+    import wsi_mil.mil.transmil as transmil
+
+    shapes: list[tuple[int, ...]] = []
+    real = transmil.iterative_pinv
+    monkeypatch.setattr(transmil, "iterative_pinv", lambda a, it=6: shapes.append(tuple(a.shape)) or real(a, it))
+    attn = NystromAttention(16, heads=2, landmarks=8, dropout=0.0).eval()
+    with torch.no_grad():
+        attn(torch.randn(53, 16))
+        attn(torch.randn(53, 16), cls_span=(1, 40))
+        attn(torch.randn(5, 16))
+    assert shapes == [(2, 8, 8), (2, 8, 8), (2, 5, 5)]  # 53 tokens -> 8 segments of 7 (3 padded)

@@ -126,7 +126,7 @@ def test_resampled_patches_within_tolerance(slides, client, tmp_path: Path) -> N
         x, y = (int(v) for v in store.coords[i])
         native = np.asarray(slide.read_region((x, y), 0, (128, 128)))[..., :3].astype(np.float64)
         box = native.reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
-        assert np.abs(store.patches[i].astype(np.float64) - box).mean() < 6.0
+        assert np.abs(store.patches[i].astype(np.float64) - box).max() <= 1.0
 
 
 def test_patch_grid_threshold_overlap_and_cap() -> None:
@@ -182,6 +182,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(reference, slides, tmp_path: Path) -> None:
     ref_out, cfg, _ = reference
     out = tmp_path / "out"

@@ -87,6 +87,7 @@ def test_run_produces_every_output(finished, cohort):
         assert sum(a.endswith(".geojson") for a in maps) == len(cohort.slide_ids)
         # ground truth exists, so the localisation AUC of the scores is measured and logged
         assert 0.0 <= run.metrics["heatmap_localisation_auc"] <= 1.0
+        assert 0.0 <= run.metrics["test_instance_auc_mean"] <= 1.0
     summaries = tracker.find_runs("e2e", role="summary")
     assert len(summaries) == 1 and "summary.md" in tracker.list_artifacts(summaries[0].run_id)
 

@@ -36,7 +36,7 @@ from wsi_mil.tracking import Tracker, experiment_name, open_tracker
 log = logging.getLogger(__name__)
 
 WORKFLOW_TAG = "wsi_mil.workflow_key"
-SUMMARY_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1")
+SUMMARY_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1", "instance_auc")
 
 
 @dataclass

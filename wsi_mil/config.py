@@ -121,7 +121,10 @@ class TilingConfig(Section):
     codec: Literal["zstd", "lz4", "blosc-zstd", "none"] = Field(
         default="zstd", description="Compression of the patch array (chosen by benchmarks/tiling.py)."
     )
-    compression_level: int = Field(default=3, ge=0, le=22, description="Codec level.")
+    compression_level: int = Field(
+        default=1, ge=0, le=22,
+        description="Codec level (zstd 1: about the size of level 3 at less than half the CPU; see benchmarks/tiling.py).",
+    )
     write_from: Literal["workers", "client"] = Field(
         default="workers",
         description="Who writes patch chunks: 'workers' write straight into the store (needs a file system "
@@ -217,15 +220,18 @@ class INSConfig(Section):
         default="auto", description="auto = choose mean or max on the validation split."
     )
     pretrain_epochs: int = Field(default=1, ge=0, description="Epochs where each instance takes its bag label.")
-    pretrain_target: float = Field(
-        default=1.0, gt=0.5, le=1,
-        description="p(positive) target of positive-bag instances in the pretrain epochs (1 = the hard bag "
-        "label of the reference; ~0.75 keeps the 0.5 decision boundary between negative- and positive-looking "
-        "instances of positive bags when positives are rare).",
+    pretrain_target: float | None = Field(
+        default=None, gt=0.5, le=1,
+        description="p(positive) target of positive-bag instances in the pretrain epochs; None = auto "
+        "((0.5 + min(1, 0.5 / q)) / 2 with q the share of training instances in positive bags, 0.75 for balanced "
+        "cohorts) so that the classifier's 0.5 boundary falls between negative- and positive-looking instances "
+        "of positive bags when positives are rare; 1.0 = the reference's hard bag label.",
     )
-    initial_positive_conf: float = Field(
-        default=0.5, ge=0.5, lt=1,
-        description="Initial soft target p(positive) of positive-bag instances (0.5 = uniform over the candidates).",
+    initial_positive_conf: float | None = Field(
+        default=None, ge=0.5, lt=1,
+        description="Initial soft target p(positive) of positive-bag instances; None = auto (same value as the "
+        "auto pretrain target); 0.5 = the reference's uniform [0.5, 0.5], which collapses to all-negative "
+        "pseudo labels when positives are rare.",
     )
     max_instances_per_epoch: int | None = Field(
         default=None, ge=1, description="Subsample instances per epoch (None = all)."

@@ -58,6 +58,7 @@ from wsi_mil.stores import (
     atomic_output,
     clean_partials,
     open_patch_store,
+    read_bag,
     read_bag_attrs,
     write_bag,
     write_text_atomic,
@@ -402,6 +403,15 @@ def bag_is_current(bag: Path, expected: dict[str, Any]) -> bool:
     return attrs.get("format_version") == FORMAT_VERSION and all(attrs.get(k) == expected[k] for k in keys)
 
 
+def _finished_bag(bag: Path, key: str, tiling: str) -> bool:
+    """A readable bag of this encoder and tiling (used when its patch store is gone)."""
+    try:
+        attrs = read_bag_attrs(bag) if bag.is_file() else {}
+    except Exception:
+        return False
+    return attrs.get("encoder_key") == key and attrs.get("tiling_key") == tiling
+
+
 def pt_path(bag: Path) -> Path:
     """Where the optional ``.pt`` export of a bag goes (beside it)."""
     return bag.with_suffix(".pt")
@@ -431,8 +441,13 @@ def _plan(layout: Layout, tiling: str, cfg: Config, slide_ids: list[str]) -> tup
     results: list[SlideResult] = []
     for slide_id in slide_ids:
         bag = layout.bag(tiling, key, slide_id)
+        store_path = layout.patch_store(tiling, slide_id)
+        if not store_path.exists() and _finished_bag(bag, key, tiling):
+            # patch stores are often deleted to save space once embedded: the bag is still valid
+            results.append(SlideResult(slide_id, "skipped", bag=bag))
+            continue
         try:
-            store = open_patch_store(layout.patch_store(tiling, slide_id))
+            store = open_patch_store(store_path)
         except WsiMilError as exc:
             results.append(SlideResult(slide_id, "failed", str(exc)))
             continue
@@ -443,8 +458,6 @@ def _plan(layout: Layout, tiling: str, cfg: Config, slide_ids: list[str]) -> tup
         attrs = _bag_attrs(store, slide_id, tiling, cfg.features)
         if bag_is_current(bag, attrs):
             if cfg.features.export_pt and not pt_path(bag).is_file():
-                from wsi_mil.stores import read_bag
-
                 _write_pt(bag, read_bag(bag).features)
             results.append(SlideResult(slide_id, "skipped", n_patches=len(store), bag=bag))
             continue
@@ -468,6 +481,9 @@ def _finish(job: _Job, features: torch.Tensor | None, encoder_attrs: dict[str, A
             "(--set features.amp=false)."), job.n_patches, None, seconds)
     coords = np.asarray(open_patch_store(job.store).coords, dtype=np.int64)
     stored = values.astype(np.float16 if cfg.precision == "float16" else np.float32)
+    if not np.isfinite(stored).all():
+        return SlideResult(job.slide_id, "failed", f"features of {job.store} overflow float16 (|x| > 65504); "
+                           "use --set features.precision=float32.", job.n_patches, None, seconds)
     try:
         write_bag(job.bag, stored, coords, {**job.attrs, **encoder_attrs})
         if cfg.export_pt:

@@ -26,7 +26,7 @@ def tiling_key(cfg: Config) -> str:
     under a new key instead of silently reusing stale patches.
     """
     t = cfg.tiling
-    selection = cfg.fingerprint("tissue")[:4] + f"{t.tissue_threshold:.2f}{t.max_patches_per_slide}"
+    selection = cfg.fingerprint("tissue") + f"{t.tissue_threshold:.4f}{t.max_patches_per_slide}"
     digest = hashlib.sha256(selection.encode()).hexdigest()[:6]
     return f"mpp{t.target_mpp:.2f}_px{t.patch_size}_ov{t.overlap}_t{digest}"
 

@@ -272,6 +272,16 @@ class ReadPlan:
     def resample(self) -> bool:
         return self.read_size != self.patch_size
 
+    @property
+    def resample_filter(self) -> str:
+        """'none'; 'box' for whole-number reductions (exact area mean of each patch pixel's footprint,
+        as pyramid levels are built); 'lanczos' (antialiased) for every other size change."""
+        if not self.resample:
+            return "none"
+        if self.read_size > self.patch_size and self.read_size % self.patch_size == 0:
+            return "box"
+        return "lanczos"
+
 
 def choose_level(downsamples: list[float], mpp0: float, target_mpp: float, patch_size: int) -> ReadPlan:
     """The coarsest level that is still at least as fine as ``target_mpp``, and the read size there.
@@ -317,15 +327,19 @@ def read_patch(
 ) -> np.ndarray:
     """One RGB patch at the target resolution (into ``out`` when given).
 
-    Reads ``read_size`` pixels at the plan's level and resizes with Lanczos (antialiased) only when
-    that size differs from ``patch_size``. Transparent pixels (outside the scanned area) become white.
+    Reads ``read_size`` pixels at the plan's level and resizes only when that size differs from
+    ``patch_size``: whole-number reductions average each k x k block (box, exact footprint), other
+    factors use Lanczos (antialiased). Transparent pixels (outside the scanned area) become white.
     """
     image = slide.read_region((int(x), int(y)), plan.level, (plan.read_size, plan.read_size))
     if image.getextrema()[3][0] == 255:  # fully opaque: stay in PIL, one copy into numpy
         rgb = image.convert("RGB")
     else:
         rgb = Image.fromarray(rgba_to_rgb(np.asarray(image)))
-    if plan.resample:
+    method = plan.resample_filter
+    if method == "box":
+        rgb = rgb.reduce(plan.read_size // plan.patch_size)
+    elif method == "lanczos":
         rgb = rgb.resize((plan.patch_size, plan.patch_size), Image.Resampling.LANCZOS)
     if out is None:
         return np.asarray(rgb)

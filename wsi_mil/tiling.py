@@ -151,7 +151,6 @@ def patch_settings(cfg: Config) -> dict[str, Any]:
         "tissue_threshold": t.tissue_threshold,
         "max_patches_per_slide": t.max_patches_per_slide,
         "tissue": cfg.tissue.resolved(),
-        "resample_filter": "lanczos",
     }
 
 
@@ -160,7 +159,7 @@ def store_attrs(info: SlideInfo, plan: ReadPlan, cfg: Config, key: str) -> dict[
     t = cfg.tiling
     settings = patch_settings(cfg)
     signature_src = {"settings": settings, "fingerprint": info.fingerprint, "mpp_level0": info.mpp,
-                     "level": plan.level, "read_size": plan.read_size}
+                     "level": plan.level, "read_size": plan.read_size, "resample_filter": plan.resample_filter}
     signature = hashlib.sha256(json.dumps(signature_src, sort_keys=True).encode()).hexdigest()[:16]
     return {
         "slide_id": info.slide_id,
@@ -181,7 +180,7 @@ def store_attrs(info: SlideInfo, plan: ReadPlan, cfg: Config, key: str) -> dict[
         "level_mpp": plan.level_mpp,
         "read_size": plan.read_size,
         "resampled": plan.resample,
-        "resample_filter": "lanczos",
+        "resample_filter": plan.resample_filter,
         "overlap": t.overlap,
         "tissue_threshold": t.tissue_threshold,
         "max_patches_per_slide": t.max_patches_per_slide,
@@ -371,7 +370,7 @@ class _CohortRun:
             attrs = store_attrs(info, result.plan, self.cfg, self.key)
             if _stored_signature(final) == attrs["signature"]:
                 result.status = "skipped"
-                result.store = str(final)
+                result.store = str(final.resolve())
                 result.n_patches = int(zarr.open_group(str(final), mode="r").attrs.get("n_patches", 0))
                 continue
             jobs.append(_Job(index=index, result=result, attrs=attrs, final=final))
@@ -424,7 +423,7 @@ class _CohortRun:
                        "name": job.result.slide_id},
             )
         job.result.status = "done"
-        job.result.store = str(job.final)
+        job.result.store = str(job.final.resolve())
         job.result.n_patches = len(job.coords)
         log.info("slide %s: %d patches", job.result.slide_id, len(job.coords))
 

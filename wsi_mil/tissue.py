@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage.filters import apply_hysteresis_threshold, threshold_otsu
+from skimage.filters.rank import median
 
 from wsi_mil.config import TissueConfig
 
@@ -51,31 +52,38 @@ def thumbnail_mpp(width: int, height: int, mpp0: float, params: TissueParams) ->
     return max(mpp0, min(params.thumbnail_mpp, fine_enough))
 
 
-def hsv_channels(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue (degrees 0-360), saturation (0-255) and value (0-255) of an RGB uint8 image, as float32."""
+def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value (both uint8, 0-255) of an RGB uint8 image."""
+    cmax = rgb.max(axis=-1)
+    cmin = rgb.min(axis=-1)
+    delta = (cmax - cmin).astype(np.uint16)
+    sat = (delta * 255 + cmax // 2) // np.maximum(cmax, 1)
+    return sat.astype(np.uint8), cmax
+
+
+def hue_degrees(rgb: np.ndarray) -> np.ndarray:
+    """HSV hue in degrees (0-360) of RGB pixels [..., 3] (0 for greys)."""
     rgbf = rgb.astype(np.float32)
-    cmax = rgbf.max(axis=-1)
-    cmin = rgbf.min(axis=-1)
-    delta = cmax - cmin
-    sat = np.where(cmax > 0, 255.0 * delta / np.maximum(cmax, 1e-6), 0.0).astype(np.float32)
     r, g, b = rgbf[..., 0], rgbf[..., 1], rgbf[..., 2]
+    cmax = rgbf.max(axis=-1)
+    delta = cmax - rgbf.min(axis=-1)
     safe = np.maximum(delta, 1e-6)
-    hue = np.select(
-        [cmax == r, cmax == g],
-        [((g - b) / safe) % 6.0, (b - r) / safe + 2.0],
-        default=(r - g) / safe + 4.0,
-    ) * 60.0
-    hue = np.where(delta > 0, hue, 0.0).astype(np.float32)
-    return hue, sat, cmax
+    hue = np.select([cmax == r, cmax == g], [((g - b) / safe) % 6.0, (b - r) / safe + 2.0], default=(r - g) / safe + 4.0)
+    return np.where(delta > 0, hue * 60.0, 0.0).astype(np.float32)
 
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
     """Pixels of blue, green or black marker ink (hues and darkness H&E stain never has)."""
-    hue, sat, val = hsv_channels(rgb)
-    blue = (hue >= 180) & (hue <= 238) & (sat > 80)  # blue with green >= red: hematoxylin has red >= green
-    green = (hue >= 75) & (hue < 185) & (sat > 40)
+    sat, val = saturation_value(rgb)
     black = val < 45
-    return blue | green | black
+    candidates = (sat > 40) & ~black
+    hue = hue_degrees(rgb[candidates])
+    s = sat[candidates]
+    blue = (hue >= 180) & (hue <= 238) & (s > 80)  # blue with green >= red: hematoxylin has red >= green
+    green = (hue >= 75) & (hue < 180)
+    ink = black.copy()
+    ink[candidates] = blue | green
+    return ink
 
 
 def binary_closing(mask: np.ndarray, radius: float) -> np.ndarray:
@@ -118,10 +126,10 @@ def _fill_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
 
 def segment_tissue(rgb: np.ndarray, um_per_px: float, params: TissueParams) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail whose pixels are ``um_per_px`` microns wide."""
-    _, sat, _ = hsv_channels(rgb)
+    sat, _ = saturation_value(rgb)
     k = max(1, int(params.median_blur) | 1)
     if k > 1:
-        sat = ndimage.median_filter(sat, size=k, mode="nearest")
+        sat = median(sat, footprint=np.ones((k, k), dtype=bool))
     pens = pen_mask(rgb) if params.remove_pen else np.zeros(sat.shape, dtype=bool)
     if params.remove_pen and pens.any():
         pens = ndimage.binary_dilation(pens, iterations=2)

@@ -72,6 +72,32 @@ def score_bags(method: MILMethod, bags: BagList) -> tuple[np.ndarray, np.ndarray
     return y, (np.stack(probs) if probs else np.zeros((0, 2)))
 
 
+def instance_auc_of(method: MILMethod, bags: BagList, tcfg: TrainingConfig) -> float:
+    """Localisation AUC of the method's per-instance scores on ``bags`` against annotated tumour.
+
+    Patches are positive when their tumour fraction reaches ``training.instance_threshold``; normal
+    slides without an annotation file count as all-negative. NaN without ``training.annotations_dir``.
+    """
+    from wsi_mil.annotations import instance_auc, load_instance_labels
+    from wsi_mil.stores import read_bag_attrs
+
+    if tcfg.annotations_dir is None or not len(bags):
+        return float("nan")
+    scores, labels = {}, {}
+    for bag, y in zip(bags, bags.labels, strict=True):
+        size0 = float(read_bag_attrs(bags.store.paths[bag.slide_id]).get("patch_size_level0", 0) or 0)
+        if bag.coords is None or size0 <= 0:
+            continue
+        found = load_instance_labels(Path(tcfg.annotations_dir), bag.slide_id, bag.coords, size0,
+                                     tcfg.instance_threshold)
+        if found is None and y == 0:
+            found = np.zeros(len(bag.coords), dtype=np.int64)
+        if found is not None:
+            scores[bag.slide_id] = np.asarray(method.predict(bag).instance_scores, dtype=np.float64)
+            labels[bag.slide_id] = found
+    return instance_auc(scores, labels)
+
+
 def copy_state(state: Any) -> Any:
     """A detached CPU deep copy of a (nested) state dict."""
     if isinstance(state, torch.Tensor):
@@ -322,6 +348,9 @@ class _FoldRunner:
             y_test, p_test = score_bags(method, bags["test"])
             test_metrics = M.evaluate(y_test, p_test, threshold, n_boot=cfg.training.bootstrap,
                                       seed=boot_seed(seed, fold))
+            localisation = instance_auc_of(method, bags["test"], cfg.training)
+            if not np.isnan(localisation):
+                test_metrics["instance_auc"] = localisation
             patients = data.patients
             preds = prediction_frame(ids["test"], patients, y_test, p_test, classes, threshold, seed, fold, "test")
             val_preds = prediction_frame(ids["val"], patients, y_val, p_val, classes, threshold, seed, fold, "val")
@@ -473,7 +502,9 @@ def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> Trai
             log.info("seed %d fold %d: best epoch %d/%d, test AUC %.4f", seed, fold, r.best_epoch, r.epochs_run,
                      r.test_metrics.get("auc", float("nan")))
             results.append(r)
-        summary = M.summarize([r.test_metrics for r in results])
+        rows = [r.test_metrics for r in results]
+        extra = ["instance_auc"] if any("instance_auc" in r for r in rows) else []
+        summary = M.summarize(rows, [*M.METRICS, *extra])
         per_fold = per_fold_frame(results)
         predictions = pd.concat([r.predictions for r in results], ignore_index=True)
         _log_summary(tracker, parent, summary, per_fold, predictions, data.labels.classes)

@@ -39,11 +39,12 @@ def iterative_pinv(x: Tensor, iterations: int = 6) -> Tensor:
 
 
 class NystromAttention(nn.Module):
-    """Multi-head self-attention approximated with ``landmarks`` segment-mean landmarks.
+    """Multi-head self-attention approximated with at most ``landmarks`` segment-mean landmarks.
 
-    Sequences no longer than ``landmarks`` use one landmark per token (the approximation is then exact
-    up to the pseudo-inverse iterations). Longer ones are zero-padded at the front to a multiple of the
-    landmark count; padded keys are masked out and landmark means count real tokens only.
+    A sequence of n tokens is cut into ``m = ceil(n / seg)`` segments of ``seg = ceil(n / landmarks)``
+    tokens (so m <= landmarks); it is zero-padded at the front by fewer than ``seg`` tokens, padded keys
+    are masked out and the first landmark's mean counts real tokens only. Sequences no longer than
+    ``landmarks`` use one landmark per token (exact attention up to the pseudo-inverse iterations).
     """
 
     def __init__(
@@ -80,9 +81,9 @@ class NystromAttention(nn.Module):
         over tokens ``first:first+count``, per head [H, count], detached (from this layer's own q, k).
         """
         n = x.shape[0]
-        m = min(self.landmarks, n)
-        seg = math.ceil(n / m)
-        pad = m * seg - n
+        seg = math.ceil(n / min(self.landmarks, n))  # tokens per landmark segment
+        m = math.ceil(n / seg)  # landmarks actually used (<= self.landmarks)
+        pad = m * seg - n  # < seg: only the first segment holds padding
         if pad:
             x = torch.cat([x.new_zeros(pad, x.shape[1]), x], dim=0)
         q, k, v = (self.split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1))  # [H, L, d]
@@ -93,12 +94,13 @@ class NystromAttention(nn.Module):
             with torch.no_grad():
                 keys = k[:, pad + first : pad + first + count]  # [H, count, d]
                 cls_attn = torch.softmax((keys @ q[:, pad].unsqueeze(-1)).squeeze(-1), dim=-1)
+        if seg == 1:
             q_land, k_land = q, k
         else:
-            counts = torch.full((m,), float(seg), device=x.device, dtype=x.dtype)
-            counts[0] = seg - pad  # only the first segment holds padding (pad < seg)
-            q_land = q.reshape(self.heads, m, seg, self.head_dim).sum(dim=2) / counts[:, None]
-            k_land = k.reshape(self.heads, m, seg, self.head_dim).sum(dim=2) / counts[:, None]
+            counts = torch.full((m, 1), float(seg), device=x.device, dtype=x.dtype)
+            counts[0] = seg - pad
+            q_land = q.reshape(self.heads, m, seg, self.head_dim).sum(dim=2) / counts
+            k_land = k.reshape(self.heads, m, seg, self.head_dim).sum(dim=2) / counts
         attn1 = torch.softmax(q @ k_land.transpose(1, 2), dim=-1)  # [H, L, m]
         attn2 = torch.softmax(q_land @ k_land.transpose(1, 2), dim=-1)  # [H, m, m]
         sim3 = q_land @ k.transpose(1, 2)  # [H, m, L]

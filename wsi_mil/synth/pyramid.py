@@ -49,15 +49,13 @@ def reduce4(band: np.ndarray) -> np.ndarray:
     return ((s + 8) // 16).astype(np.uint8)
 
 
-def _tiles_of(band: np.ndarray) -> Iterator[np.ndarray]:
-    for tx in range(band.shape[1] // TILE):
-        yield np.ascontiguousarray(band[:, tx * TILE : (tx + 1) * TILE])
-
-
-def _padded(rows: np.ndarray, width: int) -> np.ndarray:
-    """A TILE-high band, width rounded up to whole tiles, padded by edge replication."""
-    full_w = math.ceil(width / TILE) * TILE
-    return np.pad(rows, ((0, TILE - rows.shape[0]), (0, full_w - rows.shape[1]), (0, 0)), mode="edge")
+def _tiles_of(rows: np.ndarray, width: int) -> Iterator[np.ndarray]:
+    """The TILE x TILE tiles of a band of at most TILE rows; edge tiles padded by replication."""
+    for x0 in range(0, width, TILE):
+        tile = rows[:, x0 : x0 + TILE]
+        if tile.shape[0] < TILE or tile.shape[1] < TILE:
+            tile = np.pad(tile, ((0, TILE - tile.shape[0]), (0, TILE - tile.shape[1]), (0, 0)), mode="edge")
+        yield np.ascontiguousarray(tile)
 
 
 def _level0_tiles(render: Render, width: int, height: int, sink: BinaryIO | None, desc: str) -> Iterator[np.ndarray]:
@@ -73,7 +71,7 @@ def _level0_tiles(render: Render, width: int, height: int, sink: BinaryIO | None
             rows[:, x0 : x0 + cw] = render(x0, y0, cw, bh)
         if sink is not None:
             sink.write(reduce4(rows).tobytes())
-        yield from _tiles_of(_padded(rows, width))
+        yield from _tiles_of(rows, width)
 
 
 def _read_rows(f: BinaryIO, width: int, n: int) -> np.ndarray:
@@ -91,7 +89,7 @@ def _reduce_file(src: Path, width: int, height: int, dst: Path) -> None:
 def _raw_tiles(src: Path, width: int, height: int) -> Iterator[np.ndarray]:
     with open(src, "rb") as f:
         for _ in range(0, height, TILE):
-            yield from _tiles_of(_padded(_read_rows(f, width, TILE), width))
+            yield from _tiles_of(_read_rows(f, width, TILE), width)
 
 
 def _thumbnail(src: Path, width: int, height: int) -> np.ndarray:

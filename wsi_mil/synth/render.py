@@ -209,7 +209,7 @@ class Renderer:
         is_t = u(2) < tum
         is_l = ~is_t & (u(3) < cel)
         is_pale = is_l & (u(5) < 0.2)
-        expected = np.where(is_t, 2.0, np.where(is_l, 2.3, 0.32)) * (1 - 0.97 * fat)
+        expected = np.where(is_t, 1.35, np.where(is_l, 2.6, 0.32)) * (1 - 0.97 * fat)
         keep = (tis > 0.5) & (u(4) < expected / SLOTS)
         if not keep.any():
             return nuc_h, nuc_a
@@ -225,14 +225,14 @@ class Renderer:
         a_um = np.where(is_pale, 3.4 + 1.2 * r6, a_um)
         b_um = np.where(is_pale, a_um / (1.1 + 0.4 * r7), b_um)
         angle = np.where(is_l, 2 * np.pi * r8, np.where(ori > 0.5, 0.0, np.pi / 2) + (r8 - 0.5) * 0.7)
-        dark = np.where(is_l, 0.85 + 0.2 * r9, 0.6 + 0.2 * r9)
+        dark = np.where(is_l, 0.9 + 0.2 * r9, 0.6 + 0.2 * r9)
         dark = np.where(is_pale, 0.42 + 0.15 * r9, dark)
         # tumour: larger and pleomorphic (log-normal size), darker, irregular outline, coarse chromatin
         t_a = 4.8 * np.exp(0.22 * z)
         a_um = np.where(is_t, t_a, a_um)
         b_um = np.where(is_t, t_a / (1 + 0.55 * r7), b_um)
         angle = np.where(is_t, 2 * np.pi * r8, angle)
-        dark = np.where(is_t, 1.05 + 0.35 * r9, dark)
+        dark = np.where(is_t, 0.95 + 0.3 * r9, dark)
         a_px, b_px = a_um / f.mpp, b_um / f.mpp
         irr = np.where(is_t, 0.08 + 0.17 * r13, 0.03 * r13)
         phase = r14 * 2 * np.pi

@@ -5,6 +5,7 @@ are its parts (networks, key queue, prototypes, losses), exposed for tests and r
 """
 
 from wsi_mil.mil.ins.losses import (
+    auto_positive_target,
     candidate_labels,
     infonce_loss,
     initial_confidence,
@@ -20,6 +21,7 @@ from wsi_mil.mil.ins.networks import INSNet, cnn_backbone, ema_update, feature_b
 
 __all__ = [
     "INSMethod",
+    "auto_positive_target",
     "INSNet",
     "KeyQueue",
     "Prototypes",

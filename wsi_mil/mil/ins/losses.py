@@ -35,6 +35,17 @@ def restricted_probs(logits: Tensor, candidates: Tensor) -> Tensor:
     return p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def auto_positive_target(positive_bag_share: float) -> float:
+    """Soft target for positive-bag instances that keeps the 0.5 boundary between the two populations.
+
+    Trained on target t, a negative-looking instance converges to about ``t * q`` (q: share of the
+    negative-looking instances that sit in positive bags, about the share of instances in positive bags)
+    and a positive-looking one to ``t``; ``t = (0.5 + min(1, 0.5 / q)) / 2`` puts 0.5 between them.
+    """
+    q = min(max(float(positive_bag_share), 1e-6), 1.0)
+    return float(min(0.99, (0.5 + min(1.0, 0.5 / q)) / 2.0))
+
+
 def phi_at(epoch: int, num_epochs: int, start: float, end: float) -> float:
     """PPLG mixing weight: linear from ``start`` at epoch 0 to ``end`` at the last epoch."""
     if num_epochs <= 1:

@@ -35,6 +35,7 @@ from wsi_mil.mil.ins.data import (
     to_chw,
 )
 from wsi_mil.mil.ins.losses import (
+    auto_positive_target,
     bag_targets,
     candidate_labels,
     infonce_loss,
@@ -134,8 +135,11 @@ class INSMethod:
             raise WsiMilError("INS: the training split has fewer than 2 instances; it cannot be trained.")
         labels = torch.as_tensor(self.index.bag_label, device=self.device)
         self.candidates = candidate_labels(labels)
-        self.conf = initial_confidence(self.candidates, self.ins.initial_positive_conf)
-        self.bag_targets = bag_targets(self.candidates, self.ins.pretrain_target)
+        auto = auto_positive_target(float((self.candidates[:, 1] > 0).float().mean()))
+        self.pretrain_target = self.ins.pretrain_target if self.ins.pretrain_target is not None else auto
+        self.positive_init = self.ins.initial_positive_conf if self.ins.initial_positive_conf is not None else auto
+        self.conf = initial_confidence(self.candidates, self.positive_init)
+        self.bag_targets = bag_targets(self.candidates, self.pretrain_target)
         self._ready = True
         logger.info("INS fold %d: %d training instances from %d bags (%s variant)", fold.fold, len(self.index),
                     len(self.train_bags), self.variant)
