@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-n", type=int, default=None, help="Smallest bag (cpu 500, cuda 2000).")
     parser.add_argument("--max-n", type=int, default=None, help="Largest bag (cpu 3000, cuda 12000).")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (cpu only).")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (cpu only; 1 avoids OpenMP spin-waits on a shared CPU).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the raw timings here.")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")

@@ -167,8 +167,9 @@ def summary_markdown(outcome: CohortOutcome) -> str:
         lines.append(f"  - tiling failed: {r.slide_id}: {r.error}")
     for r in e.failed:
         lines.append(f"  - embedding failed: {r.slide_id}: {r.error}")
-    lines += ["", "Test-fold metrics (mean +- std over folds and seeds); localisation = AUC of per-patch scores",
-              "against ground-truth tumour where annotations exist.", ""]
+    lines += ["", "Test-fold metrics, mean +- std over folds and seeds. instance_auc: AUC of per-patch scores",
+              "(attention or instance probability) against ground-truth tumour on each test fold;",
+              "localisation_auc: the same pooled over every slide's heatmap. n/a without annotations.", ""]
     lines.append(markdown_table(outcome.table()))
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # A cohort small enough for 2 CPU cores in a few minutes, and hard enough to tell models apart.
 DEMO_SETTINGS: dict[str, Any] = {
+    "features.encoder": "resnet18",
     "training.folds": 3,
     "training.val_fraction": 0.25,
     "training.epochs": 40,
@@ -35,7 +36,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "heatmap.top_k": 8,
     "tracking.experiment": "wsi-mil-demo",
 }
-DEMO_SLIDE_SIZE = 6144  # level-0 px at 0.25 um/px: ~70 tissue patches of 256 px at 0.5 um/px
+DEMO_SLIDE_SIZE = 5120  # level-0 px at 0.25 um/px: ~45 tissue patches of 256 px at 0.5 um/px
 
 
 def choose_weights(cfg: Config, requested: str | None) -> tuple[str, str]:
@@ -49,13 +50,12 @@ def choose_weights(cfg: Config, requested: str | None) -> tuple[str, str]:
     return "pretrained", "pretrained weights found"
 
 
-def demo_config(cfg: Config, annotations: Path, weights: str) -> Config:
+def demo_config(cfg: Config, annotations: Path) -> Config:
     """Demo settings under the user's overrides (the user's explicit keys win)."""
     defaults = Config().flat()
     chosen = cfg.flat()
     updates = {k: v for k, v in DEMO_SETTINGS.items() if chosen.get(k) == defaults.get(k)}
     updates["training.annotations_dir"] = str(annotations)
-    updates["features.weights"] = weights
     return cfg.with_overrides(updates)
 
 
@@ -65,11 +65,12 @@ def cli_demo(args: argparse.Namespace, cfg: Config) -> int:
     out = Path(args.out)
     print(f"wsi-mil demo: synthesising {args.slides} slides into {out / 'cohort'} ...", flush=True)
     cohort = generate_cohort(out / "cohort", n_slides=args.slides, seed=0, size=DEMO_SLIDE_SIZE, tumour="mixed")
+    cfg = demo_config(cfg, cohort.truth_dir)
     weights, why = choose_weights(cfg, args.weights)
     if weights == "random":
         print(f"NOTE: encoder {cfg.features.encoder} uses RANDOM weights: {why}. The runs record "
               "features.weights=random; pass --weights PATH to use a local weights file.", flush=True)
-    cfg = demo_config(cfg, cohort.truth_dir, weights)
+    cfg = cfg.with_overrides({"features.weights": weights})
     outcome = run_cohort(cohort.slides_dir, cohort.labels_csv, out, cfg)
     print(summary_markdown(outcome))
     minutes = (time.perf_counter() - started) / 60
@@ -77,5 +78,5 @@ def cli_demo(args: argparse.Namespace, cfg: Config) -> int:
     print(f"  summary table     {outcome.summary_md}")
     print(f"  heatmaps          {out / 'heatmaps'}/<run id>/<slide>.png (+ .geojson for QuPath)")
     print(f"  QC images         {out / 'qc'}")
-    print(f"  MLflow UI         wsi-mil ui {out}   (or: {' '.join(ui_command(Layout(out), 5000)[1:])})")
+    print(f"  MLflow UI         wsi-mil ui {out}   (or: mlflow {' '.join(ui_command(Layout(out), 5000)[1:])})")
     return 0

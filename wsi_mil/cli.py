@@ -115,7 +115,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("wsi-mil-demo"), help="Output directory.")
-    p.add_argument("--slides", type=int, default=16, help="Synthetic slides.")
+    p.add_argument("--slides", type=int, default=12, help="Synthetic slides.")
     p.add_argument("--weights", help="pretrained | random | path (default: pretrained when available).")
 
 

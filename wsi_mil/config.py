@@ -327,7 +327,7 @@ class HeatmapConfig(Section):
     alpha: float = Field(default=0.45, ge=0, le=1, description="Overlay opacity.")
     top_k: int = Field(default=16, ge=0, description="Patches in the top-k montage (0 = no montage).")
     thumbnail_max_size: int = Field(
-        default=2048, ge=64, le=16384, description="Longest side of the slide thumbnail the overlay is drawn on (px)."
+        default=1024, ge=64, le=16384, description="Longest side of the slide thumbnail the overlay is drawn on (px)."
     )
     geojson_object_type: Literal["tile", "detection", "annotation"] = Field(
         default="tile", description="QuPath object type of the patch polygons in the GeoJSON."
