@@ -32,8 +32,9 @@ import torch
 
 from wsi_mil import stores
 from wsi_mil.config import Config, FeaturesConfig
+from wsi_mil.devices import resolve_device
 from wsi_mil.encoders import build_encoder
-from wsi_mil.extract import Embedder, extract_cohort, resolve_device
+from wsi_mil.extract import Embedder, extract_cohort
 from wsi_mil.layout import Layout, tiling_key
 
 

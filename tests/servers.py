@@ -50,14 +50,15 @@ def dask_cluster(n_workers: int = 2, log_dir: Path | None = None) -> Iterator[st
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     log = open(os.devnull, "w") if log_dir is None else open(Path(log_dir) / "dask.log", "w")  # noqa: SIM115
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", ":0", "--no-show"], stdout=log, stderr=log)]
+                               "--no-dashboard"], stdout=log, stderr=log, env=env)]
     try:
         _wait(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, "dask scheduler")
         for _ in range(n_workers):
             procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
                                            "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "2GiB"],
-                                          stdout=log, stderr=log))
+                                          stdout=log, stderr=log, env=env))
         from distributed import Client
 
         with Client(address, timeout=30) as client:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import servers
 from conftest_tiler import build_tiler_slides
 
 from wsi_mil.compute import dask_client
@@ -176,12 +175,6 @@ def test_changed_slide_is_retiled(slides, client, tmp_path: Path) -> None:
     assert report.results[0].status == "done"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(reference, slides, tmp_path: Path) -> None:
     ref_out, cfg, _ = reference
@@ -278,37 +271,17 @@ def test_cli_exit_codes(slides, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_distributed_cluster_gives_the_same_stores(reference, slides, tmp_path: Path) -> None:
     ref_out, cfg, _ = reference
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = dict(os.environ, DASK_DISTRIBUTED__WORKER__DAEMON="False")
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
-    try:
-        for _ in range(2):
-            procs.append(subprocess.Popen(
-                [str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
-                 "--no-dashboard", "--local-directory", str(tmp_path / "dask")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+    with servers.dask_cluster(2) as address:
         out = tmp_path / "out"
         dist_cfg = _cfg(f"compute.scheduler={address}", "compute.connect_timeout=60")
         with dask_client(dist_cfg.compute) as client:
-            client.wait_for_workers(2, timeout=60)
             assert len(client.nthreads()) == 2
             report = tile_cohort(slides.good_dir, out, dist_cfg, client=client)
-        assert [r.status for r in report.results] == ["done"] * 3
-        _assert_same_stores(_stores(out, cfg), _stores(ref_out, cfg))
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in reversed(procs):
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    assert [r.status for r in report.results] == ["done"] * 3
+    _assert_same_stores(_stores(out, cfg), _stores(ref_out, cfg))
 
 
 def test_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
-    cfg = ComputeConfig(scheduler=f"tcp://127.0.0.1:{_free_port()}", connect_timeout=2)
+    cfg = ComputeConfig(scheduler=f"tcp://127.0.0.1:{servers.free_port()}", connect_timeout=2)
     with pytest.raises(WsiMilError, match="cannot reach the Dask scheduler"), dask_client(cfg):
         pass

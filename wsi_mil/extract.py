@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from wsi_mil.config import Config, FeaturesConfig
+from wsi_mil.devices import resolve_device
 from wsi_mil.encoders import Encoder, build_encoder, encoder_key
 from wsi_mil.errors import SlideError, WsiMilError
 from wsi_mil.layout import Layout, tiling_key
@@ -132,24 +133,6 @@ class ExtractReport:
 
 
 # --------------------------------------------------------------------------------------------- device
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """``auto`` = cuda > mps > cpu; an explicitly requested device that is missing is an error."""
-    if isinstance(name, torch.device):
-        return name
-    name = str(name)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise WsiMilError("features.device is cuda but no CUDA device is visible; use --device auto or cpu.")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise WsiMilError("features.device is mps but MPS is not available; use --device auto or cpu.")
-    return torch.device(name)
-
-
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True

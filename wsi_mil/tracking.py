@@ -376,8 +376,9 @@ def load_fold_method(tracker: Tracker, run_id: str, *, device: str = "cpu", fact
 
     ``factory(cfg, ctx)`` builds the untrained method (default :func:`wsi_mil.mil.methods.build_method`).
     """
+    from wsi_mil.devices import resolve_device
     from wsi_mil.mil.base import FoldContext
-    from wsi_mil.mil.methods import build_method, resolve_device
+    from wsi_mil.mil.methods import build_method
 
     ckpt = tracker.load_checkpoint(run_id)
     if ckpt.get("format") != "wsi-mil-checkpoint":

@@ -33,17 +33,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda > mps > cpu; otherwise the named device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 def build_model(name: str, in_dim: int, n_classes: int, cfg: ModelConfig) -> MILModel:
     """An aggregator by name (delegates to :mod:`wsi_mil.mil.models`)."""
     from wsi_mil.mil.models import build_model as _build

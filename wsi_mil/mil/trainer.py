@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wsi_mil.config import Config, TrainingConfig, dump_config
+from wsi_mil.devices import resolve_device
 from wsi_mil.errors import WsiMilError
 from wsi_mil.mil import metrics as M
 from wsi_mil.mil.base import FoldContext, MILMethod, MILModel
@@ -53,7 +54,6 @@ from wsi_mil.mil.methods import (
     build_method,
     build_model,
     method_label,
-    resolve_device,
     seed_everything,
 )
 from wsi_mil.mil.splits import fold_ids, make_splits
