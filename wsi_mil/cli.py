@@ -153,7 +153,9 @@ def cli_config(args: argparse.Namespace, cfg: Config) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser."""
-    parser = argparse.ArgumentParser(prog="wsi-mil", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="wsi-mil", description="Whole-slide images to cross-validated MIL models, tracked in MLflow.",
+        epilog="Start with `wsi-mil demo`; every command takes --config FILE and --set section.key=value.")
     parser.add_argument("--version", action="version", version=f"wsi-mil {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="count", default=0, help="More log output (-vv: debug).")
