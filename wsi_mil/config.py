@@ -250,10 +250,13 @@ class INSConfig(Section):
     )
 
 
+ModelName = Literal["mean", "max", "abmil", "gated_abmil", "transmil", "dsmil", "mhim", "ins"]
+
+
 class ModelConfig(Section):
     """Which MIL model to train and its architecture."""
 
-    name: Literal["mean", "max", "abmil", "gated_abmil", "transmil", "dsmil", "mhim", "ins"] = "abmil"
+    name: ModelName = "abmil"
     hidden_dim: int = Field(default=512, ge=8, description="Embedding width after the input projection.")
     dropout: float = Field(default=0.25, ge=0, lt=1)
     attention_dim: int = Field(default=128, ge=4, description="ABMIL attention width.")
@@ -399,8 +402,9 @@ class ComputeConfig(Section):
 class RunConfig(Section):
     """What `wsi-mil run` trains."""
 
-    models: list[str] = Field(
-        default=["abmil", "mhim", "ins"], min_length=1, description="Model names trained in order."
+    models: list[ModelName] = Field(
+        default=["abmil", "mhim", "ins"], min_length=1,
+        description="Models trained in order (mhim after its student reuses that run as its baseline).",
     )
 
 
