@@ -175,6 +175,8 @@ def test_mask_png_route_equals_polygon_route(tmp_path: Path) -> None:
 def test_missing_and_bad_annotations(tmp_path: Path) -> None:
     coords = grid()
     assert load_instance_labels(tmp_path, "normal_001", coords, PS, 0.5) is None
+    normal = load_instance_labels(tmp_path, "normal_001", coords, PS, 0.5, normal_slide=True)
+    assert normal.shape == (len(coords),) and not normal.any()  # an unannotated normal slide is all negative
     (tmp_path / "bad.geojson").write_text("{not json")
     with pytest.raises(WsiMilError, match="bad.geojson"):
         load_instance_labels(tmp_path, "bad", coords, PS, 0.5)

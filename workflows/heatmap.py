@@ -64,10 +64,8 @@ def _instance_labels(cfg: Config, slide_id: str, coords: np.ndarray, size0: floa
     directory = cfg.training.annotations_dir
     if directory is None:
         return None
-    labels = load_instance_labels(Path(directory), slide_id, coords, size0, cfg.training.instance_threshold)
-    if labels is None and label == 0:  # normal slides carry no tumour annotation (CAMELYON16 convention)
-        labels = np.zeros(len(coords), dtype=np.int64)
-    return labels
+    return load_instance_labels(Path(directory), slide_id, coords, size0, cfg.training.instance_threshold,
+                                normal_slide=label == 0)
 
 
 def score_slide(method: object, bag: stores.Bag, slide_id: str, device: torch.device) -> np.ndarray:

@@ -322,16 +322,17 @@ def patch_tumour_fractions(
 
 
 def load_instance_labels(
-    annotations_dir: Path, slide_id: str, coords: np.ndarray, patch_size_level0: float, threshold: float
+    annotations_dir: Path, slide_id: str, coords: np.ndarray, patch_size_level0: float, threshold: float,
+    *, normal_slide: bool = False,
 ) -> np.ndarray | None:
     """Binary patch labels [N] (1 = tumour fraction >= threshold), or None without an annotation file.
 
-    ``None`` is returned for a slide with no annotation; a caller that knows the slide is normal may
-    treat all its patches as negative (``np.zeros(len(coords))``), as CAMELYON16 normals have no XML.
+    A slide with no annotation file gives ``None``, unless ``normal_slide`` says it is a normal slide:
+    then all its patches are negative (CAMELYON16 normals have no XML).
     """
     fractions = patch_tumour_fractions(annotations_dir, slide_id, coords, patch_size_level0)
     if fractions is None:
-        return None
+        return np.zeros(len(np.asarray(coords).reshape(-1, 2)), dtype=np.int64) if normal_slide else None
     return (fractions >= float(threshold) - 1e-9).astype(np.int64)
 
 

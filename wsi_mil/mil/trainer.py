@@ -89,9 +89,7 @@ def instance_auc_of(method: MILMethod, bags: BagList, tcfg: TrainingConfig) -> f
         if bag.coords is None or size0 <= 0:
             continue
         found = load_instance_labels(Path(tcfg.annotations_dir), bag.slide_id, bag.coords, size0,
-                                     tcfg.instance_threshold)
-        if found is None and y == 0:
-            found = np.zeros(len(bag.coords), dtype=np.int64)
+                                     tcfg.instance_threshold, normal_slide=y == 0)
         if found is not None:
             scores[bag.slide_id] = np.asarray(method.predict(bag).instance_scores, dtype=np.float64)
             labels[bag.slide_id] = found
