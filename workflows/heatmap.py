@@ -68,10 +68,14 @@ def _instance_labels(cfg: Config, slide_id: str, coords: np.ndarray, size0: floa
                                 normal_slide=label == 0)
 
 
+def bag_item(bag: stores.Bag, slide_id: str, device: torch.device | str = "cpu") -> BagItem:
+    """A stored bag as a method's input (label unknown: -1)."""
+    return BagItem(slide_id, torch.as_tensor(bag.features, dtype=torch.float32, device=device), -1, bag.coords)
+
+
 def score_slide(method: object, bag: stores.Bag, slide_id: str, device: torch.device) -> np.ndarray:
     """Per-patch scores of one bag from a trained method (attention or instance probability)."""
-    item = BagItem(slide_id, torch.as_tensor(bag.features, dtype=torch.float32, device=device), -1, bag.coords)
-    return np.asarray(method.predict(item).instance_scores, dtype=np.float64).reshape(-1)
+    return np.asarray(method.predict(bag_item(bag, slide_id, device)).instance_scores, dtype=np.float64).reshape(-1)
 
 
 def draw_slide(slide_id: str, bag: stores.Bag, scores: np.ndarray, out_dir: Path, hcfg: HeatmapConfig, layout: Layout,

@@ -15,16 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from workflows.heatmap import draw_slide, parent_run_id
+from workflows.heatmap import bag_item, draw_slide, parent_run_id
 from wsi_mil import stores
 from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
 from wsi_mil.extract import extract_cohort
 from wsi_mil.layout import Layout, tiling_key
-from wsi_mil.mil.base import BagItem
 from wsi_mil.tiling import tile_cohort
 from wsi_mil.tracking import load_fold_method, open_tracker
 
@@ -51,7 +49,7 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
     rows = []
     for result in extraction.done + extraction.skipped:
         bag = stores.read_bag(features_dir / f"{result.slide_id}.h5")
-        item = BagItem(result.slide_id, torch.as_tensor(bag.features, dtype=torch.float32), -1, bag.coords)
+        item = bag_item(bag, result.slide_id)
         preds = [f.method.predict(item) for f in folds]
         probs = np.mean([p.probs for p in preds], axis=0)
         scores = np.mean([np.asarray(p.instance_scores, dtype=np.float64) for p in preds], axis=0)

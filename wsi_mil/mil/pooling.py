@@ -8,18 +8,23 @@ from wsi_mil.mil.base import MILModel, MILOutput
 from wsi_mil.mil.layers import make_embed, positive_evidence, xavier_init
 
 
-class MeanPoolMIL(MILModel):
-    """Bag embedding = mean of the embedded instances; logits = Linear head on it.
-
-    Because the head is linear, the bag logits equal the mean of the per-instance logits, so the
-    instance scores (the head applied to each instance, as class-1 log-odds) decompose the bag score.
-    """
+class _InstanceHeadMIL(MILModel):
+    """Embedding followed by one Linear head shared by the bag and its instances."""
 
     def __init__(self, in_dim: int, n_classes: int, hidden_dim: int = 512, dropout: float = 0.25) -> None:
         super().__init__()
         self.embed = make_embed(in_dim, hidden_dim, dropout)
         self.head = nn.Linear(hidden_dim, n_classes)
         xavier_init(self)
+
+
+
+class MeanPoolMIL(_InstanceHeadMIL):
+    """Bag embedding = mean of the embedded instances; logits = Linear head on it.
+
+    Because the head is linear, the bag logits equal the mean of the per-instance logits, so the
+    instance scores (the head applied to each instance, as class-1 log-odds) decompose the bag score.
+    """
 
     def aggregate(self, h: Tensor) -> MILOutput:
         """h [N, hidden] -> logits of the mean embedding."""
@@ -33,18 +38,12 @@ class MeanPoolMIL(MILModel):
         )
 
 
-class MaxPoolMIL(MILModel):
+class MaxPoolMIL(_InstanceHeadMIL):
     """Instance-level max pooling: the bag takes the logits of its most positive instance.
 
     Every instance is scored by the head (class-1 log-odds); the bag logits and embedding are those of
     the top-scoring instance (CLAM's "MIL" baseline, mi-Net style). Instance scores are the log-odds.
     """
-
-    def __init__(self, in_dim: int, n_classes: int, hidden_dim: int = 512, dropout: float = 0.25) -> None:
-        super().__init__()
-        self.embed = make_embed(in_dim, hidden_dim, dropout)
-        self.head = nn.Linear(hidden_dim, n_classes)
-        xavier_init(self)
 
     def aggregate(self, h: Tensor) -> MILOutput:
         """h [N, hidden] -> logits of the instance with the highest positive evidence."""
