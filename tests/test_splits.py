@@ -1,4 +1,5 @@
-"""Patient-level splits: no patient crosses folds or roles, stratified, fixed splits respected."""
+"""Patient-level splits: no patient crosses folds or roles, stratified on slide labels (patients may hold
+several labels), infeasible folds explained, fixed splits respected."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from wsi_mil.config import TrainingConfig
 from wsi_mil.errors import WsiMilError
 from wsi_mil.mil.data import read_labels
-from wsi_mil.mil.splits import check_splits, fold_ids, load_splits, make_splits, save_splits
+from wsi_mil.mil.splits import check_splits, fold_ids, load_splits, make_splits, save_splits, split_counts
 
 
 def _cohort(tmp_path, rng, n_patients, n_classes, name="labels.csv"):
@@ -102,11 +103,86 @@ def test_fixed_splits_need_column_and_roles(tmp_path):
         make_splits(read_labels(path), TrainingConfig(fixed_splits=True))
 
 
-def test_too_few_patients_per_class(tmp_path):
+def test_too_few_patients_per_class_names_what_is_short(tmp_path):
     path = tmp_path / "labels.csv"
-    path.write_text("slide_id,label\n" + "".join(f"s{i},{int(i < 3)}\n" for i in range(20)))
-    with pytest.raises(WsiMilError, match="too few patients per class for 5 folds"):
+    path.write_text("slide_id,label,patient_id\n" + "".join(f"s{i},{int(i < 3)},P{i}\n" for i in range(20))
+                    + "s20,1,P0\ns21,1,P1\n")  # five class-1 slides, on three patients
+    with pytest.raises(WsiMilError) as info:
         make_splits(read_labels(path), TrainingConfig(folds=5))
+    msg = str(info.value)
+    assert "5 folds need slides of every class on at least 5 patients" in msg
+    assert "'1' has 5 slide(s) on 3 patient(s)" in msg and "'0'" not in msg
+    assert "lower training.folds to 3" in msg.lower() and str(path) in msg
+    make_splits(read_labels(path), TrainingConfig(folds=3))  # what the message proposes works
+
+
+def test_too_few_patients_in_all(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("slide_id,label,patient_id\na,0,P1\nb,1,P1\nc,0,P1\n")
+    with pytest.raises(WsiMilError, match=r"1 patient\(s\) in all; '0' has 2 slide\(s\) on 1 patient.*Add patients"):
+        make_splits(read_labels(path), TrainingConfig(folds=2))
+
+
+def _tumour_normal_pairs(tmp_path, n_patients=16):
+    """A TCGA-shaped cohort: every patient has one tumour (-01) and one normal (-11) slide."""
+    rows = [{"slide_id": f"TCGA-{p:02d}-{code}", "patient_id": f"TCGA-{p:02d}", "label": label}
+            for p in range(n_patients) for code, label in (("01", "tumor"), ("11", "normal"))]
+    path = tmp_path / "labels.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return read_labels(path)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tumour_and_normal_slide_per_patient_makes_balanced_5_folds(tmp_path, seed):
+    labels = _tumour_normal_pairs(tmp_path)
+    table = make_splits(labels, TrainingConfig(folds=5, seeds=[seed]))
+    counts = split_counts(table, labels.classes)
+    assert len(counts) == 5
+    ideal = 16 / 5
+    for _, row in counts.iterrows():
+        for name in ("tumor", "normal"):
+            assert abs(row[f"test_{name}"] - ideal) < 1, row.to_dict()  # within one slide of ideal
+            assert row[f"val_{name}"] >= 1 and row[f"train_{name}"] >= 1
+        assert row["test_patients"] + row["val_patients"] + row["train_patients"] == 16
+    for fold in range(5):
+        roles = table[table.fold == fold].groupby("patient_id")["role"].nunique()
+        assert (roles == 1).all(), "a patient's tumour and normal slide sit in different roles"
+    assert counts["test_slides"].sum() == 32
+
+
+def test_three_classes_with_multi_label_patients(tmp_path):
+    rng = np.random.default_rng(11)
+    rows = []
+    for p in range(24):
+        main = p % 3
+        for s in range(int(rng.integers(1, 4))):
+            y = main if s == 0 else int(rng.integers(3))  # some patients hold slides of two or three classes
+            rows.append({"slide_id": f"P{p}_S{s}", "patient_id": f"P{p}", "label": ["LUAD", "LUSC", "normal"][y]})
+    path = tmp_path / "labels.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    labels = read_labels(path)
+    assert labels.classes == ["LUAD", "LUSC", "normal"]
+    table = make_splits(labels, TrainingConfig(folds=4, seeds=[0, 5]))
+    counts = split_counts(table, labels.classes)
+    totals = labels.df["label"].value_counts()
+    for name in labels.classes:
+        assert (counts[f"test_{name}"] >= 1).all() and (counts[f"train_{name}"] >= 1).all()
+        # stratified on slides: each fold's share of a class is near a quarter of that class's slides
+        assert (counts[f"test_{name}"] - totals[name] / 4).abs().max() <= 3
+    assert (table.groupby(["seed", "fold", "patient_id"])["role"].nunique() == 1).all()
+
+
+def test_split_counts_read_back_from_the_table(tmp_path):
+    labels = _cohort(tmp_path, np.random.default_rng(4), 30, 2)
+    table = make_splits(labels, TrainingConfig(folds=3, seeds=[0, 2]))
+    counts = split_counts(table, labels.classes)
+    assert list(counts.columns[:5]) == ["seed", "fold", "train_patients", "train_slides", "train_c0"]
+    for _, row in counts.iterrows():
+        part = table[(table.seed == row.seed) & (table.fold == row.fold)]
+        for role in ("train", "val", "test"):
+            sel = part[part.role == role]
+            assert row[f"{role}_slides"] == len(sel) and row[f"{role}_patients"] == sel.patient_id.nunique()
+            assert row[f"{role}_c0"] == (sel.y == 0).sum() and row[f"{role}_c1"] == (sel.y == 1).sum()
 
 
 def test_check_splits_catches_leak(tmp_path):

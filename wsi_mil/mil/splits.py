@@ -1,20 +1,32 @@
 """Patient-level cross-validation splits.
 
 The split table has one row per (seed, fold, slide): ``seed, fold, slide_id, patient_id, y, role``
-with ``role`` in train / val / test. For each seed, patients are dealt to ``training.folds`` test
-folds stratified by their label (a patient's label is its most frequent slide label), and a
-validation share of each fold's training patients is held out, again stratified by label. A patient's
-slides therefore never sit in two roles of one fold and never in two test folds of one seed.
-With ``training.fixed_splits`` the CSV's ``split`` column is used instead (one fold per seed).
+with ``role`` in train / val / test.
+
+For each seed, scikit-learn's ``StratifiedGroupKFold`` (shuffled with the seed) deals patients to
+``training.folds`` test folds so that the folds' *slide* label distributions are as even as possible
+while every patient stays whole; a patient may hold slides of several labels (a tumour and a normal
+slide, as TCGA's -01/-11 samples). Inside each fold's training patients the validation patients are
+carved out the same way: the first inner fold of ``StratifiedGroupKFold`` with
+``round(1 / training.val_fraction)`` splits that holds every class and leaves every class in training
+(with few patients, fewer and larger inner folds until one does).
+A patient's slides therefore never sit in two roles of one fold and never in two test folds of one
+seed. With ``training.fixed_splits`` the CSV's ``split`` column is used instead (one fold per seed).
+
+:func:`check_feasible` says before any work whether the labels allow the folds (each class needs
+slides on at least ``folds`` patients, one per test fold); :func:`split_counts` is the per-fold
+table of patients, slides and slides per class of each role that is logged beside the splits.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
 
 from wsi_mil.config import TrainingConfig
 from wsi_mil.errors import WsiMilError
@@ -26,98 +38,140 @@ ROLES = ("train", "val", "test")
 COLUMNS = ["seed", "fold", "slide_id", "patient_id", "y", "role"]
 
 
-def patient_table(labels: LabelTable) -> pd.DataFrame:
-    """One row per patient: ``patient_id, stratum, n_slides`` (stratum = most frequent label, ties -> higher)."""
-    rows = []
-    for pid, group in labels.df.groupby("patient_id", sort=True):
-        counts = group["y"].value_counts()
-        top = counts.max()
-        rows.append((pid, int(max(counts[counts == top].index)), len(group)))
-    return pd.DataFrame(rows, columns=["patient_id", "stratum", "n_slides"])
+def _source(labels: LabelTable) -> str:
+    return str(labels.source or "labels")
 
 
-def _deal_folds(patients: pd.DataFrame, folds: int, rng: np.random.Generator) -> dict[str, int]:
-    """Assign patients to folds, balancing each stratum and then the slide count."""
-    per_stratum = np.zeros((folds, int(patients["stratum"].max()) + 1), dtype=int)
-    slides = np.zeros(folds, dtype=int)
-    out: dict[str, int] = {}
-    for stratum in sorted(patients["stratum"].unique()):
-        group = patients[patients["stratum"] == stratum]
-        order = rng.permutation(len(group))
-        group = group.iloc[order]
-        group = group.iloc[np.argsort(-group["n_slides"].to_numpy(), kind="stable")]
-        for pid, n in zip(group["patient_id"], group["n_slides"], strict=True):
-            tie = rng.random(folds)
-            fold = min(range(folds), key=lambda f: (per_stratum[f, stratum], slides[f], tie[f]))
-            out[pid] = fold
-            per_stratum[fold, stratum] += 1
-            slides[fold] += n
-    return out
+# ------------------------------------------------------------------------------------ feasibility
+def class_support(labels: LabelTable) -> pd.DataFrame:
+    """Per class: ``slides`` and ``patients`` holding at least one slide of it (index = class name)."""
+    df = labels.df
+    rows = [{"class": name, "slides": int((df["y"] == c).sum()),
+             "patients": int(df.loc[df["y"] == c, "patient_id"].nunique())}
+            for c, name in enumerate(labels.classes)]
+    return pd.DataFrame(rows).set_index("class")
 
 
-def _carve_val(patients: pd.DataFrame, fraction: float, rng: np.random.Generator) -> set[str]:
-    """Pick the validation patients among training patients, stratified (>= 1 per stratum when possible)."""
-    val: set[str] = set()
-    for _, group in patients.groupby("stratum", sort=True):
-        n = len(group)
-        if n < 2:
-            continue
-        k = min(n - 1, max(1, int(round(fraction * n))))
-        chosen = rng.choice(group["patient_id"].to_numpy(), size=k, replace=False)
-        val.update(str(p) for p in chosen)
-    return val
+def check_feasible(labels: LabelTable, cfg: TrainingConfig) -> None:
+    """Raise :class:`WsiMilError` naming what is short when ``cfg.folds`` patient-level folds cannot be made.
+
+    Every test fold must hold a slide of every class, and a patient sits in one test fold only, so
+    each class needs slides on at least ``folds`` different patients (a patient with a tumour and a
+    normal slide counts for both classes). Fixed splits are checked by :func:`fixed_splits` instead.
+    """
+    if cfg.fixed_splits:
+        return
+    folds = cfg.folds
+    support = class_support(labels)
+    n_patients = labels.df["patient_id"].nunique()
+    short = support[support["patients"] < folds]
+    if n_patients >= folds and short.empty:
+        return
+    problems = []
+    if n_patients < folds:
+        problems.append(f"{n_patients} patient(s) in all")
+    problems += [f"'{name}' has {row.slides} slide(s) on {row.patients} patient(s)" for name, row in short.iterrows()]
+    most = int(min(n_patients, support["patients"].min()))
+    fix = "add patients" if short.empty else "add patients with slides of the short class(es)"
+    fix = f"Lower training.folds to {most}, or {fix}" if most >= 2 else fix[0].upper() + fix[1:]
+    raise WsiMilError(
+        f"{_source(labels)}: {folds} folds need slides of every class on at least {folds} patients (one per "
+        f"test fold; a patient's slides stay in one fold): {'; '.join(problems)}. {fix}."
+    )
+
+
+# ----------------------------------------------------------------------------------------- k-fold
+def _group_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> list[np.ndarray]:
+    """Row indices of each test fold of ``StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)``."""
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "least populated class has only k members": checked by us
+        warnings.simplefilter("ignore", UserWarning)
+        return [test for _, test in splitter.split(np.zeros(len(y)), y, groups)]
+
+
+def _carve_val(rows: pd.DataFrame, fraction: float, seed: int) -> set[str]:
+    """Validation patients among a fold's training rows (``patient_id``, ``y``), grouped and stratified.
+
+    The first inner ``StratifiedGroupKFold`` fold with ``round(1 / fraction)`` splits that holds every
+    training class while leaving every class in training; when none does (few patients), fewer and
+    larger inner folds are tried; failing that, the inner fold with the most classes.
+    """
+    y, groups = rows["y"].to_numpy(), rows["patient_id"].to_numpy()
+    classes = set(y)
+    most = min(max(2, round(1 / fraction)), len(set(groups)), int(rows["y"].value_counts().max()))
+    best, best_key = None, None
+    for n_splits in range(most, 1, -1):
+        for test in _group_folds(y, groups, n_splits, seed):
+            kept = np.ones(len(y), dtype=bool)
+            kept[test] = False
+            key = (set(y[kept]) == classes, len(set(y[test])))
+            if key == (True, len(classes)):
+                return set(groups[test])
+            if best_key is None or key > best_key:
+                best, best_key = test, key
+    return set() if best is None else set(groups[best])
 
 
 def kfold_splits(labels: LabelTable, cfg: TrainingConfig) -> pd.DataFrame:
-    """Stratified patient-level k-fold with a validation carve-out, repeated for each seed."""
-    patients = patient_table(labels)
-    folds = cfg.folds
-    counts = patients["stratum"].value_counts()
-    short = {labels.classes[int(s)]: int(counts.get(s, 0)) for s in range(labels.n_classes) if counts.get(s, 0) < folds}
-    if short:
-        listing = ", ".join(f"{name}: {n}" for name, n in short.items())
-        raise WsiMilError(
-            f"{labels.source or 'labels'}: too few patients per class for {folds} folds ({listing}); "
-            "lower training.folds or add slides."
-        )
-    slide_rows = labels.df[["slide_id", "patient_id", "y"]]
+    """Patient-grouped, slide-label-stratified k-fold with a grouped validation carve-out, per seed."""
+    check_feasible(labels, cfg)
+    slides = labels.df[["slide_id", "patient_id", "y"]].reset_index(drop=True)
+    y, groups = slides["y"].to_numpy(), slides["patient_id"].to_numpy()
     frames = []
     for seed in cfg.seeds:
-        rng = np.random.default_rng(seed)
-        assignment = _deal_folds(patients, folds, rng)
-        for fold in range(folds):
-            train_pat = patients[patients["patient_id"].map(assignment) != fold]
-            val = _carve_val(train_pat, cfg.val_fraction, rng)
-            if train_pat.groupby("stratum").size().min() < 2 or len(set(train_pat["stratum"])) < labels.n_classes:
-                log.warning("seed %d fold %d: a class has fewer than 2 training patients; its validation split "
-                            "lacks that class", seed, fold)
-            role = np.where(
-                slide_rows["patient_id"].map(assignment).to_numpy() == fold,
-                "test",
-                np.where(slide_rows["patient_id"].isin(val).to_numpy(), "val", "train"),
-            )
-            frame = slide_rows.assign(seed=seed, fold=fold, role=role)
-            frames.append(frame[COLUMNS])
-    return pd.concat(frames, ignore_index=True)
+        draws = np.random.default_rng(seed).integers(0, 2**31 - 1, size=cfg.folds + 1)
+        tests = _group_folds(y, groups, cfg.folds, int(draws[0]))
+        for fold, test in enumerate(tests):
+            role = np.full(len(slides), "train", dtype=object)
+            role[test] = "test"
+            train_rows = slides[role == "train"]
+            val = _carve_val(train_rows, cfg.val_fraction, int(draws[fold + 1]))
+            role[(role == "train") & slides["patient_id"].isin(val).to_numpy()] = "val"
+            frames.append(slides.assign(seed=seed, fold=fold, role=role)[COLUMNS])
+    table = pd.concat(frames, ignore_index=True)
+    _check_classes(table, labels)
+    return table
 
 
+def _check_classes(table: pd.DataFrame, labels: LabelTable) -> None:
+    """Raise when a test fold or a training part lacks a class; warn when a validation part does."""
+    wanted = set(range(labels.n_classes))
+    short: list[str] = []
+    for (seed, fold), group in table.groupby(["seed", "fold"], sort=True):
+        for role in ROLES:
+            missing = wanted - set(group.loc[group["role"] == role, "y"])
+            names = ", ".join(f"'{labels.classes[c]}'" for c in sorted(missing))
+            if missing and role == "val":
+                log.warning("seed %s fold %s: the validation patients hold no %s slide (too few training "
+                            "patients of that class); early stopping and the threshold see fewer classes",
+                            seed, fold, names)
+            elif missing:
+                short.append(f"seed {seed} fold {fold} {role} has no {names} slide")
+    if short:
+        raise WsiMilError(
+            f"{_source(labels)}: the patient-level folds could not give every class to every fold ("
+            + "; ".join(short[:10]) + "). Lower training.folds or add patients of those classes."
+        )
+
+
+# ------------------------------------------------------------------------------------------ fixed
 def fixed_splits(labels: LabelTable, cfg: TrainingConfig) -> pd.DataFrame:
     """Splits from the labels CSV's ``split`` column (one fold, repeated for each seed)."""
     df = labels.df
     if "split" not in df.columns:
         raise WsiMilError(
-            f"{labels.source or 'labels'} has no 'split' column but training.fixed_splits is true; "
+            f"{_source(labels)} has no 'split' column but training.fixed_splits is true; "
             "add a split column (train/val/test) or set training.fixed_splits=false."
         )
     missing = [r for r in ROLES if not (df["split"] == r).any()]
     if missing:
-        raise WsiMilError(f"{labels.source or 'labels'}: the split column has no {', '.join(missing)} slides; "
+        raise WsiMilError(f"{_source(labels)}: the split column has no {', '.join(missing)} slides; "
                           "each of train, val and test needs at least one.")
     roles_per_patient = df.groupby("patient_id")["split"].nunique()
     leaking = sorted(roles_per_patient[roles_per_patient > 1].index)
     if leaking:
         raise WsiMilError(
-            f"{labels.source or 'labels'}: patient(s) {', '.join(map(str, leaking[:10]))} have slides in "
+            f"{_source(labels)}: patient(s) {', '.join(map(str, leaking[:10]))} have slides in "
             "more than one split; put all slides of a patient in the same split."
         )
     base = df[["slide_id", "patient_id", "y"]].assign(fold=0, role=df["split"].to_numpy())
@@ -125,8 +179,16 @@ def fixed_splits(labels: LabelTable, cfg: TrainingConfig) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+# --------------------------------------------------------------------------------------- the table
 def make_splits(labels: LabelTable, cfg: TrainingConfig) -> pd.DataFrame:
-    """The split table for these labels and settings (checked with :func:`check_splits`)."""
+    """The split table for these labels and settings (checked with :func:`check_splits`).
+
+    Raises
+    ------
+    WsiMilError
+        When the folds are infeasible (:func:`check_feasible`), a fold's test or training part lacks
+        a class, or fixed splits are malformed.
+    """
     table = fixed_splits(labels, cfg) if cfg.fixed_splits else kfold_splits(labels, cfg)
     check_splits(table, kfold=not cfg.fixed_splits)
     return table
@@ -153,6 +215,25 @@ def check_splits(table: pd.DataFrame, *, kfold: bool = True) -> None:
             test_folds = group[group["role"] == "test"].groupby("patient_id")["fold"].nunique()
             if (test_folds > 1).any():
                 raise WsiMilError(f"split seed {seed}: a patient's slides are in two test folds.")
+
+
+def split_counts(table: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """One row per (seed, fold): patients, slides and slides of each class in train, val and test.
+
+    Columns ``seed, fold``, then for each role ``<role>_patients, <role>_slides, <role>_<class>...``
+    (e.g. ``test_normal``), so a fold's balance reads along one row.
+    """
+    rows = []
+    for (seed, fold), group in table.groupby(["seed", "fold"], sort=True):
+        row: dict[str, int] = {"seed": int(seed), "fold": int(fold)}
+        for role in ROLES:
+            part = group[group["role"] == role]
+            row[f"{role}_patients"] = int(part["patient_id"].nunique())
+            row[f"{role}_slides"] = len(part)
+            counts = part["y"].value_counts()
+            row.update({f"{role}_{name}": int(counts.get(c, 0)) for c, name in enumerate(classes)})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def fold_ids(table: pd.DataFrame, seed: int, fold: int, role: str) -> list[str]:
