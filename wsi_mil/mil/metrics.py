@@ -2,8 +2,14 @@
 
 Binary tasks score class 1 (AUC on ``probs[:, 1]``; predictions ``probs[:, 1] >= threshold`` with the
 threshold chosen on the validation split). Multi-class tasks use the one-vs-rest macro AUC, argmax
-predictions and macro F1 over all classes. Every metric is computed vectorised over bootstrap
-resamples (the point estimate is the same code with the identity resample), so 1000 resamples are cheap.
+predictions and the macro F1 over the classes present in the truth or the predictions (as
+scikit-learn's ``f1_score(average="macro")``).
+
+Every metric is a function of per-slide weights: the point estimate weighs each slide once, a
+bootstrap resample weighs it by how often its resampling unit was drawn. The unit is the patient
+when ``groups`` (the patient of each slide) is given - a patient's slides are correlated, so they are
+drawn together - and the slide otherwise (Efron & Tibshirani 1993, ch. 6; the cluster bootstrap of
+Field & Welsh 2007). All resamples are computed at once as matrix products, so 1000 are cheap.
 """
 
 from __future__ import annotations
@@ -13,47 +19,54 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 log = logging.getLogger(__name__)
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
 
 
-def _auc_rows(y_pos: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """AUC per row: y_pos [B, n] bool, scores [B, n]; NaN where a row has one class only."""
-    ranks = rankdata(scores, axis=1)
-    n_pos = y_pos.sum(axis=1)
-    n_neg = y_pos.shape[1] - n_pos
-    u = (ranks * y_pos).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+def _weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC per row of ``weights`` [B, n] for fixed labels ``positive`` [n] (bool) and ``scores`` [n].
+
+    The Mann-Whitney statistic with sample weights: each (positive, negative) pair counts
+    ``w_pos * w_neg`` when the positive scores higher and half that on a tie. NaN where a row has
+    no positive or no negative weight.
+    """
+    order = np.argsort(scores, kind="stable")
+    s, pos, w = scores[order], positive[order], weights[:, order]
+    starts_group = np.r_[True, s[1:] != s[:-1]]
+    group = np.cumsum(starts_group) - 1
+    start = np.flatnonzero(starts_group)
+    end = np.r_[start[1:], len(s)]
+    neg_w = w * ~pos
+    cum = np.concatenate([np.zeros((len(w), 1)), np.cumsum(neg_w, axis=1)], axis=1)
+    below = cum[:, start[group]]  # negative weight scoring strictly lower than each slide
+    tied = cum[:, end[group]] - below  # negative weight scoring the same
+    pos_w = w * pos
+    n_pos, n_neg = pos_w.sum(axis=1), neg_w.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = u / (n_pos * n_neg)
+        auc = (pos_w * (below + 0.5 * tied)).sum(axis=1) / (n_pos * n_neg)
     return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
-def _metric_rows(y: np.ndarray, probs: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
-    """Metrics per row of resampled labels y [B, n] and probabilities [B, n, C]."""
-    n_classes = probs.shape[-1]
+def _metric_rows(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric per row of slide weights [B, n]; labels y [n], probabilities [n, C], predictions [n]."""
+    n_classes = probs.shape[1]
     if n_classes == 2:
-        auc = _auc_rows(y == 1, probs[..., 1])
-        pred = (probs[..., 1] >= (0.5 if threshold is None else threshold)).astype(int)
-    else:
-        per_class = np.stack([_auc_rows(y == c, probs[..., c]) for c in range(n_classes)], axis=-1)
-        auc = per_class.mean(axis=-1)  # NaN when a class is absent (as sklearn refuses that case)
-        pred = probs.argmax(axis=-1)
-    accuracy = (pred == y).mean(axis=1)
-    recalls, f1s = [], []
-    for c in range(n_classes):
-        true_c, pred_c = y == c, pred == c
-        tp = (true_c & pred_c).sum(axis=1)
-        n_true, n_pred = true_c.sum(axis=1), pred_c.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            recalls.append(np.where(n_true > 0, tp / np.maximum(n_true, 1), np.nan))
-            denom = n_true + n_pred
-            f1s.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
-    with np.errstate(invalid="ignore"):
-        balanced = np.nanmean(np.stack(recalls, axis=-1), axis=-1)
-    f1 = f1s[1] if n_classes == 2 else np.stack(f1s, axis=-1).mean(axis=-1)
+        auc = _weighted_auc(y == 1, probs[:, 1], weights)
+    else:  # one-vs-rest macro AUC; NaN when a class is absent (scikit-learn refuses that case)
+        auc = np.mean([_weighted_auc(y == c, probs[:, c], weights) for c in range(n_classes)], axis=0)
+    truth = np.eye(n_classes)[y]  # [n, C] one-hot
+    said = np.eye(n_classes)[pred]
+    n_true, n_pred, tp = weights @ truth, weights @ said, weights @ (truth * said)  # [B, C]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = tp.sum(axis=1) / weights.sum(axis=1)
+        recall = np.where(n_true > 0, tp / n_true, np.nan)
+        f1 = np.where(n_true + n_pred > 0, 2 * tp / (n_true + n_pred), np.nan)
+        balanced = np.nanmean(recall, axis=1)  # classes present in the truth
+        # binary: F1 of class 1 (0 without any positive); multi-class: macro over the classes present
+        # in the truth or the predictions, as scikit-learn's f1_score(average="macro")
+        f1 = np.nan_to_num(f1[:, 1]) if n_classes == 2 else np.nanmean(f1, axis=1)
     return {"auc": auc, "accuracy": accuracy, "balanced_accuracy": balanced, "f1": f1}
 
 
@@ -73,29 +86,63 @@ def predict_labels(probs: np.ndarray, threshold: float | None = None) -> np.ndar
 
 
 def compute_metrics(y: Sequence[int], probs: np.ndarray, threshold: float | None = None) -> dict[str, float]:
-    """AUC, accuracy, balanced accuracy and F1 of one set of predictions (NaN AUC with one class)."""
-    y = np.asarray(y, dtype=int)[None]
-    rows = _metric_rows(y, _as_probs(probs)[None], threshold)
+    """AUC, accuracy, balanced accuracy and F1 of one set of predictions (NaN AUC with one class).
+
+    Parameters
+    ----------
+    y : sequence of int, length n
+        True class indices.
+    probs : ndarray, float, [n, C] (or [n] positive-class scores of a binary task)
+        Class probabilities.
+    threshold : float, optional
+        Binary decision threshold on ``probs[:, 1]`` (default 0.5); ignored for multi-class.
+    """
+    y = np.asarray(y, dtype=int)
+    probs = _as_probs(probs)
+    rows = _metric_rows(y, probs, predict_labels(probs, threshold), np.ones((1, len(y))))
     return {k: float(v[0]) for k, v in rows.items()}
+
+
+def resampling_units(groups: Sequence[str] | None, n: int) -> tuple[np.ndarray, str]:
+    """The bootstrap unit of each of ``n`` slides as integer codes [n], and its name.
+
+    ``groups`` (the patient of each slide) makes the patient the unit when some patient has several
+    slides; otherwise every slide is its own unit (the same thing when each patient has one slide).
+    """
+    if groups is not None:
+        codes, uniques = pd.factorize(pd.Series(list(groups), dtype=str))
+        if len(codes) != n:
+            raise ValueError(f"groups has {len(codes)} entries for {n} predictions")
+        if len(uniques) < n:
+            return codes.astype(np.int64), "patient"
+    return np.arange(n), "slide"
 
 
 def bootstrap_ci(
     y: Sequence[int], probs: np.ndarray, threshold: float | None = None, *, n_boot: int = 1000, seed: int = 0,
-    alpha: float = 0.05,
+    alpha: float = 0.05, groups: Sequence[str] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap ``(low, high)`` per metric (resamples with one class skipped for AUC)."""
+    """Percentile bootstrap ``(low, high)`` per metric.
+
+    Each resample draws as many units as there are, with replacement: patients (all their slides
+    together) when ``groups`` gives the patient of each slide and some patient has several slides,
+    slides otherwise. Resamples where a metric is undefined (AUC with one class) are skipped for it.
+    """
     y = np.asarray(y, dtype=int)
     probs = _as_probs(probs)
     if n_boot <= 0 or len(y) == 0:
         return {k: (float("nan"), float("nan")) for k in METRICS}
+    units, _ = resampling_units(groups, len(y))
+    n_units = int(units.max()) + 1
+    pred = predict_labels(probs, threshold)
     rng = np.random.default_rng(seed)
-    out: dict[str, tuple[float, float]] = {}
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in METRICS}
     step = max(1, int(2e6 // max(1, len(y) * probs.shape[-1])))
     for start in range(0, n_boot, step):
-        idx = rng.integers(0, len(y), size=(min(step, n_boot - start), len(y)))
-        for k, v in _metric_rows(y[idx], probs[idx], threshold).items():
+        counts = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=min(step, n_boot - start))
+        for k, v in _metric_rows(y, probs, pred, counts[:, units].astype(np.float64)).items():
             chunks[k].append(v)
+    out: dict[str, tuple[float, float]] = {}
     for k in METRICS:
         values = np.concatenate(chunks[k])
         values = values[~np.isnan(values)]
@@ -108,11 +155,12 @@ def bootstrap_ci(
 
 
 def evaluate(
-    y: Sequence[int], probs: np.ndarray, threshold: float | None = None, *, n_boot: int = 1000, seed: int = 0
+    y: Sequence[int], probs: np.ndarray, threshold: float | None = None, *, n_boot: int = 1000, seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Point metrics plus ``<metric>_ci_low`` / ``<metric>_ci_high`` (95% bootstrap)."""
+    """Point metrics plus ``<metric>_ci_low`` / ``<metric>_ci_high`` (95% bootstrap, see :func:`bootstrap_ci`)."""
     out = compute_metrics(y, probs, threshold)
-    for k, (lo, hi) in bootstrap_ci(y, probs, threshold, n_boot=n_boot, seed=seed).items():
+    for k, (lo, hi) in bootstrap_ci(y, probs, threshold, n_boot=n_boot, seed=seed, groups=groups).items():
         out[f"{k}_ci_low"] = lo
         out[f"{k}_ci_high"] = hi
     return out
