@@ -1,4 +1,4 @@
-"""Labels CSV parsing/validation, bag matching and the bag cache."""
+"""Labels CSV parsing/validation and hygiene, bag and slide-folder matching, features-dir lookup, the bag cache."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from wsi_mil.mil.data import (
     BagStore,
     data_fingerprint,
     infer_classes,
+    load_labels,
     match_bags,
+    match_slides,
     read_labels,
     resolve_features_dir,
 )
@@ -78,6 +80,44 @@ def test_bad_labels_give_one_clear_error(tmp_path, text, classes, needle):
         read_labels(path, classes)
     assert needle in str(info.value)
     assert str(path) in str(info.value)
+
+
+def test_label_case_and_space_variants_are_an_error_listing_counts(tmp_path):
+    rows = ["a,tumor", "b,tumor", "c,tumor", "d,Tumor ", "e,Tumor ", "f,TUMOR", "g,normal", "h, normal", "i,normal"]
+    path = _csv(tmp_path, "slide_id,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(WsiMilError) as info:
+        read_labels(path)
+    msg = str(info.value)
+    assert "differ only by case or surrounding spaces" in msg and str(path) in msg
+    assert "'tumor' (3), 'Tumor ' (2), 'TUMOR' (1)" in msg
+    assert "'normal' (2), ' normal' (1)" in msg
+    assert "training.merge_label_variants=true" in msg
+    # one spelling, padded the same way everywhere, is not a variant
+    same = read_labels(_csv(tmp_path, "slide_id,label\na, tumor\nb, normal\n", "padded.csv"))
+    assert same.classes == ["normal", "tumor"]
+
+
+def test_label_variants_merge_when_configured(tmp_path, caplog):
+    path = _csv(tmp_path, "slide_id,label\na,tumor\nb,tumor\nc,Tumor \nd,normal\ne,NORMAL\nf,normal\n")
+    with caplog.at_level(logging.WARNING):
+        table = load_labels(Config().with_overrides({"training.labels_csv": str(path),
+                                                     "training.merge_label_variants": True}).training)
+    assert table.classes == ["normal", "tumor"] and table.df["y"].tolist() == [1, 1, 1, 0, 0, 0]
+    assert "'Tumor ' (1 slide(s)) merged into 'tumor'" in caplog.text
+    named = read_labels(path, ["Normal", "Tumor"], merge_variants=True)  # the spelling of training.classes wins
+    assert set(named.df["label"]) == {"Normal", "Tumor"} and named.df["y"].tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_match_slides_lists_both_directions_and_keeps_the_present(tmp_path, caplog):
+    path = _csv(tmp_path, "slide_id,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(20)))
+    found = [f"s{i}" for i in range(6, 20)] + ["x1", "x2"]
+    with caplog.at_level(logging.WARNING):
+        kept = match_slides(read_labels(path), found, tmp_path / "slides")
+    assert kept.slide_ids == [f"s{i}" for i in range(6, 20)]
+    assert "6 labelled slide(s) have no slide file (s0, s1, s2, s3, s4, s5)" in caplog.text
+    assert "2 slide file(s) have no label (x1, x2)" in caplog.text and str(tmp_path / "slides") in caplog.text
+    with pytest.raises(WsiMilError, match="none of the 20 slides .* slide_id must be the slide file's name"):
+        match_slides(read_labels(path), ["TCGA-01.svs"], tmp_path / "slides")
 
 
 def test_missing_labels_file(tmp_path):
@@ -150,5 +190,27 @@ def test_fingerprint_tracks_bag_content(tmp_path):
 def test_features_dir_override(tmp_path):
     cfg = Config().with_overrides({"training.features_dir": str(tmp_path)})
     assert resolve_features_dir(tmp_path / "out", cfg) == tmp_path
-    derived = resolve_features_dir(tmp_path / "out", Config())
-    assert derived.parent.parent == tmp_path / "out" / "features"
+
+
+def test_missing_features_dir_lists_the_bag_folders_of_this_tiling(tmp_path):
+    from wsi_mil.layout import tiling_key
+
+    out = tmp_path / "out"
+    with pytest.raises(WsiMilError, match="run `wsi-mil extract` first"):
+        resolve_features_dir(out, Config())
+    tiling = out / "features" / tiling_key(Config())
+    for name, n in (("resnet50_trunc-random", 3), ("resnet18-random", 1)):
+        for i in range(n):
+            write_bag(tiling / name / f"s{i}.h5", np.zeros((2, 4), np.float32), np.zeros((2, 2)))
+    (tiling / "empty-folder").mkdir()
+    with pytest.raises(WsiMilError) as info:
+        resolve_features_dir(out, Config())  # default: resnet50_trunc-imagenet
+    msg = str(info.value)
+    assert "resnet50_trunc-imagenet does not exist" in msg
+    assert "bag folders for this tiling: resnet18-random (1 bags), resnet50_trunc-random (3 bags)" in msg
+    assert "features.weights=random" in msg and "empty-folder" not in msg
+    found = resolve_features_dir(out, Config().with_overrides({"features.weights": "random"}))
+    assert found == tiling / "resnet50_trunc-random"
+    other = Config().with_overrides({"tiling.patch_size": 128})
+    with pytest.raises(WsiMilError, match=f"bags exist for tiling\\(s\\) {tiling.name}"):
+        resolve_features_dir(out, other)

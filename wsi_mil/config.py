@@ -271,6 +271,12 @@ class TrainingConfig(Section):
 
     labels_csv: Path | None = Field(default=None, description="CSV with slide_id,label[,patient_id][,split].")
     classes: list[str] | None = Field(default=None, description="Label names in class-index order (None: sorted).")
+    merge_label_variants: bool = Field(
+        default=False,
+        description="Labels that differ only by case or surrounding spaces ('tumor', 'Tumor '): False = an error "
+        "listing each spelling and its count; True = merge them (into the training.classes spelling, else the "
+        "most frequent one).",
+    )
     on_missing: Literal["error", "exclude"] = Field(
         default="error", description="Slides with a label but no bag (or vice versa): error, or warn and exclude."
     )

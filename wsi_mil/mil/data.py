@@ -1,8 +1,9 @@
 """Labels and feature bags for MIL training.
 
 - :func:`read_labels` parses and validates the labels CSV (``slide_id,label[,patient_id][,split]``)
-  and maps label names to class indices.
-- :func:`match_bags` pairs labelled slides with their HDF5 bags and reports every mismatch at once.
+  and maps label names to class indices; :func:`load_labels` does so from ``training.*``.
+- :func:`match_bags` pairs labelled slides with their HDF5 bags and :func:`match_slides` with the
+  files of a slide folder; both report every mismatch at once (count and the first ids).
 - :class:`BagStore` reads bags lazily and keeps them in RAM when the cohort fits the budget;
   :class:`BagList` is the sequence of :class:`~wsi_mil.mil.base.BagItem` a method iterates over.
 
@@ -11,13 +12,17 @@ Class order (index 1 is the positive class of a binary task):
 2. otherwise integer-like labels sort numerically (``0``/``1`` keep their meaning);
 3. otherwise, for two names where exactly one is a usual negative word (normal, negative, benign,
    healthy, control...), that one is class 0; else names sort alphabetically (LUAD=0, LUSC=1).
+
+Labels that differ only by case or surrounding spaces (``tumor``, ``Tumor ``) are an error listing
+each spelling and its count, unless ``training.merge_label_variants`` merges them into the spelling
+of ``training.classes`` or, without it, the most frequent one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsi_mil.config import Config
+from wsi_mil.config import Config, TrainingConfig
 from wsi_mil.errors import WsiMilError
 from wsi_mil.mil.base import BagItem
 from wsi_mil.stores import PARTIAL_TAG, read_bag, read_bag_attrs
@@ -87,13 +92,62 @@ def infer_classes(names: Sequence[str]) -> list[str]:
     return unique
 
 
-def read_labels(path: Path, classes: list[str] | None = None) -> LabelTable:
-    """Read and validate a labels CSV; every problem is reported in one :class:`WsiMilError`."""
+def label_variants(raw: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Spellings of the labels that differ only by case or surrounding spaces.
+
+    Returns ``{normalised label: {spelling as written: count}}`` for each label written in more than
+    one way (``{"tumor": {"tumor": 10, "Tumor ": 3}}``); empty when every label has one spelling.
+    """
+    counts = pd.Series(list(raw), dtype=str).value_counts(sort=False)
+    groups: dict[str, dict[str, int]] = {}
+    for spelling, n in counts.items():
+        if spelling.strip():
+            groups.setdefault(spelling.strip().casefold(), {})[spelling] = int(n)
+    return {key: dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))) for key, v in groups.items() if len(v) > 1}
+
+
+def _merge_variants(labels: pd.Series, variants: dict[str, dict[str, int]], classes: list[str] | None) -> pd.Series:
+    """Map each variant spelling to one: the matching ``training.classes`` name, else the most frequent."""
+    by_key = {c.casefold(): c for c in classes or []}
+    mapping: dict[str, str] = {}
+    for key, spellings in variants.items():
+        target = by_key.get(key, next(iter(spellings)).strip())
+        for spelling, n in spellings.items():
+            if spelling.strip() != target:
+                mapping[spelling.strip()] = target
+                log.warning("label %r (%d slide(s)) merged into %r (training.merge_label_variants)", spelling, n, target)
+    return labels.replace(mapping)
+
+
+def _show_variants(variants: dict[str, dict[str, int]]) -> str:
+    return "; ".join(", ".join(f"{s!r} ({n})" for s, n in spellings.items()) for spellings in variants.values())
+
+
+def read_labels(path: Path, classes: list[str] | None = None, *, merge_variants: bool = False) -> LabelTable:
+    """Read and validate a labels CSV; every problem is reported in one :class:`WsiMilError`.
+
+    Parameters
+    ----------
+    path : Path
+        CSV with a header ``slide_id,label`` and optional ``patient_id`` (default: the slide id) and
+        ``split`` (train/val/test). A ``.h5`` suffix on slide ids is dropped.
+    classes : list of str, optional
+        Class names in class-index order (``training.classes``); default see the module doc.
+    merge_variants : bool
+        Merge labels that differ only by case or surrounding spaces instead of refusing them.
+
+    Raises
+    ------
+    WsiMilError
+        Missing or unreadable file, missing columns, blank or duplicate slide ids, blank labels,
+        label spelling variants (unless merged), labels outside ``classes``, unknown split values,
+        or a single class.
+    """
     path = Path(path)
     if not path.is_file():
         raise WsiMilError(f"labels file {path} does not exist; pass a CSV with columns slide_id,label via --labels.")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise WsiMilError(f"labels file {path} is empty; it needs a header slide_id,label and one row per slide.") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -107,10 +161,16 @@ def read_labels(path: Path, classes: list[str] | None = None) -> LabelTable:
         )
     if df.empty:
         raise WsiMilError(f"labels file {path} has a header but no rows; add one row per slide.")
+    variants = label_variants(df["label"].astype(str))
     for col in df.columns:
         df[col] = df[col].astype(str).str.strip()
     df["slide_id"] = df["slide_id"].map(lambda s: s[:-3] if s.endswith(".h5") else s)
     problems: list[str] = []
+    if variants and merge_variants:
+        df["label"] = _merge_variants(df["label"], variants, classes)
+    elif variants:
+        problems.append(f"labels that differ only by case or surrounding spaces: {_show_variants(variants)} "
+                        "(make each label's spelling identical, or set training.merge_label_variants=true)")
     blank_ids = (df["slide_id"] == "").sum()
     if blank_ids:
         problems.append(f"{blank_ids} row(s) without slide_id")
@@ -150,9 +210,60 @@ def read_labels(path: Path, classes: list[str] | None = None) -> LabelTable:
     return LabelTable(df[cols].reset_index(drop=True), list(classes), path)
 
 
+def load_labels(cfg: TrainingConfig) -> LabelTable:
+    """:func:`read_labels` of ``training.labels_csv`` with ``training.classes`` and ``training.merge_label_variants``."""
+    if cfg.labels_csv is None:
+        raise WsiMilError("no labels file given; pass --labels CSV (columns slide_id,label) or set training.labels_csv.")
+    return read_labels(cfg.labels_csv, cfg.classes, merge_variants=cfg.merge_label_variants)
+
+
+def id_mismatch(labelled: Sequence[str], found: Iterable[str], what: str) -> list[str]:
+    """Sentences listing labelled slides without a ``what`` and ``what``s without a label (count + first ids)."""
+    found = set(found)
+    known = set(labelled)
+    missing = [s for s in labelled if s not in found]
+    extra = sorted(found - known)
+    out = []
+    if missing:
+        out.append(f"{len(missing)} labelled slide(s) have no {what} ({_show(missing)})")
+    if extra:
+        out.append(f"{len(extra)} {what}(s) have no label ({_show(extra)})")
+    return out
+
+
+def match_slides(labels: LabelTable, slide_ids: Sequence[str], slides_dir: Path) -> LabelTable:
+    """The labels of the slides found in ``slides_dir``; mismatches either way are listed in a warning.
+
+    Raises
+    ------
+    WsiMilError
+        When no labelled slide is in the folder (usually ids that are not the file names).
+    """
+    problems = id_mismatch(labels.slide_ids, slide_ids, "slide file")
+    present = set(slide_ids)
+    keep = [s for s in labels.slide_ids if s in present]
+    if not keep:
+        raise WsiMilError(
+            f"none of the {len(labels.slide_ids)} slides of {labels.source or 'the labels'} is in {slides_dir} "
+            f"(labels: {_show(labels.slide_ids, 3)}; files: {_show(sorted(slide_ids), 3)}); slide_id must be the "
+            "slide file's name without extension."
+        )
+    if problems:
+        log.warning("%s vs %s: %s; training uses the %d labelled slides present.", labels.source or "labels",
+                    slides_dir, "; ".join(problems), len(keep))
+    return labels.subset(keep)
+
+
 # ------------------------------------------------------------------------------------------- bags
 def resolve_features_dir(out: Path, cfg: Config) -> Path:
-    """``training.features_dir`` or ``OUT/features/<tiling key>/<encoder key>``."""
+    """``training.features_dir``, or ``OUT/features/<tiling key>/<encoder key>`` derived from the config.
+
+    Raises
+    ------
+    WsiMilError
+        When the derived directory does not exist: the message lists the bag folders that do exist for
+        this tiling (e.g. ``resnet50_trunc-random`` after ``extract --weights random``) and how to pick one.
+    """
     if cfg.training.features_dir is not None:
         return Path(cfg.training.features_dir)
     from wsi_mil.layout import Layout, tiling_key
@@ -163,7 +274,10 @@ def resolve_features_dir(out: Path, cfg: Config) -> Path:
         raise WsiMilError(
             "cannot derive the features directory (wsi_mil.encoders missing); set training.features_dir."
         ) from None
-    return Layout(out).features_dir(tiling_key(cfg), encoder_key(cfg.features))
+    features_dir = Layout(out).features_dir(tiling_key(cfg), encoder_key(cfg.features))
+    if not features_dir.is_dir():
+        raise WsiMilError(f"features directory {features_dir} does not exist; {_bag_folders_hint(features_dir)}")
+    return features_dir
 
 
 def list_bags(features_dir: Path) -> dict[str, Path]:
@@ -175,6 +289,31 @@ def list_bags(features_dir: Path) -> dict[str, Path]:
             "or set training.features_dir."
         )
     return {p.stem: p for p in sorted(features_dir.glob("*.h5")) if PARTIAL_TAG not in p.name}
+
+
+def _count_bags(folder: Path) -> int:
+    return sum(1 for p in folder.glob("*.h5") if PARTIAL_TAG not in p.name)
+
+
+def _bag_folders_hint(features_dir: Path) -> str:
+    """What exists next to a missing features directory, and how to point training at it.
+
+    The layout is ``OUT/features/<tiling key>/<encoder key>``: list the encoder folders of this tiling
+    with their bag counts, or (none there) the tiling folders that hold bags.
+    """
+    tiling = features_dir.parent
+    folders = [(p.name, n) for p in sorted(tiling.glob("*/")) if (n := _count_bags(p))]
+    if folders:
+        listing = ", ".join(f"{name} ({n} bags)" for name, n in folders)
+        return (f"bag folders for this tiling: {listing}. Set features.encoder / features.weights so that the "
+                f"folder name <encoder>-<weights> matches one (e.g. --set features.weights=random for "
+                f"*-random), or set training.features_dir to it.")
+    root = tiling.parent
+    tilings = sorted(p.name for p in root.glob("*/") if p.is_dir() and any(_count_bags(q) for q in p.glob("*/")))
+    if tilings:
+        return (f"no bags for tiling {tiling.name}; bags exist for tiling(s) {_show(tilings, 5)} (other tiling/"
+                "tissue settings): use the same settings as `wsi-mil extract`, or set training.features_dir.")
+    return "run `wsi-mil extract` first or set training.features_dir."
 
 
 @dataclass(frozen=True)
@@ -209,9 +348,6 @@ def match_bags(labels: LabelTable, features_dir: Path, on_missing: str = "error"
     trains on the slides that have both. Empty or unreadable bags count as missing.
     """
     bags = list_bags(features_dir)
-    labelled = set(labels.slide_ids)
-    no_bag = [s for s in labels.slide_ids if s not in bags]
-    no_label = sorted(set(bags) - labelled)
     empty = []
     for sid in labels.slide_ids:
         if sid in bags:
@@ -220,13 +356,9 @@ def match_bags(labels: LabelTable, features_dir: Path, on_missing: str = "error"
                     empty.append(sid)
             except WsiMilError:
                 empty.append(sid)
-    problems = []
-    if no_bag:
-        problems.append(f"{len(no_bag)} labelled slide(s) have no bag ({_show(no_bag)})")
+    problems = id_mismatch(labels.slide_ids, bags, "bag")
     if empty:
         problems.append(f"{len(empty)} bag(s) are empty or unreadable ({_show(empty)})")
-    if no_label:
-        problems.append(f"{len(no_label)} bag(s) have no label ({_show(no_label)})")
     if problems:
         text = f"{labels.source or 'labels'} vs {features_dir}: " + "; ".join(problems)
         if on_missing == "error":
