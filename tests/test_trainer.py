@@ -101,7 +101,7 @@ def _cfg(bags: Path, labels: Path, **extra: Any) -> Config:
 
 FOLD_ARTIFACTS = {"checkpoint.pt", "config.yaml", "split.csv", "predictions.csv", "val_predictions.csv",
                   "roc.png", "confusion_matrix.png", "training_curves.png"}
-PARENT_ARTIFACTS = {"config.yaml", "splits.csv", "labels.csv", "predictions.csv", "summary.csv", "per_fold.csv",
+PARENT_ARTIFACTS = {"config.yaml", "splits.csv", "split_counts.csv", "labels.csv", "predictions.csv", "summary.csv", "per_fold.csv",
                     "roc_pooled.png", "confusion_pooled.png"}
 
 
@@ -212,6 +212,70 @@ def test_cli_train_and_bad_labels(tmp_path, capsys):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "have no bag (slide_999)" in err and "have no label (slide_011)" in err
+
+
+def test_cli_train_reuses_a_finished_run_unless_forced(tmp_path, capsys):
+    bags, labels = write_cohort(tmp_path / "data", n_slides=12, shift=5.0)
+    out = tmp_path / "out"
+    args = ["-q", "train", str(out), "--labels", str(labels), "--model", "mean", "--folds", "2", "--epochs", "2",
+            "--set", f"training.features_dir={bags}", "--set", "training.bootstrap=0", "--set", "model.hidden_dim=16"]
+    tracker = Tracker(f"sqlite:///{out / 'mlflow.db'}")
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    run_id = re.search(r"MLflow parent run: ([0-9a-f]{32})", first).group(1)
+    assert cli.main(args) == 0
+    again = capsys.readouterr().out
+    assert f"reusing finished MLflow run {run_id}" in again and f"MLflow parent run: {run_id}" in again
+    assert again.split("\n", 1)[1] == first  # the same per-fold table and summary, read back from MLflow
+    assert len(tracker.find_runs("data_labels", "tags.`wsi_mil.role` = 'cv'")) == 1
+    assert cli.main([*args, "--force"]) == 0
+    assert "reusing" not in capsys.readouterr().out
+    assert len(tracker.find_runs("data_labels", "tags.`wsi_mil.role` = 'cv'")) == 2
+    labels.write_text(labels.read_text().replace("slide_000,p000,0", "slide_000,p000,1"))  # relabelled: train again
+    assert cli.main(args) == 0
+    assert "reusing" not in capsys.readouterr().out
+
+
+def test_tumour_and_normal_slide_per_patient_trains_5_folds(tmp_path):
+    # TCGA-shaped: each of 16 patients has a normal (-11) and a tumour (-01) slide
+    bags, labels = write_cohort(tmp_path / "data", n_slides=32, dim=16, n_min=8, n_max=16, shift=5.0,
+                                slides_per_patient=2, label_names=["normal", "tumor"])
+    out = tmp_path / "out"
+    cfg = _cfg(bags, labels, **{"training.folds": 5, "training.epochs": 2, "training.min_epochs": 0,
+                                "training.bootstrap": 50, "model.name": "mean", "model.hidden_dim": 16,
+                                "tracking.log_checkpoints": False})
+    result = train_cohort(out, cfg)
+    assert len(result.folds) == 5 and result.classes == ["normal", "tumor"]
+    tracker = Tracker(f"sqlite:///{out / 'mlflow.db'}")
+    splits = tracker.load_splits(result.parent_run_id)
+    assert (splits.groupby(["seed", "fold", "patient_id"])["role"].nunique() == 1).all()  # no patient crosses roles
+    counts = pd.read_csv(tracker.download(result.parent_run_id, "split_counts.csv"))
+    assert list(counts["fold"]) == [0, 1, 2, 3, 4]
+    for name in ("normal", "tumor"):
+        assert ((counts[f"test_{name}"] - 16 / 5).abs() < 1).all()  # within one slide of ideal
+        assert (counts[f"val_{name}"] >= 1).all()
+    for fold in result.folds:
+        assert fold.test_metrics["auc_ci_low"] <= fold.test_metrics["auc"] <= fold.test_metrics["auc_ci_high"]
+
+
+def test_three_class_cohort_trains_with_macro_metrics(tmp_path):
+    from sklearn.metrics import f1_score
+
+    # every patient holds one slide of each of three classes
+    bags, labels = write_cohort(tmp_path / "data", n_slides=27, dim=16, n_min=8, n_max=16, n_classes=3, shift=5.0,
+                                slides_per_patient=3, label_names=["LUAD", "LUSC", "normal"])
+    out = tmp_path / "out"
+    cfg = _cfg(bags, labels, **{"training.folds": 3, "training.epochs": 3, "training.min_epochs": 0,
+                                "training.bootstrap": 20, "model.name": "abmil", "model.hidden_dim": 16,
+                                "tracking.log_checkpoints": False})
+    result = train_cohort(out, cfg)
+    assert result.classes == ["LUAD", "LUSC", "normal"] and len(result.folds) == 3
+    preds = result.predictions
+    assert {"prob_LUAD", "prob_LUSC", "prob_normal"} <= set(preds.columns) and preds["threshold"].isna().all()
+    for fold in result.folds:
+        part = preds[preds.fold == fold.fold]
+        assert sorted(part["label"].value_counts()) == [3, 3, 3]
+        assert fold.test_metrics["f1"] == pytest.approx(f1_score(part["label"], part["pred"], average="macro"))
 
 
 class BaselineUser(BagMethod):

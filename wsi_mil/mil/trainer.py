@@ -45,8 +45,8 @@ from wsi_mil.mil.data import (
     BagStore,
     LabelTable,
     data_fingerprint,
+    load_labels,
     match_bags,
-    read_labels,
     resolve_features_dir,
 )
 from wsi_mil.mil.methods import (
@@ -56,7 +56,7 @@ from wsi_mil.mil.methods import (
     method_label,
     seed_everything,
 )
-from wsi_mil.mil.splits import fold_ids, make_splits
+from wsi_mil.mil.splits import fold_ids, make_splits, split_counts
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,29 @@ CHECKPOINT_FORMAT = "wsi-mil-checkpoint"
 
 
 # ----------------------------------------------------------------------------------------- scoring
-def score_bags(method: MILMethod, bags: BagList) -> tuple[np.ndarray, np.ndarray]:
-    """Labels [n] and class probabilities [n, C] of ``bags`` under ``method``."""
-    probs = [np.asarray(method.predict(bag).probs, dtype=np.float64) for bag in bags]
+def score_bags(method: MILMethod, bags: BagList,
+               instance_scores: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels [n] and class probabilities [n, C] of ``bags`` under ``method`` (one ``predict`` per bag).
+
+    ``instance_scores``, when given, receives each bag's per-instance scores [N] by slide id.
+    """
+    probs = []
+    for bag in bags:
+        pred = method.predict(bag)
+        probs.append(np.asarray(pred.probs, dtype=np.float64))
+        if instance_scores is not None:
+            instance_scores[bag.slide_id] = np.asarray(pred.instance_scores, dtype=np.float64)
     y = np.asarray(bags.labels if isinstance(bags, BagList) else [b.label for b in bags], dtype=int)
     return y, (np.stack(probs) if probs else np.zeros((0, 2)))
 
 
-def instance_auc_of(method: MILMethod, bags: BagList, tcfg: TrainingConfig) -> float:
+def instance_auc_of(method: MILMethod, bags: BagList, tcfg: TrainingConfig,
+                    instance_scores: dict[str, np.ndarray] | None = None) -> float:
     """Localisation AUC of the method's per-instance scores on ``bags`` against annotated tumour.
 
     Patches are positive when their tumour fraction reaches ``training.instance_threshold``; normal
     slides without an annotation file count as all-negative. NaN without ``training.annotations_dir``.
+    ``instance_scores`` (filled by :func:`score_bags`) spares predicting the bags a second time.
     """
     from wsi_mil.annotations import instance_auc, load_instance_labels
     from wsi_mil.stores import read_bag_attrs
@@ -91,7 +102,8 @@ def instance_auc_of(method: MILMethod, bags: BagList, tcfg: TrainingConfig) -> f
         found = load_instance_labels(Path(tcfg.annotations_dir), bag.slide_id, bag.coords, size0,
                                      tcfg.instance_threshold, normal_slide=y == 0)
         if found is not None:
-            scores[bag.slide_id] = np.asarray(method.predict(bag).instance_scores, dtype=np.float64)
+            scores[bag.slide_id] = instance_scores[bag.slide_id] if instance_scores is not None else \
+                np.asarray(method.predict(bag).instance_scores, dtype=np.float64)
             labels[bag.slide_id] = found
     return instance_auc(scores, labels)
 
@@ -285,9 +297,7 @@ class CohortData:
 
 def load_cohort(out: Path, cfg: Config) -> CohortData:
     """Read and check labels and bags, and make the splits."""
-    if cfg.training.labels_csv is None:
-        raise WsiMilError("no labels file given; pass --labels CSV (columns slide_id,label) or set training.labels_csv.")
-    labels = read_labels(cfg.training.labels_csv, cfg.training.classes)
+    labels = load_labels(cfg.training)
     features_dir = resolve_features_dir(out, cfg)
     labels, paths = match_bags(labels, features_dir, cfg.training.on_missing)
     store = BagStore(paths, cache=cfg.training.cache_bags, max_bytes=cfg.training.cache_max_gb * 1e9)
@@ -343,13 +353,14 @@ class _FoldRunner:
                 threshold = M.choose_threshold(y_val, p_val[:, 1], cfg.training.threshold) if len(y_val) else 0.5
             val_metrics = M.compute_metrics(y_val, p_val, threshold) if len(y_val) else {}
             # the test fold is scored exactly once, with the checkpoint and threshold chosen above
-            y_test, p_test = score_bags(method, bags["test"])
+            test_scores: dict[str, np.ndarray] = {}
+            y_test, p_test = score_bags(method, bags["test"], test_scores)
+            patients = data.patients
             test_metrics = M.evaluate(y_test, p_test, threshold, n_boot=cfg.training.bootstrap,
-                                      seed=boot_seed(seed, fold))
-            localisation = instance_auc_of(method, bags["test"], cfg.training)
+                                      seed=boot_seed(seed, fold), groups=[patients[s] for s in ids["test"]])
+            localisation = instance_auc_of(method, bags["test"], cfg.training, test_scores)
             if not np.isnan(localisation):
                 test_metrics["instance_auc"] = localisation
-            patients = data.patients
             preds = prediction_frame(ids["test"], patients, y_test, p_test, classes, threshold, seed, fold, "test")
             val_preds = prediction_frame(ids["val"], patients, y_val, p_val, classes, threshold, seed, fold, "val")
             final = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
@@ -491,6 +502,7 @@ def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> Trai
                                     "n_patients": data.labels.df["patient_id"].nunique(), "in_dim": data.store.dim})
         tracker.log_text(parent, dump_config(cfg), "config.yaml")
         tracker.log_dataframe(parent, data.splits, "splits.csv")
+        tracker.log_dataframe(parent, split_counts(data.splits, data.labels.classes), "split_counts.csv")
         tracker.log_dataframe(parent, data.labels.df, "labels.csv")
         runner = _FoldRunner(cfg, data, tracker, experiment_id, parent, method_factory, device, tags)
         pairs = sorted({(int(s), int(f)) for s, f in zip(data.splits["seed"], data.splits["fold"], strict=True)})
@@ -588,7 +600,8 @@ def evaluate_run(run_id: str, out: Path, cfg: Config, *, method_factory: MethodF
         loaded = load_fold_method(tracker, f.run_id, device=str(device), factory=method_factory, config=run_cfg)
         bags = store.items(f.test_slide_ids, [y_of[s] for s in f.test_slide_ids], device)
         y, probs = score_bags(loaded.method, bags)
-        metrics = M.evaluate(y, probs, loaded.threshold, n_boot=run_cfg.training.bootstrap, seed=boot_seed(f.seed, f.fold))
+        metrics = M.evaluate(y, probs, loaded.threshold, n_boot=run_cfg.training.bootstrap, seed=boot_seed(f.seed, f.fold),
+                             groups=[patients[s] for s in f.test_slide_ids])
         logged = tracker.get_run(f.run_id).metrics
         row = {"seed": f.seed, "fold": f.fold, "run_id": f.run_id, "threshold": loaded.threshold}
         for k, v in metrics.items():
