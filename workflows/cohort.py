@@ -1,20 +1,19 @@
 """`wsi-mil run SLIDES_DIR --labels CSV --out OUT`: the whole workflow on a slide directory.
 
-inventory + tissue + tiling -> embedding -> for each model of ``run.models``: cross-validated
-training (MLflow) -> heatmaps of the test slides (+ localisation AUC where ground truth exists) ->
-a summary table (printed, ``OUT/summary.md``, and an MLflow run of its own).
+labels and folds checked against the slide folder -> inventory + tissue + tiling -> embedding -> for
+each model of ``run.models``: cross-validated training (MLflow) -> heatmaps of the test slides
+(+ localisation AUC where ground truth exists) -> a summary table (printed, ``OUT/summary.md``, and an
+MLflow run of its own).
 
 Every stage skips finished work: stores and bags are reused when their settings match, and a model
 whose training finished before under the same settings and data is not trained again (its MLflow
 run is found by the ``wsi_mil.workflow_key`` tag). Slides that fail to tile or embed are reported and
-excluded from training; the run goes on.
+excluded from training; the run goes on. Bad labels and infeasible folds stop it before any tiling.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -23,19 +22,21 @@ from pathlib import Path
 import pandas as pd
 
 from workflows.heatmap import heatmaps_for_run
+from workflows.train import WORKFLOW_TAG, finished_run, workflow_key
 from wsi_mil.compute import dask_client
 from wsi_mil.config import Config
-from wsi_mil.encoders import encoder_key
 from wsi_mil.extract import ExtractReport, extract_cohort
-from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.layout import Layout
+from wsi_mil.mil.data import LabelTable, load_labels, match_slides, resolve_features_dir
+from wsi_mil.mil.splits import make_splits
 from wsi_mil.mil.trainer import train_cohort
+from wsi_mil.slides import find_slides, slide_id
 from wsi_mil.stores import write_text_atomic
 from wsi_mil.tiling import TilingReport, tile_cohort
 from wsi_mil.tracking import Tracker, experiment_name, open_tracker
 
 log = logging.getLogger(__name__)
 
-WORKFLOW_TAG = "wsi_mil.workflow_key"
 SUMMARY_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1", "instance_auc")
 
 
@@ -82,23 +83,6 @@ def model_config(cfg: Config, name: str, trained: dict[str, str]) -> Config:
     return cfg
 
 
-def workflow_key(cfg: Config, features_dir: Path) -> str:
-    """Hash of the settings that shape a model's results and of the bags it trains on."""
-    bags = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in features_dir.glob("*.h5"))
-    data = {
-        "config": cfg.model_dump(mode="json", include={"model", "training"}),
-        "tiling": tiling_key(cfg),
-        "encoder": encoder_key(cfg.features),
-        "bags": bags,
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _finished_run(tracker: Tracker, cfg: Config, key: str) -> str | None:
-    runs = tracker.find_runs(experiment_name(cfg), f"tags.`{WORKFLOW_TAG}` = '{key}' and attributes.status = 'FINISHED'")
-    return runs[0].run_id if runs else None
-
-
 def _summary_of(tracker: Tracker, run_id: str) -> dict[str, tuple[float, float]]:
     metrics = tracker.get_run(run_id).metrics
     return {m: (metrics.get(f"test_{m}_mean", math.nan), metrics.get(f"test_{m}_std", math.nan)) for m in SUMMARY_METRICS}
@@ -106,15 +90,14 @@ def _summary_of(tracker: Tracker, run_id: str) -> dict[str, tuple[float, float]]
 
 def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[ModelOutcome]:
     """Train (or reuse) each model of ``cfg.run.models`` and draw its test-slide heatmaps."""
-    layout = Layout(out)
-    features_dir = layout.features_dir(tiling_key(cfg), encoder_key(cfg.features))
+    features_dir = resolve_features_dir(out, cfg)
     tracker = open_tracker(out, cfg)
     trained: dict[str, str] = {}
     outcomes = []
     for name in cfg.run.models:
         mcfg = model_config(cfg, name, trained)
         key = workflow_key(mcfg, features_dir)
-        run_id = _finished_run(tracker, mcfg, key)
+        run_id = finished_run(tracker, mcfg, key)
         reused = run_id is not None
         if run_id is None:
             log.info("training %s", name)
@@ -182,10 +165,32 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
+def check_cohort(slides_dir: Path, cfg: Config) -> LabelTable:
+    """Labels and folds checked against the slides of ``slides_dir`` before any tiling or embedding.
+
+    The slide ids are those the tiler's inventory finds (:func:`wsi_mil.slides.find_slides`). Labelled
+    slides missing from the folder and unlabelled slide files are listed in a warning and left out; the
+    folds are then made on the labelled slides present, for every seed.
+
+    Raises
+    ------
+    WsiMilError
+        Bad labels (e.g. spellings that differ only by case), no labelled slide in the folder, or
+        folds that the labels cannot fill (:func:`wsi_mil.mil.splits.check_feasible`).
+    """
+    labels = load_labels(cfg.training)
+    ids = [slide_id(p) for p in find_slides(Path(slides_dir), cfg.slides)]
+    if ids:  # an empty folder is reported by the tiler, naming the extensions it looked for
+        labels = match_slides(labels, ids, Path(slides_dir))
+    make_splits(labels, cfg.training)
+    return labels
+
+
 def run_cohort(slides_dir: Path, labels_csv: Path, out: Path, cfg: Config) -> CohortOutcome:
     """Run every stage on ``slides_dir``; see the module docstring."""
     out = Path(out)
     cfg = cfg.with_overrides({"training.labels_csv": str(Path(labels_csv).resolve()), "training.on_missing": "exclude"})
+    check_cohort(slides_dir, cfg)
     with dask_client(cfg.compute) as client:
         tiling = tile_cohort(slides_dir, out, cfg, client=client)
     extraction = extract_cohort(out, cfg)

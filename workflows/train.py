@@ -1,18 +1,55 @@
-"""`wsi-mil train` and `wsi-mil evaluate`."""
+"""`wsi-mil train` and `wsi-mil evaluate`.
+
+`train` (like `run`) does not train a model again whose MLflow run finished with the same model and
+training settings, labels and bags: it finds that run by its ``wsi_mil.workflow_key`` tag and prints
+its results; ``--force`` trains anew.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import sys
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 
 from wsi_mil.config import Config
+from wsi_mil.encoders import encoder_key
+from wsi_mil.layout import tiling_key
+from wsi_mil.mil.data import resolve_features_dir
 from wsi_mil.mil.metrics import format_summary
 from wsi_mil.mil.trainer import evaluate_run, train_cohort
+from wsi_mil.tracking import Tracker, experiment_name, open_tracker
 
 log = logging.getLogger(__name__)
+
+WORKFLOW_TAG = "wsi_mil.workflow_key"
+PER_FOLD_COLUMNS = ["seed", "fold", "best_epoch", "epochs_run", "val_auc", "test_auc", "test_accuracy",
+                    "test_balanced_accuracy", "test_f1"]
+
+
+def workflow_key(cfg: Config, features_dir: Path) -> str:
+    """Hash of what shapes a model's results: model and training settings, labels file content, bags."""
+    bags = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(features_dir).glob("*.h5"))
+    labels = cfg.training.labels_csv
+    data = {
+        "config": cfg.model_dump(mode="json", include={"model", "training"}),
+        "labels": hashlib.sha256(Path(labels).read_bytes()).hexdigest() if labels and Path(labels).is_file() else None,
+        "tiling": tiling_key(cfg),
+        "encoder": encoder_key(cfg.features),
+        "bags": bags,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_run(tracker: Tracker, cfg: Config, key: str) -> str | None:
+    """The id of a finished parent run tagged with ``key``, or None."""
+    runs = tracker.find_runs(experiment_name(cfg), f"tags.`{WORKFLOW_TAG}` = '{key}' and attributes.status = 'FINISHED'")
+    return runs[0].run_id if runs else None
 
 
 def _table(per_fold: pd.DataFrame, columns: list[str]) -> str:
@@ -22,12 +59,22 @@ def _table(per_fold: pd.DataFrame, columns: list[str]) -> str:
 
 def cli_train(args: argparse.Namespace, cfg: Config) -> int:
     """Cross-validate ``cfg.model.name`` on the bags in OUT; print the test metrics and the MLflow run id."""
-    result = train_cohort(args.out, cfg)
     out = sys.stdout
-    out.write(_table(result.per_fold, ["seed", "fold", "best_epoch", "epochs_run", "val_auc", "test_auc",
-                                       "test_accuracy", "test_balanced_accuracy", "test_f1"]) + "\n")
-    out.write(f"test metrics over {len(result.folds)} fold(s) (mean +- std):\n{format_summary(result.summary)}\n")
-    out.write(f"MLflow parent run: {result.parent_run_id}\n")
+    key = workflow_key(cfg, resolve_features_dir(args.out, cfg))
+    tracker = open_tracker(args.out, cfg)
+    run_id = None if args.force else finished_run(tracker, cfg, key)
+    if run_id is not None:
+        with tempfile.TemporaryDirectory(prefix="wsi-mil-reuse-") as tmp:
+            per_fold = pd.read_csv(tracker.download(run_id, "per_fold.csv", Path(tmp)))
+            summary = pd.read_csv(tracker.download(run_id, "summary.csv", Path(tmp))).set_index("metric")
+        out.write(f"reusing finished MLflow run {run_id} (same settings, labels and bags; --force trains again)\n")
+    else:
+        result = train_cohort(args.out, cfg)
+        tracker.set_tags(result.parent_run_id, {WORKFLOW_TAG: key})
+        run_id, per_fold, summary = result.parent_run_id, result.per_fold, result.summary
+    out.write(_table(per_fold, PER_FOLD_COLUMNS) + "\n")
+    out.write(f"test metrics over {len(per_fold)} fold(s) (mean +- std):\n{format_summary(summary)}\n")
+    out.write(f"MLflow parent run: {run_id}\n")
     return 0
 
 

@@ -81,6 +81,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
     p.add_argument("--epochs", type=int, help="Maximum epochs.")
     p.add_argument("--folds", type=int, help="Cross-validation folds.")
+    p.add_argument("--force", action="store_true",
+                   help="Train again although a finished run with the same settings, labels and bags exists.")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
