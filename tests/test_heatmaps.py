@@ -485,7 +485,7 @@ def test_heatmap_config_validation():
 
 def test_oracle_heatmap_on_a_synthetic_slide_matches_its_tumour_truth(tmp_path):
     """Scores = true tumour fraction per patch: the map must sit on the generator's tumour mask."""
-    synthetic = pytest.importorskip("wsi_mil.synthetic")
+    synthetic = pytest.importorskip("wsi_mil.synth")
     path = tmp_path / "syn.svs"
     truth = synthetic.write_slide(path, width=1024, height=1024, seed=3, tumour="large")
     thumb, d = slide_thumbnail(path, max_size=256)

@@ -21,7 +21,7 @@ from wsi_mil.cli import main
 from wsi_mil.config import load_config
 from wsi_mil.encoders import encoder_key
 from wsi_mil.layout import Layout, tiling_key
-from wsi_mil.synthetic import generate_cohort
+from wsi_mil.synth import generate_cohort
 from wsi_mil.tracking import open_tracker
 
 pytestmark = pytest.mark.slow

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import pandas as pd
+from wsi_mil.workflows.cohort import markdown_table, model_config, workflow_key
+from wsi_mil.workflows.demo import DEMO_SETTINGS, choose_weights, demo_config
+from wsi_mil.workflows.ui import ui_command
 
-from workflows.cohort import markdown_table, model_config, workflow_key
-from workflows.demo import DEMO_SETTINGS, choose_weights, demo_config
-from workflows.ui import ui_command
 from wsi_mil.config import load_config
 from wsi_mil.layout import Layout
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from wsi_mil.workflows.heatmap import heatmaps_for_run
 
-from workflows.heatmap import heatmaps_for_run
 from wsi_mil.compute import dask_client
 from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key

@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workflows.cohort import run_cohort, summary_markdown
-from workflows.ui import ui_command
+from wsi_mil.workflows.cohort import run_cohort, summary_markdown
+from wsi_mil.workflows.ui import ui_command
+
 from wsi_mil.config import Config
 from wsi_mil.encoders import build_encoder
 from wsi_mil.errors import WsiMilError
 from wsi_mil.layout import Layout
-from wsi_mil.synthetic import generate_cohort
+from wsi_mil.synth import generate_cohort
 
 log = logging.getLogger(__name__)
 

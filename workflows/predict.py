@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from wsi_mil.workflows.heatmap import bag_item, draw_slide, parent_run_id
 
-from workflows.heatmap import bag_item, draw_slide, parent_run_id
 from wsi_mil import stores
 from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key
