@@ -64,11 +64,11 @@ def make_method(kind: str, student: str, preset: str, bags: list, device: torch.
 
     cfg = _cfg(preset)
     torch.manual_seed(0)
-    ctx = FoldContext(0, 0, bags, [], 2, IN_DIM, device, extras={})
+    ctx = FoldContext(0, 0, bags, [], 2, IN_DIM, device)
     if kind == "base":
         method = BagMethod(build_model(student, IN_DIM, 2, cfg.model), cfg, ctx, student)
     else:
-        ctx.extras["train_baseline"] = lambda name: build_model(name, IN_DIM, 2, cfg.model).to(device)
+        ctx.extras.train_baseline = lambda name: build_model(name, IN_DIM, 2, cfg.model).to(device)
         method = MHIMMethod(cfg, ctx)
     method.setup(ctx)
     return method

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from wsi_mil.config import Config, load_config
 from wsi_mil.errors import WsiMilError
-from wsi_mil.mil.base import BagItem, FoldContext, MILMethod, MILModel
+from wsi_mil.mil.base import BagItem, FoldContext, FoldExtras, MILMethod, MILModel
 from wsi_mil.mil.mhim import (
     MHIMMethod,
     combine_masks,
@@ -211,7 +211,7 @@ def _ctx(
 
     return FoldContext(
         fold=0, seed=0, train=train, val=val or [], n_classes=2, in_dim=IN_DIM,
-        device=torch.device("cpu"), extras={"train_baseline": train_baseline},
+        device=torch.device("cpu"), extras=FoldExtras(train_baseline=train_baseline),
     )
 
 
@@ -242,7 +242,7 @@ def test_setup_uses_load_baseline_when_a_run_is_given() -> None:
         return baseline
 
     ctx = _ctx(cfg, _bags(4, 0))
-    ctx.extras = {"load_baseline": load_baseline}
+    ctx.extras = FoldExtras(load_baseline=load_baseline)
     method = MHIMMethod(cfg, ctx)
     method.setup(ctx)
     assert calls == [(0, 0)]
@@ -252,10 +252,10 @@ def test_setup_uses_load_baseline_when_a_run_is_given() -> None:
 def test_setup_errors_are_clear() -> None:
     cfg = _cfg()
     ctx = _ctx(cfg, _bags(4, 0))
-    ctx.extras = {}
+    ctx.extras = FoldExtras()
     with pytest.raises(WsiMilError, match="no trainer was provided"):
         MHIMMethod(cfg, ctx).setup(ctx)
-    ctx.extras = {"train_baseline": lambda name: build_model("transmil", IN_DIM, 2, cfg.model)}
+    ctx.extras = FoldExtras(train_baseline=lambda name: build_model("transmil", IN_DIM, 2, cfg.model))
     with pytest.raises(WsiMilError, match="baseline is a TransMIL"):
         MHIMMethod(cfg, ctx).setup(ctx)
 

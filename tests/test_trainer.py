@@ -17,9 +17,12 @@ from wsi_mil import cli
 from wsi_mil.config import Config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.mil.base import BagItem, FoldContext, Prediction
+from wsi_mil.mil.checkpoints import load_checkpoint, load_fold_method
+from wsi_mil.mil.cv import train_cohort
+from wsi_mil.mil.evaluation import evaluate_run
+from wsi_mil.mil.fit import fit
 from wsi_mil.mil.methods import BagMethod, build_model
-from wsi_mil.mil.trainer import evaluate_run, fit, train_cohort
-from wsi_mil.tracking import Tracker, load_fold_method
+from wsi_mil.tracking import Tracker
 
 
 @pytest.fixture(autouse=True)
@@ -223,15 +226,15 @@ class BaselineUser(BagMethod):
 
     def setup(self, fold: FoldContext) -> None:
         super().setup(fold)
-        assert fold.extras["config"].model.hidden_dim == 16
-        assert set(fold.extras["bag_paths"]) == set(fold.train.slide_ids) | set(fold.val.slide_ids)
-        if "load_baseline" in fold.extras:
-            self.model = fold.extras["load_baseline"](fold.fold, fold.seed)
+        assert fold.extras.config.model.hidden_dim == 16
+        assert set(fold.extras.bag_paths) == set(fold.train.slide_ids) | set(fold.val.slide_ids)
+        if fold.extras.load_baseline is not None:
+            self.model = fold.extras.load_baseline(fold.fold, fold.seed)
             self.source = "loaded"
         else:
-            self.model = fold.extras["train_baseline"]("mean")
+            self.model = fold.extras.train_baseline("mean")
             self.source = "trained"
-        fold.extras["log_metrics"]({"baseline_source_" + self.source: 1.0}, 0)
+        fold.extras.log_metrics({"baseline_source_" + self.source: 1.0}, 0)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
 
 
@@ -247,7 +250,7 @@ def test_baseline_hooks_train_and_reload(tmp_path):
     assert "baseline_best_epoch" in run0.metrics and "baseline_source_trained" in run0.metrics
     assert [s for s, _ in tracker.metric_history(run0.run_id, "baseline_val_auc")] == [0, 1, 2, 3]
     assert "baseline/checkpoint.pt" in tracker.list_artifacts(run0.run_id)
-    base = tracker.load_checkpoint(run0.run_id, "baseline/checkpoint.pt")
+    base = load_checkpoint(tracker, run0.run_id, "baseline/checkpoint.pt")
     assert base["method"] == "bag" and base["model_name"] == "mean"
 
     second_cfg = cfg.with_overrides({"model.mhim.baseline_run": first.parent_run_id, "training.epochs": 1})

@@ -28,7 +28,7 @@ from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key
 from wsi_mil.extract import ExtractReport, extract_cohort
 from wsi_mil.layout import Layout, tiling_key
-from wsi_mil.mil.trainer import train_cohort
+from wsi_mil.mil.cv import train_cohort
 from wsi_mil.stores import write_text_atomic
 from wsi_mil.tiling import TilingReport, tile_cohort
 from wsi_mil.tracking import Tracker, experiment_name, open_tracker

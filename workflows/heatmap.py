@@ -25,7 +25,9 @@ from wsi_mil.errors import WsiMilError
 from wsi_mil.heatmaps import SlideHeatmap, render_slide_heatmap, slide_thumbnail
 from wsi_mil.layout import Layout
 from wsi_mil.mil.base import BagItem
-from wsi_mil.tracking import Tracker, load_fold_method, open_tracker
+from wsi_mil.mil.checkpoints import load_fold_method, load_run_splits
+from wsi_mil.mil.splits import fold_ids
+from wsi_mil.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,6 @@ class RunHeatmaps:
     localisation_auc: float = float("nan")
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     labels: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def parent_run_id(tracker: Tracker, run_id: str) -> str:
-    run = tracker.get_run(run_id)
-    return run.parent_id if run.tags.get("wsi_mil.role") == "fold" and run.parent_id else run_id
 
 
 def _features_dir(tracker: Tracker, parent: str) -> Path:
@@ -101,18 +98,18 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     out = Path(out)
     layout = Layout(out)
     tracker = open_tracker(out, cfg)
-    parent = parent_run_id(tracker, run_id)
+    parent = tracker.parent_of(run_id)
     run_cfg = tracker.load_config(parent)
     if cfg.training.annotations_dir is not None:
         run_cfg = run_cfg.with_overrides({"training.annotations_dir": str(cfg.training.annotations_dir)})
     hcfg = cfg.heatmap
     folds = tracker.fold_runs(parent)
-    splits = tracker.load_splits(parent)
+    splits = load_run_splits(tracker, parent)
     y_of = dict(zip(splits["slide_id"], splits["y"].astype(int), strict=False))
     # each slide is scored by the model of the first fold that held it out as test
     owner: dict[str, object] = {}
     for f in folds:
-        for sid in f.test_slide_ids:
+        for sid in fold_ids(splits, f.seed, f.fold, "test"):
             owner.setdefault(sid, f)
     wanted = slide_ids or sorted(owner)
     unknown = [s for s in wanted if s not in owner]

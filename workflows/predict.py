@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from wsi_mil.workflows.heatmap import bag_item, draw_slide, parent_run_id
+from wsi_mil.workflows.heatmap import bag_item, draw_slide
 
 from wsi_mil import stores
 from wsi_mil.config import Config
@@ -23,8 +23,9 @@ from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
 from wsi_mil.extract import extract_cohort
 from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.mil.checkpoints import load_fold_method
 from wsi_mil.tiling import tile_cohort
-from wsi_mil.tracking import load_fold_method, open_tracker
+from wsi_mil.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
     """Predict every slide of ``slides_dir`` with the fold models of ``run_id``; see the module docstring."""
     out = Path(out)
     tracker = open_tracker(out, cfg)
-    parent = parent_run_id(tracker, run_id)
+    parent = tracker.parent_of(run_id)
     run_cfg = tracker.load_config(parent).with_overrides(
         {"compute.scheduler": cfg.compute.scheduler, "features.device": cfg.features.device}
     )
@@ -80,5 +81,5 @@ def cli_predict(args: argparse.Namespace, cfg: Config) -> int:
     """`wsi-mil predict --run RUN_ID SLIDES_DIR [--out OUT]`."""
     frame = predict_slides(args.run, args.slides_dir, args.out, cfg)
     print(frame.drop(columns=[c for c in ("heatmap",) if c in frame]).to_string(index=False))
-    print(f"predictions and heatmaps in {Path(args.out) / 'predictions' / parent_run_id(open_tracker(args.out, cfg), args.run)}")
+    print(f"predictions and heatmaps in {Path(args.out) / 'predictions' / open_tracker(args.out, cfg).parent_of(args.run)}")
     return 1 if "error" in frame and frame["error"].notna().any() else 0

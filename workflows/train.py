@@ -9,8 +9,9 @@ import sys
 import pandas as pd
 
 from wsi_mil.config import Config
+from wsi_mil.mil.cv import train_cohort
+from wsi_mil.mil.evaluation import evaluate_run
 from wsi_mil.mil.metrics import format_summary
-from wsi_mil.mil.trainer import evaluate_run, train_cohort
 
 log = logging.getLogger(__name__)
 

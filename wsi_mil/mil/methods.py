@@ -6,7 +6,7 @@
   any aggregator name -> :class:`BagMethod` around :func:`wsi_mil.mil.models.build_model`.
 
 Contract for every method class ``M(cfg, ctx)``: the constructor builds the networks but trains
-nothing (so :func:`wsi_mil.tracking.load_fold_method` can rebuild it from a checkpoint with empty
+nothing (so :func:`wsi_mil.mil.checkpoints.load_fold_method` can rebuild it from a checkpoint with empty
 ``ctx.train``/``ctx.val``); :meth:`setup` does per-fold preparation (MHIM trains/loads its baseline).
 """
 

@@ -75,7 +75,7 @@ class INSMethod:
 
     ``cfg.model.ins.variant`` = ``features`` trains an MLP on the frozen features of the bags;
     ``patches`` trains a CNN end to end on RGB patches read from each bag's patch store (found through
-    ``ctx.extras["bag_paths"]`` and the bag's ``patch_store`` attribute).
+    ``ctx.extras.bag_paths`` and the bag's ``patch_store`` attribute).
     """
 
     def __init__(self, cfg: Config, ctx: FoldContext) -> None:
@@ -290,9 +290,9 @@ class INSMethod:
     def _patch_bag(self, bag: BagItem) -> PatchBag:
         pb = self._patch_bags.get(bag.slide_id)
         if pb is None:
-            paths = self.ctx.extras.get("bag_paths") or {}
+            paths = self.ctx.extras.bag_paths
             if bag.slide_id not in paths:
-                raise WsiMilError(f"INS patches variant: no bag path for slide {bag.slide_id} (ctx.extras['bag_paths']);"
+                raise WsiMilError(f"INS patches variant: no bag path for slide {bag.slide_id} (ctx.extras.bag_paths);"
                                   " the trainer must pass the HDF5 bag paths.")
             pb = open_patch_bag(bag, Path(paths[bag.slide_id]))
             self._patch_bags[bag.slide_id] = pb
