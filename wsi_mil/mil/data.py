@@ -27,7 +27,9 @@ import pandas as pd
 import torch
 
 from wsi_mil.config import Config
+from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
+from wsi_mil.layout import Layout, tiling_key
 from wsi_mil.mil.base import BagItem
 from wsi_mil.stores import PARTIAL_TAG, read_bag, read_bag_attrs
 
@@ -155,14 +157,6 @@ def resolve_features_dir(out: Path, cfg: Config) -> Path:
     """``training.features_dir`` or ``OUT/features/<tiling key>/<encoder key>``."""
     if cfg.training.features_dir is not None:
         return Path(cfg.training.features_dir)
-    from wsi_mil.layout import Layout, tiling_key
-
-    try:
-        from wsi_mil.encoders import encoder_key
-    except ImportError:  # pragma: no cover - encoders module not installed in this tree
-        raise WsiMilError(
-            "cannot derive the features directory (wsi_mil.encoders missing); set training.features_dir."
-        ) from None
     return Layout(out).features_dir(tiling_key(cfg), encoder_key(cfg.features))
 
 
