@@ -7,7 +7,7 @@ latent shifted by ``--shift`` along a random direction. Every model is trained p
 trainer loop (:func:`wsi_mil.mil.fit.fit`: early stopping on validation bag AUC, best checkpoint
 reloaded) on stratified folds with a validation split carved from each training fold; the test fold is
 scored once. Instance AUC pools the test slides' instance scores (INS: instance p(tumour); ABMIL:
-attention weights) against the instance truth with :func:`wsi_mil.annotations.instance_auc`.
+attention weights) against the instance truth with :func:`wsi_mil.mil.metrics.instance_auc`.
 
     python benchmarks/ins.py [--slides 40] [--min-n 150] [--max-n 300] [--folds 3] [--epochs 15]
 
@@ -33,9 +33,9 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsi_mil.annotations import instance_auc  # noqa: E402
 from wsi_mil.config import Config, load_config  # noqa: E402
 from wsi_mil.mil.base import BagItem, FoldContext  # noqa: E402
+from wsi_mil.mil.metrics import instance_auc  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "ins": {"model.name": "ins"},

@@ -12,7 +12,6 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.nn import functional as F
 
-from wsi_mil.annotations import instance_auc
 from wsi_mil.config import Config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.mil.base import BagItem, FoldContext, MILMethod
@@ -28,6 +27,7 @@ from wsi_mil.mil.ins import (
     pplg_update,
     supcon_loss,
 )
+from wsi_mil.mil.metrics import instance_auc
 from wsi_mil.stores import commit, create_patch_store, mark_complete, partial_path, write_bag
 
 

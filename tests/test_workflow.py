@@ -153,7 +153,7 @@ def test_heatmap_and_predict_commands(finished, cohort, tmp_path, capsys):
     (new / "broken.svs").write_bytes(b"not a slide")
     code = main(["predict", str(new), "--run", run.run_id, "--out", str(finished)])
     assert code == 1  # one slide failed, and says so
-    frame = pd.read_csv(finished / "predictions" / run.run_id / "predictions.csv")
+    frame = pd.read_csv(Layout(Layout(finished).predictions_dir(run.run_id)).predictions_csv)
     ok = frame[frame["slide_id"].str.startswith("new_")]
     assert len(ok) == 2 and ok["prob_tumor"].between(0, 1).all()
     assert frame.loc[frame["slide_id"] == "broken", "error"].str.len().iloc[0] > 10

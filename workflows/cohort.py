@@ -202,5 +202,5 @@ def cli_run(args: argparse.Namespace, cfg: Config) -> int:
     """`wsi-mil run SLIDES_DIR --labels CSV --out OUT`."""
     outcome = run_cohort(args.slides_dir, args.labels, args.out, cfg)
     print(summary_markdown(outcome))
-    print(f"summary: {outcome.summary_md}; heatmaps: {Layout(args.out).root / 'heatmaps'}")
+    print(f"summary: {outcome.summary_md}; heatmaps: {Layout(args.out).heatmaps_root}")
     return 0

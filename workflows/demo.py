@@ -80,7 +80,7 @@ def cli_demo(args: argparse.Namespace, cfg: Config) -> int:
     minutes = (time.perf_counter() - started) / 60
     print(f"Done in {minutes:.1f} min. Where to look:")
     print(f"  summary table     {outcome.summary_md}")
-    print(f"  heatmaps          {out / 'heatmaps'}/<run id>/<slide>.png (+ .geojson for QuPath)")
-    print(f"  QC images         {out / 'qc'}")
+    print(f"  heatmaps          {Layout(out).heatmaps_root}/<run id>/<slide>.png (+ .geojson for QuPath)")
+    print(f"  QC images         {Layout(out).qc_dir}")
     print(f"  MLflow UI         wsi-mil ui {out}   (or: mlflow {' '.join(ui_command(Layout(out), 5000)[1:])})")
     return 0

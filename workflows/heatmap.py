@@ -19,13 +19,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from wsi_mil import stores
-from wsi_mil.annotations import instance_auc, load_instance_labels
+from wsi_mil.annotations import load_instance_labels
 from wsi_mil.config import Config, HeatmapConfig
 from wsi_mil.errors import WsiMilError
 from wsi_mil.heatmaps import SlideHeatmap, render_slide_heatmap, slide_thumbnail
 from wsi_mil.layout import Layout
 from wsi_mil.mil.base import BagItem
 from wsi_mil.mil.checkpoints import load_fold_method, load_run_splits
+from wsi_mil.mil.metrics import instance_auc
 from wsi_mil.mil.splits import fold_ids
 from wsi_mil.tracking import Tracker, open_tracker
 
@@ -53,7 +54,7 @@ def _features_dir(tracker: Tracker, parent: str) -> Path:
 
 
 def _tissue_mask(layout: Layout, slide_id: str) -> np.ndarray | None:
-    path = layout.qc_dir / f"{slide_id}_mask.png"
+    path = layout.qc_image(slide_id, "mask")
     return np.asarray(Image.open(path).convert("L")) > 127 if path.is_file() else None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wsi_mil.annotations import instance_auc, load_instance_labels
+from wsi_mil.annotations import load_instance_labels
 from wsi_mil.config import Config, TrainingConfig
 from wsi_mil.devices import resolve_device
 from wsi_mil.errors import WsiMilError
@@ -60,7 +60,7 @@ def instance_auc_of(method: MILMethod, bags: BagList, tcfg: TrainingConfig) -> f
         if found is not None:
             scores[bag.slide_id] = np.asarray(method.predict(bag).instance_scores, dtype=np.float64)
             labels[bag.slide_id] = found
-    return instance_auc(scores, labels)
+    return M.instance_auc(scores, labels)
 
 
 
