@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wsi_mil.config import Config, load_config  # noqa: E402
-from wsi_mil.mil.base import BagItem, FoldContext  # noqa: E402
+from wsi_mil.mil.base import BagItem, FoldContext, FoldExtras  # noqa: E402
 from wsi_mil.mil.metrics import instance_auc  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -78,7 +78,7 @@ def run_fold(name: str, cfg: Config, bags: list[BagItem], truth: list[np.ndarray
     labels = np.array([b.label for b in bags])
     tr, va = train_test_split(train_idx, test_size=0.25, stratify=labels[train_idx], random_state=seed + fold)
     ctx = FoldContext(fold, seed, [bags[i] for i in tr], [bags[i] for i in va], 2, int(bags[0].features.shape[1]),
-                      torch.device("cpu"), {"config": cfg})
+                      torch.device("cpu"), FoldExtras(config=cfg))
     method = build_method(cfg, ctx)
     method.setup(ctx)
     seconds: list[float] = []

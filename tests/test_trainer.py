@@ -21,7 +21,8 @@ from wsi_mil.mil.checkpoints import load_checkpoint, load_fold_method
 from wsi_mil.mil.cv import train_cohort
 from wsi_mil.mil.evaluation import evaluate_run
 from wsi_mil.mil.fit import fit
-from wsi_mil.mil.methods import BagMethod, build_model
+from wsi_mil.mil.methods import BagMethod
+from wsi_mil.mil.models import build_model
 from wsi_mil.tracking import Tracker
 
 

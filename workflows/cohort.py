@@ -26,6 +26,7 @@ from wsi_mil.workflows.heatmap import heatmaps_for_run
 from wsi_mil.compute import dask_client
 from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key
+from wsi_mil.errors import ConfigError
 from wsi_mil.extract import ExtractReport, extract_cohort
 from wsi_mil.layout import Layout, tiling_key
 from wsi_mil.mil.cv import train_cohort
@@ -76,7 +77,7 @@ class CohortOutcome:
 
 def model_config(cfg: Config, name: str, trained: dict[str, str]) -> Config:
     """The config of one listed model; MHIM reuses a baseline trained earlier in this run."""
-    cfg = cfg.with_overrides({"model.name": name})
+    cfg = cfg.for_model(name)
     if name == "mhim" and cfg.model.mhim.baseline_run is None and cfg.model.mhim.student in trained:
         cfg = cfg.with_overrides({"model.mhim.baseline_run": trained[cfg.model.mhim.student]})
     return cfg
@@ -186,6 +187,11 @@ def run_cohort(slides_dir: Path, labels_csv: Path, out: Path, cfg: Config) -> Co
     """Run every stage on ``slides_dir``; see the module docstring."""
     out = Path(out)
     cfg = cfg.with_overrides({"training.labels_csv": str(Path(labels_csv).resolve()), "training.on_missing": "exclude"})
+    for name in cfg.run.models:  # a model the settings do not fit fails now, not after tiling and embedding
+        try:
+            cfg.for_model(name)
+        except ConfigError as exc:
+            raise ConfigError(f"run.models lists {name}: {exc}") from None
     with dask_client(cfg.compute) as client:
         tiling = tile_cohort(slides_dir, out, cfg, client=client)
     extraction = extract_cohort(out, cfg)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wsi_mil import __version__
-from wsi_mil.config import Config, dump_config, load_config
+from wsi_mil.config import Config, describe_config, dump_config, load_config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.workflows.cohort import cli_run
 from wsi_mil.workflows.demo import cli_demo
@@ -134,11 +134,13 @@ def _add_ui(p: argparse.ArgumentParser) -> None:
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["show"], help="show: print the resolved config.")
+    p.add_argument("--describe", action="store_true",
+                   help="Every key with its value, default, allowed values and meaning; the registered models.")
 
 
 def cli_config(args: argparse.Namespace, cfg: Config) -> int:
-    """`wsi-mil config show`: print the resolved config as YAML."""
-    sys.stdout.write(dump_config(cfg))
+    """`wsi-mil config show [--describe]`: print the resolved config as YAML, or every key described."""
+    sys.stdout.write(describe_config(cfg) if getattr(args, "describe", False) else dump_config(cfg))
     return 0
 
 
