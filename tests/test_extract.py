@@ -209,7 +209,8 @@ def test_out_of_memory_batches_are_retried_smaller(tmp_path):
         MemoryCappedCNN.cap = 4
 
 
-def test_dask_cluster_with_gpu_resources(tmp_path):
+def test_cluster_whose_worker_advertises_a_gpu_resource_embeds_every_slide_on_it(tmp_path):
+    """A CPU worker advertising ``GPU=1``: tasks ask for that resource and still give the reference features."""
     import distributed
 
     cfg = make_config()

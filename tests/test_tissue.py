@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_tiler import build_tiler_slides, mask_iou
+from helpers.tiler import build_tiler_slides, mask_iou
 from PIL import Image
 
 from wsi_mil.config import TISSUE_PRESETS, TissueConfig

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import servers
 import torch
-from conftest_milcore import write_cohort
+from helpers import servers
+from helpers.milcore import write_cohort
 
 from wsi_mil import cli
 from wsi_mil.config import Config
