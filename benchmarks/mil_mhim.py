@@ -12,7 +12,7 @@ the RSS once bags and networks are built, over two epochs in a fresh subprocess 
 
     python benchmarks/mil_mhim.py [--device cpu|cuda] [--bags 16] [--min-n 500] [--max-n 3000]
 
-Goals (docs/BENCHMARKS.md): MHIM(AB) <= 1.15x ABMIL; MHIM(Trans) <= 1.0x TransMIL.
+Goals: MHIM(AB) <= 1.15x ABMIL; MHIM(Trans) <= 1.0x TransMIL.
 """
 
 from __future__ import annotations
