@@ -153,3 +153,32 @@ def test_one_installed_top_level_package_holding_every_subpackage():
     on_disk = {m for m, p in MODULES.items() if p.name == "__init__.py"}
     assert sorted(packages) == sorted(on_disk), "list every package directory in pyproject.toml [tool.setuptools]"
     assert not (ROOT / "workflows" / "__init__.py").read_text().count("import workflows")
+
+
+STAGE_ENTRY_POINTS = [
+    "wsi_mil.config:load_config", "wsi_mil.tiling:tile_cohort", "wsi_mil.encoders:build_encoder",
+    "wsi_mil.extract:extract_cohort", "wsi_mil.mil.models:build_model", "wsi_mil.mil.methods:build_method",
+    "wsi_mil.mil.cv:train_cohort", "wsi_mil.mil.evaluation:evaluate_run", "wsi_mil.mil.checkpoints:load_fold_method",
+    "wsi_mil.heatmaps:render_slide_heatmap", "wsi_mil.workflows.heatmap:heatmaps_for_run",
+    "wsi_mil.workflows.predict:predict_slides", "wsi_mil.workflows.cohort:run_cohort", "wsi_mil.synth:generate_cohort",
+]
+MODEL_FORWARDS = ["wsi_mil.mil.base:MILModel.forward", "wsi_mil.mil.abmil:ABMIL.aggregate",
+                  "wsi_mil.mil.transmil:TransMIL.aggregate", "wsi_mil.mil.dsmil:DSMIL.aggregate",
+                  "wsi_mil.mil.pooling:MeanPoolMIL.aggregate", "wsi_mil.mil.pooling:MaxPoolMIL.aggregate"]
+
+
+@pytest.mark.parametrize("target", STAGE_ENTRY_POINTS + MODEL_FORWARDS)
+def test_stage_entry_points_and_model_forwards_have_numpydoc_sections(target):
+    import importlib
+    import inspect
+
+    module, _, qualname = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    doc = inspect.getdoc(obj) or ""
+    sections = ["Parameters\n----------", "Returns\n-------"] + (["Raises\n------"] if target in STAGE_ENTRY_POINTS else [])
+    assert [s.split()[0] for s in sections if s not in doc] == []
+    params = doc.split("Parameters\n----------")[1].split("Returns\n-------")[0]
+    named = [p for p in inspect.signature(obj).parameters if p not in ("self", "cls")]
+    assert [p for p in named if p not in params] == []

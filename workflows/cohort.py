@@ -184,7 +184,32 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def run_cohort(slides_dir: Path, labels_csv: Path, out: Path, cfg: Config) -> CohortOutcome:
-    """Run every stage on ``slides_dir``; see the module docstring."""
+    """Run every stage on ``slides_dir`` (see the module docstring).
+
+    Parameters
+    ----------
+    slides_dir : Path
+        Directory of whole-slide images.
+    labels_csv : Path
+        ``slide_id,label[,patient_id][,split]``; slides that fail to tile or embed are left out.
+    out : Path
+        Output directory (tiles, features, MLflow store, heatmaps, ``summary.md``).
+    cfg : Config
+        Every setting; ``run.models`` lists the models trained in order.
+
+    Returns
+    -------
+    CohortOutcome
+        The tiling and embedding reports, one :class:`ModelOutcome` per model (test metrics mean and
+        std over folds and seeds, localisation AUC), the summary file and its MLflow run.
+
+    Raises
+    ------
+    ConfigError
+        Before any work, when a model of ``run.models`` does not fit the settings.
+    WsiMilError
+        When no slide can be found, no slide is left to train on, or MLflow cannot be reached.
+    """
     out = Path(out)
     cfg = cfg.with_overrides({"training.labels_csv": str(Path(labels_csv).resolve()), "training.on_missing": "exclude"})
     for name in cfg.run.models:  # a model the settings do not fit fails now, not after tiling and embedding

@@ -95,7 +95,34 @@ def draw_slide(slide_id: str, bag: stores.Bag, scores: np.ndarray, out_dir: Path
 
 def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str] | None = None,
                      log_artifacts: bool = True) -> RunHeatmaps:
-    """Draw heatmaps for ``slide_ids`` (default: every fold's test slides) of a `wsi-mil train` run."""
+    """Draw heatmaps for ``slide_ids`` (default: every fold's test slides) of a `wsi-mil train` run.
+
+    Each slide is scored by the fold model that held it out as test, from its saved bag.
+
+    Parameters
+    ----------
+    run_id : str
+        A `wsi-mil train` parent run or one of its fold runs.
+    out : Path
+        Output directory of that run; files go to ``OUT/heatmaps/<run>/``.
+    cfg : Config
+        ``heatmap`` settings, the tracking URI, and ``training.annotations_dir`` for the localisation AUC.
+    slide_ids : list of str, optional
+        Slides to draw (default: every fold's test slides).
+    log_artifacts : bool
+        Attach the files (and the localisation AUC) to the MLflow run.
+
+    Returns
+    -------
+    RunHeatmaps
+        The files per slide, the per-patch scores float64 [N] per slide, the instance labels where
+        ground truth exists, and the pooled localisation AUC (NaN without ground truth).
+
+    Raises
+    ------
+    WsiMilError
+        When the run, its checkpoints, its features directory or a bag cannot be read.
+    """
     out = Path(out)
     layout = Layout(out)
     tracker = open_tracker(out, cfg)

@@ -31,7 +31,31 @@ log = logging.getLogger(__name__)
 
 
 def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.DataFrame:
-    """Predict every slide of ``slides_dir`` with the fold models of ``run_id``; see the module docstring."""
+    """Predict every slide of ``slides_dir`` with the fold models of ``run_id`` (see the module docstring).
+
+    Parameters
+    ----------
+    run_id : str
+        A `wsi-mil train` parent run (or one of its fold runs).
+    slides_dir : Path
+        Directory of new slides; tiled and embedded with the run's recorded settings.
+    out : Path
+        Output directory of the run; the new slides' files go to ``OUT/predictions/<run>/``.
+    cfg : Config
+        The tracking URI, ``compute.scheduler``, ``features.device`` and the ``heatmap`` settings.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per slide: ``slide_id``, ``prob_<class>`` (mean over the fold models), ``pred``,
+        ``n_patches``, ``heatmap``; or ``error`` for a slide that failed. Also written to
+        ``predictions.csv`` and logged to the run under ``predictions/``.
+
+    Raises
+    ------
+    WsiMilError
+        When the run cannot be read or no slide could be predicted.
+    """
     out = Path(out)
     tracker = open_tracker(out, cfg)
     parent = tracker.parent_of(run_id)

@@ -489,7 +489,7 @@ class Config(Section):
         return self
 
     def for_model(self, name: str) -> Config:
-        """This config training model ``name`` instead (validated: ConfigError when the settings do not fit it)."""
+        """A copy training model ``name`` instead (validated: ConfigError when the settings do not fit it)."""
         return self.with_overrides({"model.name": name})
 
     def flat(self) -> dict[str, Any]:
@@ -588,7 +588,24 @@ def _validate(data: dict[str, Any], *, source: str) -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Load defaults, merge a YAML file over them, apply overrides, validate.
 
-    Relative paths inside the file are resolved against the file's directory.
+    Parameters
+    ----------
+    path : Path, optional
+        A YAML experiment file holding any subset of the sections; relative paths inside it are
+        resolved against its directory.
+    overrides : list of str or dict, optional
+        ``section.key=value`` strings (values read as YAML) or a ``{section.key: value}`` dict.
+
+    Returns
+    -------
+    Config
+        The validated settings (cross-field checks included, configured files exist).
+
+    Raises
+    ------
+    ConfigError
+        One sentence naming the file, the key and what is allowed: unknown key, wrong type,
+        out-of-range value, settings the model cannot work with, a missing file.
     """
     data = Config().model_dump(mode="json")
     source = "defaults"

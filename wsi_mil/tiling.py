@@ -522,9 +522,33 @@ def tile_cohort(
     """Tile every slide of ``slides_dir`` into ``OUT/tiles/<tiling_key>/<slide_id>.zarr``.
 
     Complete stores with the same settings and slide fingerprint are kept; partial ones are redone.
-    Per-slide failures are recorded in the report and ``OUT/slides.csv``; with ``strict`` the first
-    failure raises :class:`SlideError`. ``client`` reuses a Dask client; otherwise one is started
-    from ``cfg.compute`` for this call.
+
+    Parameters
+    ----------
+    slides_dir : Path
+        Directory of whole-slide images (``slides.extensions``, ``slides.recursive``).
+    out : Path
+        Output directory (see :mod:`wsi_mil.layout`).
+    cfg : Config
+        Settings: ``slides``, ``tissue``, ``tiling`` (patches of ``tiling.patch_size`` px at
+        ``tiling.target_mpp`` um/px), ``compute``.
+    strict : bool
+        Stop at the first failed slide.
+    client : distributed.Client, optional
+        A Dask client to reuse; otherwise one is started from ``cfg.compute`` for this call.
+
+    Returns
+    -------
+    TilingReport
+        One :class:`TiledSlide` per slide file (done, skipped or failed with the reason), also
+        written to ``OUT/slides.csv``; patch coordinates are level-0 px.
+
+    Raises
+    ------
+    WsiMilError
+        When ``slides_dir`` holds no slide.
+    SlideError
+        With ``strict``, at the first slide that fails.
     """
     paths = find_slides(Path(slides_dir), cfg.slides)
     if not paths:

@@ -121,6 +121,7 @@ class RunRecord:
 
     @property
     def parent_id(self) -> str | None:
+        """The run this one is nested under, if any."""
         return self.tags.get(PARENT_TAG)
 
 

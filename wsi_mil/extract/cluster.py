@@ -49,6 +49,7 @@ def extract_slide_task(out: str, cfg: Config, tiling: str, slide_id: str) -> Sli
 
 
 def run_on_cluster(out: Path, cfg: Config, tiling: str, jobs: list[Job], strict: bool) -> list[SlideResult]:
+    """Embed ``jobs`` on the Dask cluster of ``cfg.compute``, one task per slide; results as they finish."""
     results: list[SlideResult] = []
     with dask_client(cfg.compute) as client:
         workers = client.scheduler_info().get("workers", {}).values()

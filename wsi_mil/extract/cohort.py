@@ -40,18 +40,22 @@ class ExtractReport:
 
     @property
     def done(self) -> list[SlideResult]:
+        """Slides embedded by this run."""
         return self._with("done")
 
     @property
     def skipped(self) -> list[SlideResult]:
+        """Slides whose bags were finished before and kept."""
         return self._with("skipped")
 
     @property
     def failed(self) -> list[SlideResult]:
+        """Slides that failed, with their errors."""
         return self._with("failed")
 
     @property
     def patches_embedded(self) -> int:
+        """Patches embedded by this run."""
         return sum(r.n_patches for r in self.done)
 
     def status_of(self, slide_id: str) -> SlideResult:
@@ -76,11 +80,39 @@ def extract_cohort(out: Path, cfg: Config, *, tiling: str | None = None, strict:
                    slide_ids: list[str] | None = None, progress: bool = True) -> ExtractReport:
     """Embed every patch store of ``OUT/tiles/<tiling>/`` (or only ``slide_ids``) into HDF5 bags.
 
-    ``tiling`` defaults to the key of ``cfg``'s tiling settings. Finished, matching bags are skipped;
-    slides that fail (missing/incomplete store, unreadable chunk, NaN/inf features, out of memory at
-    batch 1) are recorded with their error while the others carry on, unless ``strict``, where the first
-    failure raises. With ``cfg.compute.scheduler`` set, slides are spread over that Dask cluster (see
-    the module docstring). The per-slide status is also written to ``<features dir>/extract_status.csv``.
+    Finished, matching bags are skipped; slides that fail (missing/incomplete store, unreadable chunk,
+    NaN/inf features, out of memory at batch 1) are recorded with their error while the others carry
+    on. With ``cfg.compute.scheduler`` set, slides are spread over that Dask cluster (see
+    :mod:`wsi_mil.extract`).
+
+    Parameters
+    ----------
+    out : Path
+        Output directory of `wsi-mil tile`.
+    cfg : Config
+        Settings: ``features`` (encoder, weights, batch size, device, precision), ``compute``.
+    tiling : str, optional
+        Tiling key of the stores (default: the key of ``cfg``'s tiling settings).
+    strict : bool
+        Stop at the first failed slide.
+    slide_ids : list of str, optional
+        Only these slides (default: every finished store of the tiling).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    ExtractReport
+        One :class:`~wsi_mil.reports.SlideResult` per slide, in slide order (``output``: the bag,
+        features float32/float16 [N, D] and level-0 coords int64 [N, 2]); also written to
+        ``<features dir>/extract_status.csv``.
+
+    Raises
+    ------
+    WsiMilError
+        When no patch store of the tiling exists, or the encoder cannot be built.
+    SlideError
+        With ``strict``, at the first slide that fails.
     """
     started = time.perf_counter()
     layout = Layout(Path(out))

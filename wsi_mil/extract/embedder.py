@@ -57,6 +57,7 @@ class Embedder:
 
     @property
     def amp_name(self) -> str:
+        """The autocast dtype's name (``bfloat16``, ``float16``) or ``none``."""
         return str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else "none"
 
     def preprocess(self, patches: torch.Tensor) -> torch.Tensor:

@@ -114,11 +114,13 @@ def pt_path(bag: Path) -> Path:
 
 
 def write_pt(bag: Path, features: np.ndarray) -> None:
+    """Write the optional float32 ``.pt`` export of a bag's features, atomically."""
     with atomic_output(pt_path(bag)) as tmp, open(tmp, "wb") as fh:
         torch.save(torch.from_numpy(np.asarray(features, dtype=np.float32)), fh)
 
 
 def discover_slides(layout: Layout, tiling: str, slide_ids: list[str] | None) -> list[str]:
+    """``slide_ids`` (deduplicated), or every finished patch store of the tiling; a clear error when none."""
     if slide_ids is not None:
         return list(dict.fromkeys(slide_ids))
     tiles = layout.tiles_dir(tiling)

@@ -101,6 +101,7 @@ def _threadopen_reader(dataset: PatchBlocks, depth: int, pin: bool) -> Iterator[
 
 
 def open_reader(dataset: PatchBlocks, device: torch.device, cfg: FeaturesConfig, processes: bool) -> Iterator[Any]:
+    """Blocks of ``dataset`` in order: DataLoader worker processes for a GPU, else a background thread."""
     if processes and device.type != "cpu" and cfg.num_workers > 0 and len(dataset) > 1:
         loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch)

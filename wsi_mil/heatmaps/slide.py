@@ -107,13 +107,48 @@ def render_slide_heatmap(
     mpp_level0: float | None = None,
     properties: Mapping[str, Any] | None = None,
 ) -> SlideHeatmap:
-    """Write every heatmap output of one slide into ``out_dir``.
+    """Write every heatmap output of one slide into ``out_dir`` (each file atomically).
 
-    Files: ``<id>.png`` (overlay with colour bar and tissue outline), ``<id>.geojson`` (``score`` = the
-    given score, ``measurements`` also hold ``score_<normalize>``), ``<id>_topk.png`` when ``patches``
-    is given and ``cfg.top_k > 0``, ``<id>_heatmap.tif`` when ``cfg.pyramidal_tiff`` (its MPP is
-    ``mpp_level0 * downsample / cfg.tiff_scale`` when ``mpp_level0`` is known). Each file is written
-    atomically. Raises :class:`~wsi_mil.errors.WsiMilError` naming the slide on inconsistent inputs.
+    Parameters
+    ----------
+    slide_id : str
+        Names the files and the GeoJSON features.
+    coords : np.ndarray
+        int or float [N, 2], level-0 x, y of each patch's top-left corner.
+    scores : np.ndarray
+        float [N], one score per patch (attention, instance probability); non-finite ones are left out.
+    patch_size_level0 : float
+        Patch side in level-0 pixels.
+    thumbnail : np.ndarray
+        uint8 [H, W, 3] slide thumbnail.
+    downsample : float
+        Level-0 pixels per thumbnail pixel.
+    out_dir : Path
+        Where the files go.
+    cfg : HeatmapConfig
+        Normalisation, colour map, opacity, top-k, GeoJSON object type, TIFF settings.
+    tissue_mask : np.ndarray, optional
+        bool mask (any size) outlined on the PNG.
+    patches : array-like, optional
+        uint8 [N, P, P, 3] patches (numpy, zarr or h5py) for the top-k montage.
+    title, score_label : str
+        PNG title; what the scores are (colour bar, GeoJSON class).
+    mpp_level0 : float, optional
+        Level-0 um/px; the TIFF's MPP is ``mpp_level0 * downsample / cfg.tiff_scale``.
+    properties : mapping, optional
+        Extra collection properties of the GeoJSON (model, run id...).
+
+    Returns
+    -------
+    SlideHeatmap
+        ``<id>.png`` (overlay with colour bar and tissue outline), ``<id>.geojson`` (``score`` = the given
+        score, ``measurements`` also ``score_<normalize>``), ``<id>_topk.png`` when ``patches`` is given
+        and ``cfg.top_k > 0``, ``<id>_heatmap.tif`` when ``cfg.pyramidal_tiff``.
+
+    Raises
+    ------
+    WsiMilError
+        Naming the slide, when coordinates, scores and patches do not match.
     """
     out_dir = Path(out_dir)
     thumbnail = as_rgb(thumbnail)

@@ -41,7 +41,7 @@ class MILModel(nn.Module):
     embed: nn.Module
 
     def aggregate(self, h: Tensor) -> MILOutput:  # pragma: no cover - abstract
-        """Pool embedded instances h [N, hidden] into a bag output."""
+        """Pool embedded instances h, float [N, hidden], into a bag output."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> MILOutput:

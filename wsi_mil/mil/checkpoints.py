@@ -152,6 +152,12 @@ def load_fold_method(tracker: Tracker, run_id: str, *, device: str = "cpu", fact
     config : Config, optional
         The run's config when the caller has it already (default: the run's ``config.yaml``).
 
+    Returns
+    -------
+    LoadedFold
+        The method with its trained state (``predict`` gives class probabilities and instance scores),
+        the checkpoint, the config, the fold's classes and decision threshold.
+
     Raises
     ------
     WsiMilError

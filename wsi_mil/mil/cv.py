@@ -114,6 +114,7 @@ class CohortData:
 
     @property
     def patients(self) -> dict[str, str]:
+        """Patient id of every slide."""
         return dict(zip(self.labels.df["slide_id"], self.labels.df["patient_id"], strict=True))
 
 
@@ -284,7 +285,26 @@ def _same(a: pd.DataFrame, b: pd.DataFrame, seed: Any, fold: Any) -> bool:
 def train_cohort(out: Path, cfg: Config, *, method_factory: MethodFactory = build_method) -> TrainResult:
     """Cross-validate ``cfg.model`` on the bags of ``out`` and log everything to MLflow.
 
-    ``method_factory(cfg, ctx)`` builds each fold's method (default :func:`build_method`).
+    Parameters
+    ----------
+    out : Path
+        Output directory holding ``features/`` (or set ``training.features_dir``) and, by default,
+        the MLflow store.
+    cfg : Config
+        Settings: ``training`` (labels, folds, seeds, epochs, early stopping), ``model``, ``tracking``.
+    method_factory : callable
+        ``method_factory(cfg, ctx)`` builds each fold's method (default :func:`build_method`).
+
+    Returns
+    -------
+    TrainResult
+        The parent run id, one :class:`FoldResult` per (seed, fold), the summary (mean, std, n of each
+        test metric over folds and seeds), per-fold table and test predictions.
+
+    Raises
+    ------
+    WsiMilError
+        When labels or bags are missing or do not match, a split leaks, or MLflow cannot be reached.
     """
     out = Path(out)
     threads = torch.get_num_threads()

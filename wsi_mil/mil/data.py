@@ -57,10 +57,12 @@ class LabelTable:
 
     @property
     def n_classes(self) -> int:
+        """Number of classes."""
         return len(self.classes)
 
     @property
     def slide_ids(self) -> list[str]:
+        """Slide ids in table order."""
         return self.df["slide_id"].tolist()
 
     def subset(self, slide_ids: Sequence[str]) -> LabelTable:

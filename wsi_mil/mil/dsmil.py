@@ -44,7 +44,19 @@ class DSMIL(MILModel):
         xavier_init(self)
 
     def aggregate(self, h: Tensor) -> MILOutput:
-        """h [N, hidden] -> DSMIL bag logits, B and instance logits."""
+        """Dual-stream aggregation (Li et al., CVPR 2021; the steps of the class docstring).
+
+        Parameters
+        ----------
+        h : Tensor
+            The bag's embedded instances, float [N, hidden] (``embed`` of features [N, D]).
+
+        Returns
+        -------
+        MILOutput
+            ``logits`` [C], ``embedding`` B [C, hidden], ``instance_scores`` [N] (attention of class 1,
+            or the mean over classes; sums to 1), ``instance_logits`` [N, C].
+        """
         instance_logits = self.instance_classifier(h)  # [N, C]
         critical = instance_logits.argmax(dim=0)  # [C]
         q = self.query(h)  # [N, dq]

@@ -96,10 +96,31 @@ def evaluate_run(run_id: str, out: Path, cfg: Config, *, method_factory: MethodF
                  log_to_run: bool = True) -> EvalResult:
     """Re-score each fold's saved checkpoint on its recorded test slides.
 
-    Uses the run's own config, splits and decision thresholds; ``cfg`` only supplies the tracking URI
-    (and ``training.features_dir`` / ``training.device`` when set). The metrics are compared with the
-    ones logged at training time (``matches_training``) and, with ``log_to_run``, logged to the parent
-    run as ``eval_test_<metric>_mean`` plus ``evaluation/per_fold.csv``.
+    Uses the run's own config, splits and decision thresholds.
+
+    Parameters
+    ----------
+    run_id : str
+        A `wsi-mil train` parent run (or one of its fold runs).
+    out : Path
+        Output directory of that run.
+    cfg : Config
+        Supplies only the tracking URI (and ``training.features_dir`` / ``training.device`` when set).
+    method_factory : callable, optional
+        Builds the untrained methods (default :func:`wsi_mil.mil.methods.build_method`).
+    log_to_run : bool
+        Log ``eval_test_<metric>_mean`` and ``evaluation/per_fold.csv`` / ``summary.csv`` to the run.
+
+    Returns
+    -------
+    EvalResult
+        Recomputed and logged test metrics per fold, their summary, the predictions, and
+        ``matches_training``: whether they equal the metrics logged at training time.
+
+    Raises
+    ------
+    WsiMilError
+        When the run, its checkpoints or the bags of its test slides cannot be found.
     """
     out = Path(out)
     tracker = open_tracker(out, cfg)

@@ -27,7 +27,19 @@ class MeanPoolMIL(_InstanceHeadMIL):
     """
 
     def aggregate(self, h: Tensor) -> MILOutput:
-        """h [N, hidden] -> logits of the mean embedding."""
+        """Mean pooling: bag ``z = mean_i h_i``, logits ``W z`` (= the mean of the instance logits ``W h_i``).
+
+        Parameters
+        ----------
+        h : Tensor
+            The bag's embedded instances, float [N, hidden] (``embed`` of features [N, D]).
+
+        Returns
+        -------
+        MILOutput
+            ``logits`` [C], ``embedding`` z [hidden], ``instance_scores`` [N] class-1 log-odds of each
+            instance (detached), ``instance_logits`` [N, C].
+        """
         bag = h.mean(dim=0)
         instance_logits = self.head(h)
         return MILOutput(
@@ -46,7 +58,19 @@ class MaxPoolMIL(_InstanceHeadMIL):
     """
 
     def aggregate(self, h: Tensor) -> MILOutput:
-        """h [N, hidden] -> logits of the instance with the highest positive evidence."""
+        """Max pooling over instances: the bag takes the logits of its most positive instance.
+
+        Parameters
+        ----------
+        h : Tensor
+            The bag's embedded instances, float [N, hidden] (``embed`` of features [N, D]).
+
+        Returns
+        -------
+        MILOutput
+            ``logits`` [C] and ``embedding`` [hidden] of the top instance, ``instance_scores`` [N] class-1
+            log-odds (detached), ``instance_logits`` [N, C].
+        """
         instance_logits = self.head(h)
         scores = positive_evidence(instance_logits)
         top = int(scores.argmax())
