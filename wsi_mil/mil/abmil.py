@@ -48,14 +48,7 @@ class ABMIL(MILModel):
         Ilse et al., ICML 2018, Eq. 8 (act = tanh there, ReLU here as in the MHIM-MIL reference code)
         and Eq. 9 (gated: ``tanh(V h_i) * sigmoid(U h_i)``).
 
-        Parameters
-        ----------
-        h : Tensor
-            The bag's embedded instances, float [N, hidden] (``embed`` of features [N, D]).
-
-        Returns
-        -------
-        MILOutput
+        h [N, hidden] -> MILOutput:
             ``logits`` [C], ``embedding`` z [hidden], ``instance_scores`` a [N] (sums to 1).
         """
         attention = torch.softmax(self.attention_logits(h), dim=0)

@@ -41,7 +41,18 @@ class MILModel(nn.Module):
     embed: nn.Module
 
     def aggregate(self, h: Tensor) -> MILOutput:  # pragma: no cover - abstract
-        """Pool embedded instances h, float [N, hidden], into a bag output."""
+        """Pool the embedded instances of one bag into a bag output (each model's equations).
+
+        Parameters
+        ----------
+        h : Tensor
+            The bag's embedded instances, float [N, hidden] (``embed`` of features [N, D]).
+
+        Returns
+        -------
+        MILOutput
+            Bag logits [C], bag embedding, per-instance scores [N] (see :class:`MILOutput`).
+        """
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> MILOutput:

@@ -46,14 +46,7 @@ class DSMIL(MILModel):
     def aggregate(self, h: Tensor) -> MILOutput:
         """Dual-stream aggregation (Li et al., CVPR 2021; the steps of the class docstring).
 
-        Parameters
-        ----------
-        h : Tensor
-            The bag's embedded instances, float [N, hidden] (``embed`` of features [N, D]).
-
-        Returns
-        -------
-        MILOutput
+        h [N, hidden] -> MILOutput:
             ``logits`` [C], ``embedding`` B [C, hidden], ``instance_scores`` [N] (attention of class 1,
             or the mean over classes; sums to 1), ``instance_logits`` [N, C].
         """

@@ -29,14 +29,7 @@ class MeanPoolMIL(_InstanceHeadMIL):
     def aggregate(self, h: Tensor) -> MILOutput:
         """Mean pooling: bag ``z = mean_i h_i``, logits ``W z`` (= the mean of the instance logits ``W h_i``).
 
-        Parameters
-        ----------
-        h : Tensor
-            The bag's embedded instances, float [N, hidden] (``embed`` of features [N, D]).
-
-        Returns
-        -------
-        MILOutput
+        h [N, hidden] -> MILOutput:
             ``logits`` [C], ``embedding`` z [hidden], ``instance_scores`` [N] class-1 log-odds of each
             instance (detached), ``instance_logits`` [N, C].
         """
@@ -60,14 +53,7 @@ class MaxPoolMIL(_InstanceHeadMIL):
     def aggregate(self, h: Tensor) -> MILOutput:
         """Max pooling over instances: the bag takes the logits of its most positive instance.
 
-        Parameters
-        ----------
-        h : Tensor
-            The bag's embedded instances, float [N, hidden] (``embed`` of features [N, D]).
-
-        Returns
-        -------
-        MILOutput
+        h [N, hidden] -> MILOutput:
             ``logits`` [C] and ``embedding`` [hidden] of the top instance, ``instance_scores`` [N] class-1
             log-odds (detached), ``instance_logits`` [N, C].
         """

@@ -166,14 +166,7 @@ class TransMIL(MILModel):
         The N tokens are squared up to ``ceil(sqrt(N))**2`` by repeating the first ones, a cls token is
         prepended, then TransLayer (Nystrom attention), PPEG, TransLayer, LayerNorm; logits come from cls.
 
-        Parameters
-        ----------
-        h : Tensor
-            The bag's embedded instances, float [N, hidden] (``embed`` of features [N, D]).
-
-        Returns
-        -------
-        MILOutput
+        h [N, hidden] -> MILOutput:
             ``logits`` [C], ``embedding`` the cls token [hidden], ``head_scores`` [H, N] the first layer's
             exact cls attention per head over the N real instances, ``instance_scores`` [N] their mean.
         """
