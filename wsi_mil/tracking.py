@@ -132,7 +132,6 @@ class FoldRun:
     run_id: str
     fold: int
     seed: int
-    parent_id: str | None = None
 
 
 def _short(exc: BaseException) -> str:
@@ -288,7 +287,7 @@ class Tracker:
             records = [r for r in self.child_runs(run_id) if r.tags.get(ROLE_TAG) == "fold"]
         if not records:
             raise WsiMilError(f"MLflow run {run_id} has no fold runs; pass the id of a `wsi-mil train` run.")
-        out = [FoldRun(r.run_id, int(r.tags[FOLD_TAG]), int(r.tags[SEED_TAG]), r.parent_id) for r in records]
+        out = [FoldRun(r.run_id, int(r.tags[FOLD_TAG]), int(r.tags[SEED_TAG])) for r in records]
         return sorted(out, key=lambda f: (f.seed, f.fold))
 
     def parent_of(self, run_id: str) -> str:
