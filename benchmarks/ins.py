@@ -4,10 +4,10 @@ Synthetic bags with instance ground truth, in the small-tumour regime: each inst
 ``relu(A z + b + noise)`` (``--dim``-d, non-negative like pooled CNN features) from a 64-d latent ``z``;
 in a positive bag ``--tumour-min``..``--tumour-max`` (default 2-5%) of the instances are tumour, their
 latent shifted by ``--shift`` along a random direction. Every model is trained per fold with the real
-trainer loop (:func:`wsi_mil.mil.trainer.fit`: early stopping on validation bag AUC, best checkpoint
+trainer loop (:func:`wsi_mil.mil.fit.fit`: early stopping on validation bag AUC, best checkpoint
 reloaded) on stratified folds with a validation split carved from each training fold; the test fold is
 scored once. Instance AUC pools the test slides' instance scores (INS: instance p(tumour); ABMIL:
-attention weights) against the instance truth with :func:`wsi_mil.annotations.instance_auc`.
+attention weights) against the instance truth with :func:`wsi_mil.mil.metrics.instance_auc`.
 
     python benchmarks/ins.py [--slides 40] [--min-n 150] [--max-n 300] [--folds 3] [--epochs 15]
 
@@ -33,9 +33,9 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wsi_mil.annotations import instance_auc  # noqa: E402
 from wsi_mil.config import Config, load_config  # noqa: E402
-from wsi_mil.mil.base import BagItem, FoldContext  # noqa: E402
+from wsi_mil.mil.base import BagItem, FoldContext, FoldExtras  # noqa: E402
+from wsi_mil.mil.metrics import instance_auc  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "ins": {"model.name": "ins"},
@@ -72,13 +72,13 @@ def make_bags(args: argparse.Namespace) -> tuple[list[BagItem], list[np.ndarray]
 def run_fold(name: str, cfg: Config, bags: list[BagItem], truth: list[np.ndarray], train_idx: np.ndarray,
              test_idx: np.ndarray, fold: int, seed: int) -> dict[str, float]:
     """Train one model on one fold; bag AUC, instance AUC and median seconds per epoch."""
+    from wsi_mil.mil.fit import fit
     from wsi_mil.mil.methods import build_method
-    from wsi_mil.mil.trainer import fit
 
     labels = np.array([b.label for b in bags])
     tr, va = train_test_split(train_idx, test_size=0.25, stratify=labels[train_idx], random_state=seed + fold)
     ctx = FoldContext(fold, seed, [bags[i] for i in tr], [bags[i] for i in va], 2, int(bags[0].features.shape[1]),
-                      torch.device("cpu"), {"config": cfg})
+                      torch.device("cpu"), FoldExtras(config=cfg))
     method = build_method(cfg, ctx)
     method.setup(ctx)
     seconds: list[float] = []

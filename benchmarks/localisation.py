@@ -19,9 +19,10 @@ import shutil
 import time
 from pathlib import Path
 
-from workflows.cohort import run_cohort
+from wsi_mil.workflows.cohort import run_cohort
+
 from wsi_mil.config import load_config
-from wsi_mil.synthetic import generate_cohort, load_truth
+from wsi_mil.synth import generate_cohort, load_truth
 
 REPO = Path(__file__).resolve().parents[1]
 

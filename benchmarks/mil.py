@@ -1,6 +1,6 @@
 """MIL baselines side by side: seconds/epoch, peak memory and bag AUC (mean +- std over folds).
 
-Every model trains through the real cross-validation trainer (:func:`wsi_mil.mil.trainer.train_cohort`:
+Every model trains through the real cross-validation trainer (:func:`wsi_mil.mil.cv.train_cohort`:
 patient-level folds, validation split, early stopping, test fold scored once, MLflow logging into a
 temporary output directory) on the SAME synthetic cohort of HDF5 bags written with
 :func:`wsi_mil.stores.write_bag`.
@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from wsi_mil.config import Config, load_config  # noqa: E402
 from wsi_mil.mil.base import BagItem, FoldContext, Prediction  # noqa: E402
+from wsi_mil.mil.cv import train_cohort  # noqa: E402
 from wsi_mil.mil.methods import build_method  # noqa: E402
-from wsi_mil.mil.trainer import train_cohort  # noqa: E402
 from wsi_mil.stores import write_bag  # noqa: E402
 
 IN_DIM = 1024

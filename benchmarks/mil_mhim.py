@@ -12,7 +12,7 @@ the RSS once bags and networks are built, over two epochs in a fresh subprocess 
 
     python benchmarks/mil_mhim.py [--device cpu|cuda] [--bags 16] [--min-n 500] [--max-n 3000]
 
-Goals (docs/BENCHMARKS.md): MHIM(AB) <= 1.15x ABMIL; MHIM(Trans) <= 1.0x TransMIL.
+Goals: MHIM(AB) <= 1.15x ABMIL; MHIM(Trans) <= 1.0x TransMIL.
 """
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ def make_method(kind: str, student: str, preset: str, bags: list, device: torch.
 
     cfg = _cfg(preset)
     torch.manual_seed(0)
-    ctx = FoldContext(0, 0, bags, [], 2, IN_DIM, device, extras={})
+    ctx = FoldContext(0, 0, bags, [], 2, IN_DIM, device)
     if kind == "base":
         method = BagMethod(build_model(student, IN_DIM, 2, cfg.model), cfg, ctx, student)
     else:
-        ctx.extras["train_baseline"] = lambda name: build_model(name, IN_DIM, 2, cfg.model).to(device)
+        ctx.extras.train_baseline = lambda name: build_model(name, IN_DIM, 2, cfg.model).to(device)
         method = MHIMMethod(cfg, ctx)
     method.setup(ctx)
     return method

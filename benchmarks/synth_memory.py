@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def _child(size: int, out_dir: Path, fmt: str, seed: int) -> None:
-    from wsi_mil.synthetic import write_slide
+    from wsi_mil.synth import write_slide
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

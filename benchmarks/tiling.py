@@ -2,7 +2,7 @@
 
     python benchmarks/tiling.py [--size 40960] [--patches 3000] [--repeats 3] [--cache DIR]
 
-1. A large synthetic slide (>= 40k x 40k, wsi_mil.synthetic) is generated once and cached.
+1. A large synthetic slide (>= 40k x 40k, wsi_mil.synth) is generated once and cached.
 2. Side by side, ``--repeats`` times in alternating order:
    - the tiler (`tile_cohort`: tissue detection + Dask-parallel extraction + Zarr write, default
      settings and workers) limited to ``--patches`` evenly spaced tissue patches, and
@@ -36,7 +36,7 @@ from wsi_mil.compute import dask_client
 from wsi_mil.config import load_config
 from wsi_mil.layout import Layout, tiling_key
 from wsi_mil.stores import create_patch_store, open_patch_store, remove_path
-from wsi_mil.synthetic import write_slide
+from wsi_mil.synth import write_slide
 from wsi_mil.tiling import tile_cohort
 
 

@@ -12,7 +12,6 @@ from PIL import Image
 from wsi_mil.annotations import (
     PolygonAnnotation,
     find_annotation,
-    instance_auc,
     load_instance_labels,
     parse_asap_xml,
     parse_geojson,
@@ -189,18 +188,6 @@ def test_missing_and_bad_annotations(tmp_path: Path) -> None:
     (tmp_path / "odd.geojson").write_text(json.dumps({"type": "Topology"}))
     with pytest.raises(WsiMilError, match="odd.geojson"):
         parse_geojson(tmp_path / "odd.geojson")
-
-
-def test_instance_auc_pools_over_slides() -> None:
-    scores = {"a": np.array([0.9, 0.1, 0.2]), "b": np.array([0.8, 0.3]), "c": np.array([0.5])}
-    labels = {"a": np.array([1, 0, 0]), "b": np.array([1, 0]), "c": None}
-    assert instance_auc(scores, labels) == pytest.approx(1.0)
-    labels["b"] = np.array([0, 1])  # negative 0.8 outranks positive 0.3: 5 of 6 pairs right
-    assert instance_auc(scores, labels) == pytest.approx(5 / 6)
-    assert np.isnan(instance_auc({"a": np.array([0.1, 0.2])}, {"a": np.array([0, 0])}))
-    assert instance_auc([np.array([0.2, 0.7])], [np.array([0, 1])]) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="slide a"):
-        instance_auc({"a": np.array([0.1])}, {"a": np.array([0, 1])})
 
 
 def test_synthetic_generator_truth_mask_and_geojson_agree(tmp_path: Path) -> None:

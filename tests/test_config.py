@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from wsi_mil.cli import main
 from wsi_mil.config import Config, load_config, parse_override
@@ -118,3 +121,72 @@ def test_cli_config_show_and_exit_code(tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "wsi_mil.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "wsi-mil" in out.stdout
+
+
+# ------------------------------------------------------------------------------ cross-field checks
+@pytest.mark.parametrize("overrides, key", [
+    (["model.name=transmil", "model.heads=7"], "for transmil (model.name)"),
+    (["model.name=mhim", "model.mhim.student=transmil", "model.heads=7"], "for transmil (model.mhim.student)"),
+])
+def test_heads_that_do_not_divide_hidden_dim_fail_at_load_in_one_line(overrides, key, capsys):
+    with pytest.raises(ConfigError, match=rf"model.hidden_dim \(512\) must be a multiple of model.heads \(7\) {re.escape(key)}"):
+        load_config(None, overrides)
+    assert main(["config", "show", *[a for o in overrides for a in ("--set", o)]]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "model.heads (7)" in err and "{" not in err
+    load_config(None, ["model.name=abmil", "model.heads=7"])  # heads do not matter to ABMIL
+
+
+def test_binary_only_models_refuse_more_classes_at_load():
+    with pytest.raises(ConfigError, match=r"ins \(model.name\) trains binary tasks only but training.classes lists 3"):
+        load_config(None, ["model.name=ins", "training.classes=[a,b,c]"])
+    load_config(None, ["model.name=abmil", "training.classes=[a,b,c]"])
+
+
+def test_run_checks_every_listed_model_before_any_work(tmp_path):
+    from wsi_mil.workflows.cohort import run_cohort
+
+    labels = write(tmp_path / "labels.csv", "slide_id,label\n")
+    cfg = load_config(None, ["run.models=[abmil,transmil]", "model.heads=7"])
+    with pytest.raises(ConfigError, match="run.models lists transmil: .*multiple of model.heads"):
+        run_cohort(tmp_path / "no_slides_needed", labels, tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------- describe
+def test_every_key_is_described_with_its_default(capsys):
+    def keys(cls, prefix=""):
+        for name, field in cls.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from keys(field.annotation, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", field
+
+    undocumented = [k for k, f in keys(Config) if not (f.description or "").strip()]
+    assert undocumented == []
+    assert main(["config", "show", "--describe", "--set", "training.epochs=7"]) == 0
+    text = capsys.readouterr().out
+    for key, field in keys(Config):
+        assert f"  {key} = " in text, key
+        assert field.description.split(";")[0][:40] in text, key
+    assert "  training.epochs = 7  (default 200)" in text
+    assert "One of: mean, max, abmil, gated_abmil, transmil, dsmil, mhim, ins." in text
+    assert "  model.mhim.student = \"abmil\"\n" in text
+
+
+def test_preset_usage_lines_are_commands_that_parse():
+    from wsi_mil.cli import build_parser
+
+    parser = build_parser()
+    found = 0
+    for preset in sorted((REPO / "configs").glob("*.yaml")):
+        text = preset.read_text()
+        match = re.search(r"^# Usage: (wsi-mil .*?)(?=\n(?!#\s{2,})|\Z)", text, re.M | re.S)
+        if not match:
+            continue
+        command = " ".join(line.lstrip("#").strip().rstrip("\\").strip() for line in match.group(1).splitlines())
+        argv = shlex.split(command)[1:]
+        args = parser.parse_args(argv)
+        assert args.config == Path(f"configs/{preset.name}"), preset.name
+        found += 1
+    assert found >= 2

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest_milcore import write_cohort
+from helpers.milcore import write_cohort
 
 from wsi_mil.config import Config
 from wsi_mil.errors import WsiMilError

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from wsi_mil import stores
 from wsi_mil.cli import main
 from wsi_mil.config import Config, FeaturesConfig
-from wsi_mil.encoders import EncoderSpec, TinyCNN, build_encoder, register_encoder
+from wsi_mil.encoders import EncoderSpec, TinyCNN, build_encoder, encoder_key, register_encoder
 from wsi_mil.errors import SlideError
-from wsi_mil.extract import STATUS_FILE, embed_patches, extract_cohort
+from wsi_mil.extract import embed_patches, extract_cohort
 from wsi_mil.layout import Layout, tiling_key
 
 
@@ -77,8 +77,6 @@ def reference_features(cfg, patches):
 
 
 def bag_path(out, cfg, sid):
-    from wsi_mil.encoders import encoder_key
-
     return Layout(out).bag(tiling_key(cfg), encoder_key(cfg.features), sid)
 
 
@@ -101,7 +99,7 @@ def test_bags_equal_direct_forward_and_carry_provenance(tmp_path):
         assert a["mpp_level0"] == 0.25 and a["target_mpp"] == 0.5 and a["slide_path"] == f"/slides/{sid}.svs"
         assert a["patch_store"].endswith(f"{sid}.zarr") and a["target_patch_size"] == 96
         assert a["patch_size"] == 192 and a["patch_level"] == 0  # CLAM: side at patch_level
-    status = (bag_path(tmp_path, cfg, "s0").parent / STATUS_FILE).read_text().splitlines()
+    status = Layout(tmp_path).extract_status(tiling_key(cfg), encoder_key(cfg.features)).read_text().splitlines()
     assert status[0].startswith("slide_id,status") and status[1].startswith("s0,done,20")
 
 
@@ -211,7 +209,8 @@ def test_out_of_memory_batches_are_retried_smaller(tmp_path):
         MemoryCappedCNN.cap = 4
 
 
-def test_dask_cluster_with_gpu_resources(tmp_path):
+def test_cluster_whose_worker_advertises_a_gpu_resource_embeds_every_slide_on_it(tmp_path):
+    """A CPU worker advertising ``GPU=1``: tasks ask for that resource and still give the reference features."""
     import distributed
 
     cfg = make_config()

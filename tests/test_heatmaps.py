@@ -1,4 +1,4 @@
-"""Tests of the heatmap rendering library (wsi_mil.heatmaps, wsi_mil.heatmap_tiff)."""
+"""Tests of the heatmap rendering library (wsi_mil.heatmaps)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from PIL import Image
 
 from wsi_mil.config import HeatmapConfig, load_config
 from wsi_mil.errors import ConfigError, SlideError, WsiMilError
-from wsi_mil.heatmap_tiff import write_pyramidal_tiff
 from wsi_mil.heatmaps import (
-    localisation_auc,
     normalize_scores,
     overlay_rgb,
     patch_pixel_bounds,
@@ -28,7 +26,10 @@ from wsi_mil.heatmaps import (
     top_k_indices,
     top_k_montage,
     write_geojson,
+    write_pyramidal_tiff,
 )
+from wsi_mil.mil.metrics import roc_auc
+from wsi_mil.synth import write_slide
 
 METHODS = ["raw", "rank", "percentile"]
 
@@ -402,18 +403,6 @@ def test_hot_patch_lines_up_with_the_slide_in_a_real_thumbnail(tmp_path, test_sl
     assert abs(cols.min() - scols.min()) <= 1 and abs(cols.max() - scols.max()) <= 1
 
 
-# ------------------------------------------------------------------------------------- evaluation
-def test_localisation_auc():
-    labels = np.array([0, 0, 1, 1, 0, 1])
-    assert localisation_auc(np.array([0.1, 0.2, 0.8, 0.9, 0.3, 0.7]), labels) == 1.0
-    assert localisation_auc(np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3]), labels) == 0.0
-    assert localisation_auc(np.array([0.1, np.nan, 0.8, 0.9, 0.3, 0.7]), labels.astype(bool)) == 1.0
-    with pytest.warns(UserWarning, match="one class"):
-        assert math.isnan(localisation_auc(np.array([0.1, 0.5]), np.array([1, 1])))
-    with pytest.raises(ValueError, match="binary"):
-        localisation_auc(np.array([0.1, 0.5]), np.array([0.3, 1.0]))
-
-
 # ----------------------------------------------------------------------------------- whole slide
 def _slide_inputs(n_side=6, size=256, d=16.0):
     xs, ys = np.meshgrid(np.arange(n_side) * size, np.arange(n_side) * size)
@@ -485,9 +474,8 @@ def test_heatmap_config_validation():
 
 def test_oracle_heatmap_on_a_synthetic_slide_matches_its_tumour_truth(tmp_path):
     """Scores = true tumour fraction per patch: the map must sit on the generator's tumour mask."""
-    synthetic = pytest.importorskip("wsi_mil.synthetic")
     path = tmp_path / "syn.svs"
-    truth = synthetic.write_slide(path, width=1024, height=1024, seed=3, tumour="large")
+    truth = write_slide(path, width=1024, height=1024, seed=3, tumour="large")
     thumb, d = slide_thumbnail(path, max_size=256)
     assert thumb.shape == (256, 256, 3) and d == pytest.approx(4.0)
     size, ds = 16, int(truth.downsample)  # patch side in level-0 px; truth masks at downsample ds
@@ -503,7 +491,7 @@ def test_oracle_heatmap_on_a_synthetic_slide_matches_its_tumour_truth(tmp_path):
     coords, tumour = coords[keep], fraction(truth.tumour_mask)[keep]
     labels = tumour > 0.5
     assert labels.any() and not labels.all()
-    assert localisation_auc(tumour, labels) == 1.0
+    assert roc_auc(labels, tumour) == 1.0
     grid, cov = score_grid(coords, normalize_scores(tumour, "raw"), size, d, thumb.shape[:2])
     hot = np.nan_to_num(grid) > 0.5
     truth_thumb = np.repeat(np.repeat(truth.tumour_mask, ds // 4, axis=0), ds // 4, axis=1)[:256, :256]

@@ -12,10 +12,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.nn import functional as F
 
-from wsi_mil.annotations import instance_auc
 from wsi_mil.config import Config
 from wsi_mil.errors import WsiMilError
-from wsi_mil.mil.base import BagItem, FoldContext, MILMethod
+from wsi_mil.mil.base import BagItem, FoldContext, FoldExtras, MILMethod
 from wsi_mil.mil.ins import (
     INSMethod,
     KeyQueue,
@@ -28,6 +27,7 @@ from wsi_mil.mil.ins import (
     pplg_update,
     supcon_loss,
 )
+from wsi_mil.mil.metrics import instance_auc
 from wsi_mil.stores import commit, create_patch_store, mark_complete, partial_path, write_bag
 
 
@@ -177,7 +177,7 @@ def test_ins_fit_on_synthetic_bags_localises_instances() -> None:
     val, _ = synthetic_bags(8, 64, 32, 0.1, seed=2)
     test, test_truth = synthetic_bags(20, 64, 32, 0.1, seed=3)
     cfg = small_config()
-    ctx = FoldContext(0, 0, train, val, 2, 32, torch.device("cpu"), {"config": cfg})
+    ctx = FoldContext(0, 0, train, val, 2, 32, torch.device("cpu"), FoldExtras(config=cfg))
     method = INSMethod(cfg, ctx)
     assert isinstance(method, MILMethod)
     method.setup(ctx)
@@ -208,14 +208,14 @@ def test_ins_fit_on_synthetic_bags_localises_instances() -> None:
 def test_aggregator_fixed_and_multiclass_rejected() -> None:
     train, _ = synthetic_bags(4, 16, 8, 0.25, seed=5)
     cfg = small_config(bag_aggregator="max", queue_size=64)
-    ctx = FoldContext(0, 0, train, train[:2], 2, 8, torch.device("cpu"), {})
+    ctx = FoldContext(0, 0, train, train[:2], 2, 8, torch.device("cpu"))
     method = INSMethod(cfg, ctx)
     method.setup(ctx)
     method.train_epoch(0, 1)
     pred = method.predict(train[1])
     assert pred.extra["aggregator"] == "max" and pred.probs[1] == pytest.approx(pred.instance_scores.max())
     with pytest.raises(WsiMilError, match="INS supports binary tasks"):
-        INSMethod(cfg, FoldContext(0, 0, train, [], 3, 8, torch.device("cpu"), {}))
+        INSMethod(cfg, FoldContext(0, 0, train, [], 3, 8, torch.device("cpu")))
 
 
 # ------------------------------------------------------------------------------------ patches
@@ -248,7 +248,7 @@ def test_patches_variant_runs_an_epoch(tmp_path: Path) -> None:
         paths[sid] = tmp_path / f"{sid}.h5"
         bags.append(BagItem(sid, torch.tensor(feats), i % 2, coords))
     cfg = small_config(variant="patches", backbone="tiny_cnn", batch_size=8, queue_size=32, shuffle_chunks=2)
-    ctx = FoldContext(0, 0, bags[:3], bags[3:], 2, 4, torch.device("cpu"), {"bag_paths": paths})
+    ctx = FoldContext(0, 0, bags[:3], bags[3:], 2, 4, torch.device("cpu"), FoldExtras(bag_paths=paths))
     method = INSMethod(cfg, ctx)
     method.setup(ctx)
     metrics = method.train_epoch(0, 1)
@@ -259,7 +259,8 @@ def test_patches_variant_runs_an_epoch(tmp_path: Path) -> None:
     full_coords = np.stack([np.arange(16) * 32, np.zeros(16, np.int64)], axis=1)
     write_bag(tmp_path / "p3_full.h5", np.zeros((16, 4), np.float32), full_coords,
               {"patch_store": str(tmp_path / "p3.zarr")})
-    ctx_full = FoldContext(0, 0, bags[:3], [], 2, 4, torch.device("cpu"), {"bag_paths": {"p3": tmp_path / "p3_full.h5"}})
+    ctx_full = FoldContext(0, 0, bags[:3], [], 2, 4, torch.device("cpu"),
+                           FoldExtras(bag_paths={"p3": tmp_path / "p3_full.h5"}))
     reader = INSMethod(cfg, ctx_full)
     reader.load_state_dict(method.state_dict())
     scores_full = reader.predict(BagItem("p3", torch.zeros(16, 4), 1, None)).instance_scores

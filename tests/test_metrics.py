@@ -155,3 +155,41 @@ def test_nll_and_summary():
     assert table.loc["auc", "std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
     assert table.loc["f1", "n"] == 2
     assert "auc" in M.format_summary(table)
+
+
+# ------------------------------------------------------------------------------ the one ROC AUC
+@pytest.mark.parametrize("seed", range(3))
+def test_roc_auc_matches_sklearn_with_ties_and_ignores_non_finite_scores(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=60)
+    s = np.round(rng.normal(y * 0.8, 1.0), 1)  # rounded: many ties
+    assert M.roc_auc(y, s) == pytest.approx(roc_auc_score(y, s))
+    assert M.roc_auc(y.astype(bool), s) == pytest.approx(roc_auc_score(y, s))
+    s_nan = s.copy()
+    s_nan[:7] = np.nan
+    s_nan[7] = np.inf
+    assert M.roc_auc(y, s_nan) == pytest.approx(roc_auc_score(y[8:], s[8:]))
+
+
+def test_roc_auc_edges():
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    assert M.roc_auc(labels, [0.1, 0.2, 0.8, 0.9, 0.3, 0.7]) == 1.0
+    assert M.roc_auc(labels, [0.9, 0.8, 0.1, 0.2, 0.7, 0.3]) == 0.0
+    assert math.isnan(M.roc_auc([1, 1], [0.1, 0.5]))  # one class
+    assert math.isnan(M.roc_auc([], []))
+    with pytest.raises(ValueError, match="binary"):
+        M.roc_auc([0.3, 1.0], [0.1, 0.5])
+    with pytest.raises(ValueError, match="3 scores but 2 labels"):
+        M.roc_auc([0, 1], [0.1, 0.5, 0.7])
+
+
+def test_instance_auc_pools_over_slides() -> None:
+    scores = {"a": np.array([0.9, 0.1, 0.2]), "b": np.array([0.8, 0.3]), "c": np.array([0.5])}
+    labels = {"a": np.array([1, 0, 0]), "b": np.array([1, 0]), "c": None}
+    assert M.instance_auc(scores, labels) == pytest.approx(1.0)
+    labels["b"] = np.array([0, 1])  # negative 0.8 outranks positive 0.3: 5 of 6 pairs right
+    assert M.instance_auc(scores, labels) == pytest.approx(5 / 6)
+    assert np.isnan(M.instance_auc({"a": np.array([0.1, 0.2])}, {"a": np.array([0, 0])}))
+    assert M.instance_auc([np.array([0.2, 0.7])], [np.array([0, 1])]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="slide a"):
+        M.instance_auc({"a": np.array([0.1])}, {"a": np.array([0, 1])})

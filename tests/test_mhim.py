@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from wsi_mil.config import Config, load_config
 from wsi_mil.errors import WsiMilError
-from wsi_mil.mil.base import BagItem, FoldContext, MILMethod, MILModel
+from wsi_mil.mil.base import BagItem, FoldContext, FoldExtras, MILMethod, MILModel
 from wsi_mil.mil.mhim import (
     MHIMMethod,
     combine_masks,
@@ -211,7 +211,7 @@ def _ctx(
 
     return FoldContext(
         fold=0, seed=0, train=train, val=val or [], n_classes=2, in_dim=IN_DIM,
-        device=torch.device("cpu"), extras={"train_baseline": train_baseline},
+        device=torch.device("cpu"), extras=FoldExtras(train_baseline=train_baseline),
     )
 
 
@@ -242,7 +242,7 @@ def test_setup_uses_load_baseline_when_a_run_is_given() -> None:
         return baseline
 
     ctx = _ctx(cfg, _bags(4, 0))
-    ctx.extras = {"load_baseline": load_baseline}
+    ctx.extras = FoldExtras(load_baseline=load_baseline)
     method = MHIMMethod(cfg, ctx)
     method.setup(ctx)
     assert calls == [(0, 0)]
@@ -252,10 +252,10 @@ def test_setup_uses_load_baseline_when_a_run_is_given() -> None:
 def test_setup_errors_are_clear() -> None:
     cfg = _cfg()
     ctx = _ctx(cfg, _bags(4, 0))
-    ctx.extras = {}
+    ctx.extras = FoldExtras()
     with pytest.raises(WsiMilError, match="no trainer was provided"):
         MHIMMethod(cfg, ctx).setup(ctx)
-    ctx.extras = {"train_baseline": lambda name: build_model("transmil", IN_DIM, 2, cfg.model)}
+    ctx.extras = FoldExtras(train_baseline=lambda name: build_model("transmil", IN_DIM, 2, cfg.model))
     with pytest.raises(WsiMilError, match="baseline is a TransMIL"):
         MHIMMethod(cfg, ctx).setup(ctx)
 
@@ -356,7 +356,8 @@ def test_end_to_end_fold_learns_synthetic_bags() -> None:
     assert roc_auc_score([bag.label for bag in val], probs) >= 0.85
 
 
-# (file, student, cl_alpha, r_rand, r_low, r_h, hr, momentum schedule): docs/MHIM-MIL.md's table
+# (file, student, cl_alpha, r_rand, r_low, r_h, hr, momentum schedule) as published by Tang et al.
+# (ICCV 2023, official code's configs). This guards the presets against edits; it cannot check the paper.
 PRESETS = [
     ("camelyon16_mhim_abmil.yaml", "abmil", 0.1, 0.5, 0.0, 0.01, 0.5, "constant"),
     ("tcga_nsclc_mhim_abmil.yaml", "abmil", 0.5, 0.7, 0.2, 0.02, 1.0, "cosine"),
@@ -366,7 +367,7 @@ PRESETS = [
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p[0] for p in PRESETS])
-def test_presets_hold_the_reference_hyperparameters(preset: tuple) -> None:
+def test_presets_keep_the_listed_published_hyperparameters(preset: tuple) -> None:
     name, student, alpha, r_rand, r_low, r_h, hr, schedule = preset
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     m = cfg.model.mhim

@@ -8,13 +8,15 @@ import torch
 from wsi_mil.config import ModelConfig
 from wsi_mil.errors import ConfigError
 from wsi_mil.mil.base import MILModel
-from wsi_mil.mil.models import MODEL_NAMES, build_model
+from wsi_mil.mil.models import build_model
 from wsi_mil.mil.transmil import NystromAttention, iterative_pinv
+from wsi_mil.registry import model_names
 
 IN_DIM = 24
 CFG = ModelConfig(hidden_dim=32, attention_dim=16, heads=8)
 INVARIANT = ["mean", "max", "abmil", "gated_abmil", "dsmil"]
 ATTENTION = ["abmil", "gated_abmil", "transmil", "dsmil"]
+MODEL_NAMES = model_names("aggregator")
 
 
 def _model(name: str, n_classes: int = 2, seed: int = 0) -> MILModel:

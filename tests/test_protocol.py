@@ -14,6 +14,7 @@ the choices follow validation, not test.
 
 from __future__ import annotations
 
+import io
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,14 +24,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest_milcore import write_cohort
+from helpers.milcore import write_cohort
 
 from wsi_mil.config import Config
 from wsi_mil.mil import metrics as M
 from wsi_mil.mil.base import BagItem, FoldContext, MILMethod, Prediction
+from wsi_mil.mil.cv import TrainResult, train_cohort
 from wsi_mil.mil.data import BagStore
 from wsi_mil.mil.methods import build_method
-from wsi_mil.mil.trainer import TrainResult, train_cohort
 from wsi_mil.tracking import Tracker
 
 
@@ -103,7 +104,7 @@ def recorder(monkeypatch) -> Recorder:
 
 # ------------------------------------------------------------------------------------------ checking
 def _roles(tracker: Tracker, run_id: str) -> dict[str, set[str]]:
-    split = pd.read_csv(tracker.download(run_id, "split.csv"), dtype={"slide_id": str})
+    split = pd.read_csv(io.StringIO(tracker.read_text(run_id, "split.csv")), dtype={"slide_id": str})
     return {role: set(split.loc[split.role == role, "slide_id"]) for role in ("train", "val", "test")}
 
 
@@ -162,7 +163,7 @@ def check_run_protocol(result: TrainResult, out: Path, recorder: Recorder, n_fol
         run_id = runs[(record.seed, record.fold)]
         metrics = tracker.get_run(run_id).metrics
         measured.append(check_fold_protocol(record, _roles(tracker, run_id), metrics))
-        logged = pd.read_csv(tracker.download(run_id, "predictions.csv"), dtype={"slide_id": str})
+        logged = pd.read_csv(io.StringIO(tracker.read_text(run_id, "predictions.csv")), dtype={"slide_id": str})
         assert (logged["threshold"] == metrics["threshold"]).all()
         assert sorted(logged["slide_id"]) == sorted(key for key, _, _ in measured[-1]["test"])
     return measured

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_tiler import build_tiler_slides
+from helpers.tiler import build_tiler_slides
 from PIL import Image
 
 from wsi_mil.config import SlidesConfig

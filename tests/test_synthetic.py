@@ -17,10 +17,10 @@ from skimage.color import rgb2hed
 
 from wsi_mil.cli import main as cli_main
 from wsi_mil.errors import WsiMilError
+from wsi_mil.synth import generate_cohort, load_truth, write_slide
 from wsi_mil.synth.fields import make_fields
 from wsi_mil.synth.pyramid import level_shapes
 from wsi_mil.synth.render import Renderer
-from wsi_mil.synthetic import generate_cohort, load_truth, write_slide
 
 
 @pytest.fixture(scope="module")

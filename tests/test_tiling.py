@@ -13,8 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import servers
-from conftest_tiler import build_tiler_slides
+from helpers import servers
+from helpers.tiler import build_tiler_slides
 
 from wsi_mil.compute import dask_client
 from wsi_mil.config import ComputeConfig, Config, load_config

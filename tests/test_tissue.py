@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_tiler import build_tiler_slides, mask_iou
+from helpers.tiler import build_tiler_slides, mask_iou
 from PIL import Image
 
 from wsi_mil.config import TISSUE_PRESETS, TissueConfig
+from wsi_mil.layout import Layout
 from wsi_mil.slides import open_slide, read_thumbnail
 from wsi_mil.tissue import (
     TissueParams,
@@ -108,8 +109,8 @@ def test_qc_images(tmp_path: Path) -> None:
     thumb = np.full((40, 60, 3), 240, np.uint8)
     mask = np.zeros((40, 60), bool)
     mask[5:30, 5:40] = True
-    paths = save_qc_images(tmp_path, "s1", thumb, mask, np.array([[5.0, 5.0, 15.0, 15.0]]))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1_grid.png", "s1_mask.png", "s1_thumb.png"]
+    paths = save_qc_images(Layout(tmp_path).qc_images("s1"), thumb, mask, np.array([[5.0, 5.0, 15.0, 15.0]]))
+    assert sorted(p.name for p in (tmp_path / "qc").iterdir()) == ["s1_grid.png", "s1_mask.png", "s1_thumb.png"]
     grid = np.asarray(Image.open(paths["grid"]))
     assert grid.shape == (40, 60, 3) and tuple(grid[5, 10]) == (0, 160, 0)
     assert (np.asarray(Image.open(paths["mask"])) > 0).sum() == mask.sum()

@@ -12,11 +12,11 @@ import torch
 
 from wsi_mil.config import Config
 from wsi_mil.errors import WsiMilError
+from wsi_mil.mil.checkpoints import load_checkpoint, load_run_splits, log_checkpoint
 from wsi_mil.tracking import (
     Tracker,
     default_uri,
     experiment_name,
-    log_artifact,
     open_tracker,
     quiet_mlflow,
     run_guard,
@@ -69,16 +69,19 @@ def test_checkpoint_roundtrip_weights_only(tracker, tmp_path):
     state = collections.OrderedDict(w=torch.arange(6.0).reshape(2, 3))
     ckpt = {"format": "wsi-mil-checkpoint", "state": {"model": state, "model_name": "abmil"}, "threshold": None,
             "classes": ["a", "b"]}
-    tr.log_checkpoint(run, ckpt)
-    back = tr.load_checkpoint(run)
+    log_checkpoint(tr, run, ckpt)
+    back = load_checkpoint(tr, run)
     assert torch.equal(back["state"]["model"]["w"], state["w"]) and back["classes"] == ["a", "b"]
     assert back["threshold"] is None
     # anything beyond tensors and plain values is refused (no pickle execution)
-    tr.log_checkpoint(run, {"obj": Path("/etc")}, "unsafe/checkpoint.pt")
+    log_checkpoint(tr, run, {"obj": Path("/etc")}, "unsafe/checkpoint.pt")
     with pytest.raises(WsiMilError, match="cannot be loaded as plain weights"):
-        tr.load_checkpoint(run, "unsafe/checkpoint.pt")
-    with pytest.raises(WsiMilError, match="has no artifact"):
-        tr.load_checkpoint(run, "missing.pt")
+        load_checkpoint(tr, run, "unsafe/checkpoint.pt")
+    log_checkpoint(tr, run, {"format": "someone-else"}, "other/checkpoint.pt")
+    with pytest.raises(WsiMilError, match="is not a wsi-mil checkpoint"):
+        load_checkpoint(tr, run, "other/checkpoint.pt")
+    with pytest.raises(WsiMilError, match="has no artifact 'missing.pt'"):
+        load_checkpoint(tr, run, "missing.pt")
 
 
 def test_artifacts_and_config_roundtrip(tracker, tmp_path):
@@ -93,8 +96,8 @@ def test_artifacts_and_config_roundtrip(tracker, tmp_path):
     heat.mkdir()
     (heat / "s1.png").write_bytes(b"png")
     (heat / "s1.geojson").write_text("{}")
-    log_artifact(out, Config(), run, heat, "heatmaps")
-    log_artifact(out, Config(), run, heat / "s1.png")
+    tr.log_artifact(run, heat, "heatmaps")
+    tr.log_artifact(run, heat / "s1.png")
     assert sorted(tr.list_artifacts(run)) == ["config.yaml", "heatmaps/s1.geojson", "heatmaps/s1.png", "s1.png"]
 
 
@@ -108,8 +111,10 @@ def test_find_runs_fold_runs_and_guard(tracker):
     kids = [tr.start_run(exp, f"f{f}", parent_id=parent,
                          tags={"wsi_mil.role": "fold", "wsi_mil.fold": f, "wsi_mil.seed": 0}) for f in (1, 0)]
     folds = tr.fold_runs(parent)
-    assert [(f.fold, f.test_slide_ids) for f in folds] == [(0, ["a"]), (1, ["b"])]
-    assert tr.fold_runs(kids[0])[0].test_slide_ids == ["b"]  # a fold run id works too
+    assert [(f.fold, f.seed, f.run_id) for f in folds] == [(0, 0, kids[1]), (1, 0, kids[0])]
+    assert [f.run_id for f in tr.fold_runs(kids[0])] == [kids[0]]  # a fold run id works too
+    assert tr.parent_of(kids[0]) == parent and tr.parent_of(parent) == parent
+    assert load_run_splits(tr, parent)["slide_id"].tolist() == ["a", "b", "a", "b"]
     assert [r.run_id for r in tr.find_runs(exp_name)] == [parent]
     assert len(tr.find_runs(exp_name, role=None)) == 3
     assert tr.child_runs(parent)[0].parent_id == parent
@@ -119,8 +124,20 @@ def test_find_runs_fold_runs_and_guard(tracker):
     with run_guard(tr, parent):
         pass
     assert tr.get_run(parent).status == "FINISHED"
-    with pytest.raises(WsiMilError, match="not found"):
+    with pytest.raises(WsiMilError, match="run 0+ not found in sqlite"):
         tr.get_run("0" * 32)
+
+
+def test_unreachable_server_is_not_reported_as_a_missing_run(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    tr = Tracker("http://127.0.0.1:9")  # the discard port: nothing listens
+    for call in (lambda: tr.get_run("0" * 32), lambda: tr.find_runs("e"), lambda: tr.experiment("e"),
+                 lambda: tr.list_artifacts("0" * 32)):
+        with pytest.raises(WsiMilError, match="MLflow at http://127.0.0.1:9 failed while .*check that the tracking "
+                                              "server is running") as caught:
+            call()
+        assert "not found" not in str(caught.value)
 
 
 def test_names_and_uris(tmp_path):

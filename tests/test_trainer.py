@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -9,17 +10,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import servers
 import torch
-from conftest_milcore import write_cohort
+from helpers import servers
+from helpers.milcore import write_cohort
 
 from wsi_mil import cli
 from wsi_mil.config import Config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.mil.base import BagItem, FoldContext, Prediction
-from wsi_mil.mil.methods import BagMethod, build_model
-from wsi_mil.mil.trainer import evaluate_run, fit, train_cohort
-from wsi_mil.tracking import Tracker, load_fold_method
+from wsi_mil.mil.checkpoints import load_checkpoint, load_fold_method, load_run_splits
+from wsi_mil.mil.cv import train_cohort
+from wsi_mil.mil.evaluation import evaluate_run
+from wsi_mil.mil.fit import fit
+from wsi_mil.mil.methods import BagMethod
+from wsi_mil.mil.models import build_model
+from wsi_mil.tracking import Tracker
 
 
 @pytest.fixture(autouse=True)
@@ -247,9 +252,9 @@ def test_tumour_and_normal_slide_per_patient_trains_5_folds(tmp_path):
     result = train_cohort(out, cfg)
     assert len(result.folds) == 5 and result.classes == ["normal", "tumor"]
     tracker = Tracker(f"sqlite:///{out / 'mlflow.db'}")
-    splits = tracker.load_splits(result.parent_run_id)
+    splits = load_run_splits(tracker, result.parent_run_id)
     assert (splits.groupby(["seed", "fold", "patient_id"])["role"].nunique() == 1).all()  # no patient crosses roles
-    counts = pd.read_csv(tracker.download(result.parent_run_id, "split_counts.csv"))
+    counts = pd.read_csv(io.StringIO(tracker.read_text(result.parent_run_id, "split_counts.csv")))
     assert list(counts["fold"]) == [0, 1, 2, 3, 4]
     for name in ("normal", "tumor"):
         assert ((counts[f"test_{name}"] - 16 / 5).abs() < 1).all()  # within one slide of ideal
@@ -287,15 +292,15 @@ class BaselineUser(BagMethod):
 
     def setup(self, fold: FoldContext) -> None:
         super().setup(fold)
-        assert fold.extras["config"].model.hidden_dim == 16
-        assert set(fold.extras["bag_paths"]) == set(fold.train.slide_ids) | set(fold.val.slide_ids)
-        if "load_baseline" in fold.extras:
-            self.model = fold.extras["load_baseline"](fold.fold, fold.seed)
+        assert fold.extras.config.model.hidden_dim == 16
+        assert set(fold.extras.bag_paths) == set(fold.train.slide_ids) | set(fold.val.slide_ids)
+        if fold.extras.load_baseline is not None:
+            self.model = fold.extras.load_baseline(fold.fold, fold.seed)
             self.source = "loaded"
         else:
-            self.model = fold.extras["train_baseline"]("mean")
+            self.model = fold.extras.train_baseline("mean")
             self.source = "trained"
-        fold.extras["log_metrics"]({"baseline_source_" + self.source: 1.0}, 0)
+        fold.extras.log_metrics({"baseline_source_" + self.source: 1.0}, 0)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
 
 
@@ -311,7 +316,7 @@ def test_baseline_hooks_train_and_reload(tmp_path):
     assert "baseline_best_epoch" in run0.metrics and "baseline_source_trained" in run0.metrics
     assert [s for s, _ in tracker.metric_history(run0.run_id, "baseline_val_auc")] == [0, 1, 2, 3]
     assert "baseline/checkpoint.pt" in tracker.list_artifacts(run0.run_id)
-    base = tracker.load_checkpoint(run0.run_id, "baseline/checkpoint.pt")
+    base = load_checkpoint(tracker, run0.run_id, "baseline/checkpoint.pt")
     assert base["method"] == "bag" and base["model_name"] == "mean"
 
     second_cfg = cfg.with_overrides({"model.mhim.baseline_run": first.parent_run_id, "training.epochs": 1})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -14,14 +15,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from servers import dask_cluster, mlflow_server, rest
+from helpers.servers import dask_cluster, mlflow_server, rest
+from sklearn.metrics import roc_auc_score
 
 from wsi_mil import stores
+from wsi_mil.annotations import load_instance_labels
 from wsi_mil.cli import main
 from wsi_mil.config import load_config
 from wsi_mil.encoders import encoder_key
 from wsi_mil.layout import Layout, tiling_key
-from wsi_mil.synthetic import generate_cohort
+from wsi_mil.mil.checkpoints import load_run_splits
+from wsi_mil.synth import generate_cohort
 from wsi_mil.tracking import open_tracker
 
 pytestmark = pytest.mark.slow
@@ -58,6 +62,58 @@ def outputs(out: Path, cohort) -> tuple[Path, Path]:
     return Layout(out).tiles_dir(tiling_key(cfg)), Layout(out).features_dir(tiling_key(cfg), encoder_key(cfg.features))
 
 
+def assert_same_stores(out_a: Path, out_b: Path, cohort) -> None:
+    """Both output directories hold the same patch stores and (to float tolerance) the same bags."""
+    (tiles_a, feats_a), (tiles_b, feats_b) = outputs(out_a, cohort), outputs(out_b, cohort)
+    for a_dir, b_dir in ((tiles_a, tiles_b), (feats_a, feats_b)):
+        assert sorted(p.name for p in a_dir.iterdir()) == sorted(p.name for p in b_dir.iterdir())
+    assert len(list(tiles_a.glob("*.zarr"))) == len(cohort.slide_ids)
+    for store in tiles_a.glob("*.zarr"):
+        a, b = stores.open_patch_store(store), stores.open_patch_store(tiles_b / store.name)
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(a.patches[:], b.patches[:])
+    for bag in feats_a.glob("*.h5"):
+        np.testing.assert_allclose(stores.read_bag(bag).features, stores.read_bag(feats_b / bag.name).features,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def heatmap_scores(tracker, run_id: str) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Per slide, from the run's GeoJSON artifacts: patch scores, level-0 top-left corners, patch side."""
+    out = {}
+    for name in tracker.list_artifacts(run_id, "heatmaps"):
+        if name.endswith(".geojson"):
+            collection = json.loads(tracker.read_text(run_id, name))
+            corners = [f["geometry"]["coordinates"][0][0] for f in collection["features"]]
+            scores = [f["properties"]["score"] for f in collection["features"]]
+            out[Path(name).stem] = (np.asarray(scores), np.asarray(corners), collection["properties"]["patch_size_level0"])
+    return out
+
+
+def oracle_instance_aucs(tracker, run_id: str, cohort) -> tuple[float, float]:
+    """Pooled localisation AUC of the heatmaps, and the mean over folds of each test fold's pooled AUC,
+    recomputed with scikit-learn from the logged heatmap scores and the cohort's tumour masks."""
+    labels = pd.read_csv(cohort.labels_csv).set_index("slide_id")["label"]
+    truth = {}
+    scores = {}
+    for sid, (s, corners, size0) in heatmap_scores(tracker, run_id).items():
+        truth[sid] = load_instance_labels(cohort.truth_dir, sid, corners, size0, 0.5,
+                                          normal_slide=labels[sid] == "normal")
+        scores[sid] = s
+    assert sorted(truth) == sorted(cohort.slide_ids)
+
+    def pooled(ids) -> float:
+        return roc_auc_score(np.concatenate([truth[s] for s in ids]), np.concatenate([scores[s] for s in ids]))
+
+    splits = load_run_splits(tracker, run_id)
+    tests = splits[splits["role"] == "test"].groupby(["seed", "fold"])["slide_id"].apply(list)
+    return pooled(sorted(truth)), float(np.mean([pooled(ids) for ids in tests]))
+
+
+def oracle_test_auc_mean(predictions: pd.DataFrame) -> float:
+    """Mean over folds of scikit-learn's AUC of each test fold's logged predictions."""
+    return float(np.mean([roc_auc_score(f["label"], f["prob_tumor"]) for _, f in predictions.groupby(["seed", "fold"])]))
+
+
 def stage_mtimes(out: Path, cohort) -> dict[str, int]:
     tiles, features = outputs(out, cohort)
     paths = list(tiles.glob("*.zarr")) + list(features.glob("*.h5"))
@@ -85,9 +141,12 @@ def test_run_produces_every_output(finished, cohort):
         maps = tracker.list_artifacts(run.run_id, "heatmaps")
         assert sum(a.endswith(".png") and not a.endswith("_topk.png") for a in maps) == len(cohort.slide_ids)
         assert sum(a.endswith(".geojson") for a in maps) == len(cohort.slide_ids)
-        # ground truth exists, so the localisation AUC of the scores is measured and logged
-        assert 0.0 <= run.metrics["heatmap_localisation_auc"] <= 1.0
-        assert 0.0 <= run.metrics["test_instance_auc_mean"] <= 1.0
+        # ground truth exists: the logged localisation AUCs are those of the heatmap scores against the masks
+        heatmap_auc, fold_mean = oracle_instance_aucs(tracker, run.run_id, cohort)
+        assert run.metrics["heatmap_localisation_auc"] == pytest.approx(heatmap_auc, rel=1e-6)
+        assert run.metrics["test_instance_auc_mean"] == pytest.approx(fold_mean, rel=1e-6)
+        predictions = pd.read_csv(io.StringIO(tracker.read_text(run.run_id, "predictions.csv")))
+        assert run.metrics["test_auc_mean"] == pytest.approx(oracle_test_auc_mean(predictions), rel=1e-6)
     summaries = tracker.find_runs("e2e", role="summary")
     assert len(summaries) == 1 and "summary.md" in tracker.list_artifacts(summaries[0].run_id)
 
@@ -116,18 +175,7 @@ def test_killed_run_resumes_to_the_same_result(finished, cohort, tmp_path):
     proc.wait()
     assert main(run_args(cohort, out)) == 0
     # same stores and bags as the uninterrupted run, and the same test metrics
-    for name in ("tiles", "features"):
-        ref_dir, new_dir = (outputs(finished, cohort)[name == "features"], outputs(out, cohort)[name == "features"])
-        assert sorted(p.name for p in ref_dir.iterdir()) == sorted(p.name for p in new_dir.iterdir())
-    ref_tiles, new_tiles = outputs(finished, cohort)[0], outputs(out, cohort)[0]
-    for store in ref_tiles.glob("*.zarr"):
-        a, b = stores.open_patch_store(store), stores.open_patch_store(new_tiles / store.name)
-        np.testing.assert_array_equal(a.coords, b.coords)
-        np.testing.assert_array_equal(a.patches[:], b.patches[:])
-    ref_feats, new_feats = outputs(finished, cohort)[1], outputs(out, cohort)[1]
-    for bag in ref_feats.glob("*.h5"):
-        np.testing.assert_allclose(stores.read_bag(bag).features, stores.read_bag(new_feats / bag.name).features,
-                                   rtol=1e-5, atol=1e-6)
+    assert_same_stores(finished, out, cohort)
     ref = _metric_table(finished)
     new = _metric_table(out)
     pd.testing.assert_frame_equal(ref, new, rtol=1e-6)
@@ -153,28 +201,37 @@ def test_heatmap_and_predict_commands(finished, cohort, tmp_path, capsys):
     (new / "broken.svs").write_bytes(b"not a slide")
     code = main(["predict", str(new), "--run", run.run_id, "--out", str(finished)])
     assert code == 1  # one slide failed, and says so
-    frame = pd.read_csv(finished / "predictions" / run.run_id / "predictions.csv")
+    frame = pd.read_csv(Layout(Layout(finished).predictions_dir(run.run_id)).predictions_csv)
     ok = frame[frame["slide_id"].str.startswith("new_")]
     assert len(ok) == 2 and ok["prob_tumor"].between(0, 1).all()
     assert frame.loc[frame["slide_id"] == "broken", "error"].str.len().iloc[0] > 10
     assert "predictions/predictions.csv" in tracker.list_artifacts(run.run_id, "predictions")
 
 
-def test_run_against_real_dask_cluster_and_mlflow_server(cohort, tmp_path):
+def test_run_against_real_dask_cluster_and_mlflow_server(finished, cohort, tmp_path):
     out = tmp_path / "served"
     with dask_cluster(2, log_dir=tmp_path) as scheduler, mlflow_server(tmp_path / "mlflow") as url:
         command = [str(Path(sys.executable).parent / "wsi-mil"),
                    *run_args(cohort, out, "--scheduler", scheduler, "--tracking-uri", url, models="[abmil,ins]")]
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
+        # the slides went through the cluster: its scheduler ran the tiling and embedding tasks ...
+        from distributed import Client
+
+        with Client(scheduler, timeout=30) as client:
+            ran = set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+        assert {"find_tissue_task", "extract_chunk_task", "extract"} <= ran  # extract: one task per slide
         experiment = rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=e2e")["experiment"]
         found = rest(url, "/api/2.0/mlflow/runs/search", {
             "experiment_ids": [experiment["experiment_id"]], "filter": "tags.`wsi_mil.role` = 'cv'"})["runs"]
         assert len(found) == 2
         for run in found:
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-            assert 0.0 <= metrics["test_auc_mean"] <= 1.0 and "heatmap_localisation_auc" in metrics
             run_id = run["info"]["run_id"]
+            predictions = pd.read_csv(io.BytesIO(rest(url, f"/get-artifact?path=predictions.csv&run_uuid={run_id}",
+                                                      raw=True)))
+            assert metrics["test_auc_mean"] == pytest.approx(oracle_test_auc_mean(predictions), rel=1e-6)
+            assert "heatmap_localisation_auc" in metrics
             listing = rest(url, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=heatmaps")["files"]
             names = [f["path"] for f in listing]
             assert "heatmaps/slide_000.png" in names and "heatmaps/slide_000.geojson" in names
@@ -182,6 +239,7 @@ def test_run_against_real_dask_cluster_and_mlflow_server(cohort, tmp_path):
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
             geo = json.loads(rest(url, f"/get-artifact?path=heatmaps/slide_000.geojson&run_uuid={run_id}", raw=True))
             assert geo["type"] == "FeatureCollection" and "score" in geo["features"][0]["properties"]
-        # the slides really went through the cluster: same stores as a local run would write
-        assert (out / "slides.csv").is_file()
+    # ... and wrote what the local run wrote
+    assert_same_stores(finished, out, cohort)
+    assert set(pd.read_csv(Layout(out).slides_csv)["status"]) == {"done"}
     assert not (out / "mlflow.db").exists()  # nothing went to the embedded store

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from wsi_mil.workflows.cohort import check_cohort, markdown_table, model_config
+from wsi_mil.workflows.demo import DEMO_SETTINGS, choose_weights, demo_config
+from wsi_mil.workflows.train import workflow_key
+from wsi_mil.workflows.ui import ui_command
 
-from workflows.cohort import check_cohort, markdown_table, model_config
-from workflows.demo import DEMO_SETTINGS, choose_weights, demo_config
-from workflows.train import workflow_key
-from workflows.ui import ui_command
 from wsi_mil.cli import main
 from wsi_mil.config import load_config
 from wsi_mil.errors import WsiMilError

@@ -1,0 +1,1 @@
+"""End-to-end pipelines composing the stages, one module per `wsi-mil` command (installed as wsi_mil.workflows)."""

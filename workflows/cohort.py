@@ -20,16 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from wsi_mil.workflows.heatmap import heatmaps_for_run
+from wsi_mil.workflows.train import WORKFLOW_TAG, finished_run, workflow_key
 
-from workflows.heatmap import heatmaps_for_run
-from workflows.train import WORKFLOW_TAG, finished_run, workflow_key
 from wsi_mil.compute import dask_client
 from wsi_mil.config import Config
+from wsi_mil.errors import ConfigError
 from wsi_mil.extract import ExtractReport, extract_cohort
 from wsi_mil.layout import Layout
+from wsi_mil.mil.cv import train_cohort
 from wsi_mil.mil.data import LabelTable, load_labels, match_slides, resolve_features_dir
 from wsi_mil.mil.splits import make_splits
-from wsi_mil.mil.trainer import train_cohort
 from wsi_mil.slides import find_slides, slide_id
 from wsi_mil.stores import write_text_atomic
 from wsi_mil.tiling import TilingReport, tile_cohort
@@ -77,7 +78,7 @@ class CohortOutcome:
 
 def model_config(cfg: Config, name: str, trained: dict[str, str]) -> Config:
     """The config of one listed model; MHIM reuses a baseline trained earlier in this run."""
-    cfg = cfg.with_overrides({"model.name": name})
+    cfg = cfg.for_model(name)
     if name == "mhim" and cfg.model.mhim.baseline_run is None and cfg.model.mhim.student in trained:
         cfg = cfg.with_overrides({"model.mhim.baseline_run": trained[cfg.model.mhim.student]})
     return cfg
@@ -187,9 +188,39 @@ def check_cohort(slides_dir: Path, cfg: Config) -> LabelTable:
 
 
 def run_cohort(slides_dir: Path, labels_csv: Path, out: Path, cfg: Config) -> CohortOutcome:
-    """Run every stage on ``slides_dir``; see the module docstring."""
+    """Run every stage on ``slides_dir`` (see the module docstring).
+
+    Parameters
+    ----------
+    slides_dir : Path
+        Directory of whole-slide images.
+    labels_csv : Path
+        ``slide_id,label[,patient_id][,split]``; slides that fail to tile or embed are left out.
+    out : Path
+        Output directory (tiles, features, MLflow store, heatmaps, ``summary.md``).
+    cfg : Config
+        Every setting; ``run.models`` lists the models trained in order.
+
+    Returns
+    -------
+    CohortOutcome
+        The tiling and embedding reports, one :class:`ModelOutcome` per model (test metrics mean and
+        std over folds and seeds, localisation AUC), the summary file and its MLflow run.
+
+    Raises
+    ------
+    ConfigError
+        Before any work, when a model of ``run.models`` does not fit the settings.
+    WsiMilError
+        When no slide can be found, no slide is left to train on, or MLflow cannot be reached.
+    """
     out = Path(out)
     cfg = cfg.with_overrides({"training.labels_csv": str(Path(labels_csv).resolve()), "training.on_missing": "exclude"})
+    for name in cfg.run.models:  # a model the settings do not fit fails now, not after tiling and embedding
+        try:
+            cfg.for_model(name)
+        except ConfigError as exc:
+            raise ConfigError(f"run.models lists {name}: {exc}") from None
     check_cohort(slides_dir, cfg)
     with dask_client(cfg.compute) as client:
         tiling = tile_cohort(slides_dir, out, cfg, client=client)
@@ -207,5 +238,5 @@ def cli_run(args: argparse.Namespace, cfg: Config) -> int:
     """`wsi-mil run SLIDES_DIR --labels CSV --out OUT`."""
     outcome = run_cohort(args.slides_dir, args.labels, args.out, cfg)
     print(summary_markdown(outcome))
-    print(f"summary: {outcome.summary_md}; heatmaps: {Layout(args.out).root / 'heatmaps'}")
+    print(f"summary: {outcome.summary_md}; heatmaps: {Layout(args.out).heatmaps_root}")
     return 0

@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workflows.cohort import run_cohort, summary_markdown
-from workflows.ui import ui_command
+from wsi_mil.workflows.cohort import run_cohort, summary_markdown
+from wsi_mil.workflows.ui import ui_command
+
 from wsi_mil.config import Config
 from wsi_mil.encoders import build_encoder
 from wsi_mil.errors import WsiMilError
 from wsi_mil.layout import Layout
-from wsi_mil.synthetic import generate_cohort
+from wsi_mil.synth import generate_cohort
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def cli_demo(args: argparse.Namespace, cfg: Config) -> int:
     minutes = (time.perf_counter() - started) / 60
     print(f"Done in {minutes:.1f} min. Where to look:")
     print(f"  summary table     {outcome.summary_md}")
-    print(f"  heatmaps          {out / 'heatmaps'}/<run id>/<slide>.png (+ .geojson for QuPath)")
-    print(f"  QC images         {out / 'qc'}")
+    print(f"  heatmaps          {Layout(out).heatmaps_root}/<run id>/<slide>.png (+ .geojson for QuPath)")
+    print(f"  QC images         {Layout(out).qc_dir}")
     print(f"  MLflow UI         wsi-mil ui {out}   (or: mlflow {' '.join(ui_command(Layout(out), 5000)[1:])})")
     return 0

@@ -19,13 +19,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from wsi_mil import stores
-from wsi_mil.annotations import instance_auc, load_instance_labels
+from wsi_mil.annotations import load_instance_labels
 from wsi_mil.config import Config, HeatmapConfig
 from wsi_mil.errors import WsiMilError
 from wsi_mil.heatmaps import SlideHeatmap, render_slide_heatmap, slide_thumbnail
 from wsi_mil.layout import Layout
 from wsi_mil.mil.base import BagItem
-from wsi_mil.tracking import Tracker, load_fold_method, open_tracker
+from wsi_mil.mil.checkpoints import load_fold_method, load_run_splits
+from wsi_mil.mil.metrics import instance_auc
+from wsi_mil.mil.splits import fold_ids
+from wsi_mil.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +44,6 @@ class RunHeatmaps:
     labels: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def parent_run_id(tracker: Tracker, run_id: str) -> str:
-    run = tracker.get_run(run_id)
-    return run.parent_id if run.tags.get("wsi_mil.role") == "fold" and run.parent_id else run_id
-
-
 def _features_dir(tracker: Tracker, parent: str) -> Path:
     """The features directory the run trained on."""
     tags = tracker.get_run(parent).tags
@@ -56,7 +54,7 @@ def _features_dir(tracker: Tracker, parent: str) -> Path:
 
 
 def _tissue_mask(layout: Layout, slide_id: str) -> np.ndarray | None:
-    path = layout.qc_dir / f"{slide_id}_mask.png"
+    path = layout.qc_image(slide_id, "mask")
     return np.asarray(Image.open(path).convert("L")) > 127 if path.is_file() else None
 
 
@@ -97,22 +95,49 @@ def draw_slide(slide_id: str, bag: stores.Bag, scores: np.ndarray, out_dir: Path
 
 def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str] | None = None,
                      log_artifacts: bool = True) -> RunHeatmaps:
-    """Draw heatmaps for ``slide_ids`` (default: every fold's test slides) of a `wsi-mil train` run."""
+    """Draw heatmaps for ``slide_ids`` (default: every fold's test slides) of a `wsi-mil train` run.
+
+    Each slide is scored by the fold model that held it out as test, from its saved bag.
+
+    Parameters
+    ----------
+    run_id : str
+        A `wsi-mil train` parent run or one of its fold runs.
+    out : Path
+        Output directory of that run; files go to ``OUT/heatmaps/<run>/``.
+    cfg : Config
+        ``heatmap`` settings, the tracking URI, and ``training.annotations_dir`` for the localisation AUC.
+    slide_ids : list of str, optional
+        Slides to draw (default: every fold's test slides).
+    log_artifacts : bool
+        Attach the files (and the localisation AUC) to the MLflow run.
+
+    Returns
+    -------
+    RunHeatmaps
+        The files per slide, the per-patch scores float64 [N] per slide, the instance labels where
+        ground truth exists, and the pooled localisation AUC (NaN without ground truth).
+
+    Raises
+    ------
+    WsiMilError
+        When the run, its checkpoints, its features directory or a bag cannot be read.
+    """
     out = Path(out)
     layout = Layout(out)
     tracker = open_tracker(out, cfg)
-    parent = parent_run_id(tracker, run_id)
+    parent = tracker.parent_of(run_id)
     run_cfg = tracker.load_config(parent)
     if cfg.training.annotations_dir is not None:
         run_cfg = run_cfg.with_overrides({"training.annotations_dir": str(cfg.training.annotations_dir)})
     hcfg = cfg.heatmap
     folds = tracker.fold_runs(parent)
-    splits = tracker.load_splits(parent)
+    splits = load_run_splits(tracker, parent)
     y_of = dict(zip(splits["slide_id"], splits["y"].astype(int), strict=False))
     # each slide is scored by the model of the first fold that held it out as test
     owner: dict[str, object] = {}
     for f in folds:
-        for sid in f.test_slide_ids:
+        for sid in fold_ids(splits, f.seed, f.fold, "test"):
             owner.setdefault(sid, f)
     wanted = slide_ids or sorted(owner)
     unknown = [s for s in wanted if s not in owner]

@@ -15,36 +15,62 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from wsi_mil.workflows.heatmap import bag_item, draw_slide
 
-from workflows.heatmap import bag_item, draw_slide, parent_run_id
 from wsi_mil import stores
 from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
 from wsi_mil.extract import extract_cohort
 from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.mil.checkpoints import load_fold_method
 from wsi_mil.tiling import tile_cohort
-from wsi_mil.tracking import load_fold_method, open_tracker
+from wsi_mil.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
 
 def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.DataFrame:
-    """Predict every slide of ``slides_dir`` with the fold models of ``run_id``; see the module docstring."""
+    """Predict every slide of ``slides_dir`` with the fold models of ``run_id`` (see the module docstring).
+
+    Parameters
+    ----------
+    run_id : str
+        A `wsi-mil train` parent run (or one of its fold runs).
+    slides_dir : Path
+        Directory of new slides; tiled and embedded with the run's recorded settings.
+    out : Path
+        Output directory of the run; the new slides' files go to ``OUT/predictions/<run>/``.
+    cfg : Config
+        The tracking URI, ``compute.scheduler``, ``features.device`` and the ``heatmap`` settings.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per slide: ``slide_id``, ``prob_<class>`` (mean over the fold models), ``pred``,
+        ``n_patches``, ``heatmap``; or ``error`` for a slide that failed. Also written to
+        ``predictions.csv`` and logged to the run under ``predictions/``.
+
+    Raises
+    ------
+    WsiMilError
+        When the run cannot be read or no slide could be predicted.
+    """
     out = Path(out)
     tracker = open_tracker(out, cfg)
-    parent = parent_run_id(tracker, run_id)
+    parent = tracker.parent_of(run_id)
     run_cfg = tracker.load_config(parent).with_overrides(
         {"compute.scheduler": cfg.compute.scheduler, "features.device": cfg.features.device}
     )
-    work = out / "predictions" / parent
+    work = Layout(out).predictions_dir(parent)
+    layout = Layout(work)
     tiling = tile_cohort(Path(slides_dir), work, run_cfg)
     extraction = extract_cohort(work, run_cfg)
     folds = [load_fold_method(tracker, f.run_id, device="cpu", config=run_cfg) for f in tracker.fold_runs(parent)]
     classes = folds[0].classes
     thresholds = [f.threshold for f in folds if f.threshold is not None]
     threshold = float(np.median(thresholds)) if thresholds else None
-    features_dir = Layout(work).features_dir(tiling_key(run_cfg), encoder_key(run_cfg.features))
+    features_dir = layout.features_dir(tiling_key(run_cfg), encoder_key(run_cfg.features))
     model_name = tracker.get_run(parent).tags.get("wsi_mil.model", run_cfg.model.name)
     rows = []
     for result in extraction.done + extraction.skipped:
@@ -57,7 +83,7 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
             pred = classes[int(probs[1] >= threshold)]
         else:
             pred = classes[int(np.argmax(probs))]
-        drawn = draw_slide(result.slide_id, bag, scores, work / "heatmaps", cfg.heatmap, Layout(work),
+        drawn = draw_slide(result.slide_id, bag, scores, layout.heatmaps_root, cfg.heatmap, layout,
                            title=f"{result.slide_id} - {model_name}, mean of {len(folds)} fold models",
                            model_name=model_name, run_id=parent)
         rows.append({"slide_id": result.slide_id, **{f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
@@ -66,13 +92,13 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
     for slide_id, error in failed:
         rows.append({"slide_id": slide_id, "pred": "", "error": error})
     if not rows:
-        raise WsiMilError(f"no slide of {slides_dir} could be predicted; see {work / 'slides.csv'}.")
+        raise WsiMilError(f"no slide of {slides_dir} could be predicted; see {layout.slides_csv}.")
     frame = pd.DataFrame(rows)
-    csv = work / "predictions.csv"
+    csv = layout.predictions_csv
     stores.write_text_atomic(csv, frame.to_csv(index=False))
     tracker.log_artifact(parent, csv, "predictions")
-    if (work / "heatmaps").is_dir():
-        tracker.log_artifact(parent, work / "heatmaps", "predictions/heatmaps")
+    if layout.heatmaps_root.is_dir():
+        tracker.log_artifact(parent, layout.heatmaps_root, "predictions/heatmaps")
     return frame
 
 
@@ -80,5 +106,5 @@ def cli_predict(args: argparse.Namespace, cfg: Config) -> int:
     """`wsi-mil predict --run RUN_ID SLIDES_DIR [--out OUT]`."""
     frame = predict_slides(args.run, args.slides_dir, args.out, cfg)
     print(frame.drop(columns=[c for c in ("heatmap",) if c in frame]).to_string(index=False))
-    print(f"predictions and heatmaps in {Path(args.out) / 'predictions' / parent_run_id(open_tracker(args.out, cfg), args.run)}")
+    print(f"predictions and heatmaps in {Layout(args.out).predictions_dir(open_tracker(args.out, cfg).parent_of(args.run))}")
     return 1 if "error" in frame and frame["error"].notna().any() else 0

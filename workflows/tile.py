@@ -7,6 +7,7 @@ import logging
 import sys
 
 from wsi_mil.config import Config
+from wsi_mil.layout import Layout
 from wsi_mil.tiling import tile_cohort
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,6 @@ def cli_tile(args: argparse.Namespace, cfg: Config) -> int:
     report = tile_cohort(args.slides_dir, args.out, cfg, strict=bool(getattr(args, "strict", False)))
     print(report.summary(), file=sys.stdout)
     if report.failed:
-        print(f"{len(report.failed)} slide(s) failed; their errors are in {args.out / 'slides.csv'}.", file=sys.stderr)
+        print(f"{len(report.failed)} slide(s) failed; their errors are in {Layout(args.out).slides_csv}.", file=sys.stderr)
         return 1
     return 0

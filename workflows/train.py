@@ -20,9 +20,10 @@ import pandas as pd
 from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key
 from wsi_mil.layout import tiling_key
+from wsi_mil.mil.cv import train_cohort
 from wsi_mil.mil.data import resolve_features_dir
+from wsi_mil.mil.evaluation import evaluate_run
 from wsi_mil.mil.metrics import format_summary
-from wsi_mil.mil.trainer import evaluate_run, train_cohort
 from wsi_mil.tracking import Tracker, experiment_name, open_tracker
 
 log = logging.getLogger(__name__)

@@ -8,15 +8,23 @@ user's input print one sentence and exit with code 2.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from wsi_mil import __version__
-from wsi_mil.config import Config, dump_config, load_config
+from wsi_mil.config import Config, describe_config, dump_config, load_config
 from wsi_mil.errors import WsiMilError
+from wsi_mil.workflows.cohort import cli_run
+from wsi_mil.workflows.demo import cli_demo
+from wsi_mil.workflows.extract import cli_extract
+from wsi_mil.workflows.heatmap import cli_heatmap
+from wsi_mil.workflows.predict import cli_predict
+from wsi_mil.workflows.synth import cli_synth
+from wsi_mil.workflows.tile import cli_tile
+from wsi_mil.workflows.train import cli_evaluate, cli_train
+from wsi_mil.workflows.ui import cli_ui
 
 log = logging.getLogger("wsi_mil")
 
@@ -128,29 +136,32 @@ def _add_ui(p: argparse.ArgumentParser) -> None:
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["show"], help="show: print the resolved config.")
-
-
-# name -> (help, argument builder, "module:function" handler taking (args, cfg) and returning an exit code)
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
-    "synth": ("Generate a synthetic slide cohort with ground truth.", _add_synth, "wsi_mil.synthetic:cli_synth"),
-    "tile": ("Find tissue and tile a slide directory into Zarr patch stores.", _add_tile, "workflows.tile:cli_tile"),
-    "extract": ("Embed patch stores into per-slide HDF5 feature bags.", _add_extract, "workflows.extract:cli_extract"),
-    "train": ("Cross-validate a MIL model on feature bags; log to MLflow.", _add_train, "workflows.train:cli_train"),
-    "evaluate": ("Re-score a trained run's checkpoints on their test folds.", _add_evaluate,
-                 "workflows.train:cli_evaluate"),
-    "heatmap": ("Draw per-slide heatmaps from a trained run.", _add_heatmap, "workflows.heatmap:cli_heatmap"),
-    "predict": ("Predict new slides with a trained run.", _add_predict, "workflows.predict:cli_predict"),
-    "run": ("Whole workflow: tile, extract, train, evaluate, heatmaps.", _add_run, "workflows.cohort:cli_run"),
-    "demo": ("Synthesise a cohort and run the whole workflow offline.", _add_demo, "workflows.demo:cli_demo"),
-    "ui": ("Open the MLflow UI over an output directory.", _add_ui, "workflows.ui:cli_ui"),
-    "config": ("Print the resolved configuration.", _add_config, "wsi_mil.cli:cli_config"),
-}
+    p.add_argument("--describe", action="store_true",
+                   help="Every key with its value, default, allowed values and meaning; the registered models.")
 
 
 def cli_config(args: argparse.Namespace, cfg: Config) -> int:
-    """`wsi-mil config show`: print the resolved config as YAML."""
-    sys.stdout.write(dump_config(cfg))
+    """`wsi-mil config show [--describe]`: print the resolved config as YAML, or every key described."""
+    sys.stdout.write(describe_config(cfg) if getattr(args, "describe", False) else dump_config(cfg))
     return 0
+
+
+Handler = Callable[[argparse.Namespace, Config], int]
+
+# name -> (help, argument builder, handler taking (args, cfg) and returning an exit code)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
+    "synth": ("Generate a synthetic slide cohort with ground truth.", _add_synth, cli_synth),
+    "tile": ("Find tissue and tile a slide directory into Zarr patch stores.", _add_tile, cli_tile),
+    "extract": ("Embed patch stores into per-slide HDF5 feature bags.", _add_extract, cli_extract),
+    "train": ("Cross-validate a MIL model on feature bags; log to MLflow.", _add_train, cli_train),
+    "evaluate": ("Re-score a trained run's checkpoints on their test folds.", _add_evaluate, cli_evaluate),
+    "heatmap": ("Draw per-slide heatmaps from a trained run.", _add_heatmap, cli_heatmap),
+    "predict": ("Predict new slides with a trained run.", _add_predict, cli_predict),
+    "run": ("Whole workflow: tile, extract, train, evaluate, heatmaps.", _add_run, cli_run),
+    "demo": ("Synthesise a cohort and run the whole workflow offline.", _add_demo, cli_demo),
+    "ui": ("Open the MLflow UI over an output directory.", _add_ui, cli_ui),
+    "config": ("Print the resolved configuration.", _add_config, cli_config),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,11 +200,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None), overrides)
 
 
-def _handler(target: str) -> Callable[[argparse.Namespace, Config], int]:
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `wsi-mil` console script."""
     parser = build_parser()
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, args.quiet)
     try:
         cfg = config_from_args(args)
-        return int(_handler(COMMANDS[args.command][2])(args, cfg) or 0)
+        return int(COMMANDS[args.command][2](args, cfg) or 0)
     except WsiMilError as exc:
         print(f"wsi-mil {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,11 @@
 
 On a workstation the default is one in-process worker with several threads: OpenSlide and the
 Zarr codecs release the GIL, so threads read in parallel without pickling patches between
-processes (measured faster than separate processes on 2 cores, see docs/ENVIRONMENT.md). With
+processes (measured faster than separate processes on 2 cores: ``benchmarks/tiling.py``). With
 ``compute.scheduler`` (``--scheduler tcp://HOST:PORT``) the same code runs on a real cluster.
+
+The local cluster serves its dashboard only with ``compute.dashboard``; without it the scheduler's
+bare HTTP endpoint (health, metrics) listens on a random loopback port instead of 0.0.0.0:8787.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def dask_client(cfg: ComputeConfig) -> Iterator[distributed.Client]:
             threads_per_worker=cfg.threads_per_worker,
             processes=cfg.processes,
             memory_limit=cfg.memory_limit,
-            dashboard_address=":0" if cfg.dashboard else None,
+            # distributed binds 0.0.0.0:8787 when given None: a random loopback port serves no one
+            dashboard_address=":0" if cfg.dashboard else "127.0.0.1:0",
             scheduler_kwargs={"dashboard": bool(cfg.dashboard)},
             **({"host": "127.0.0.1"} if cfg.processes else {}),
             silence_logs=logging.ERROR,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from wsi_mil.errors import ConfigError
+from wsi_mil.registry import model_names, model_spec
 
 
 class Section(BaseModel):
@@ -177,43 +179,62 @@ class FeaturesConfig(Section):
 class MHIMConfig(Section):
     """Masked hard instance mining (Tang et al., ICCV 2023); see docs/MHIM-MIL.md for the reference values."""
 
-    student: Literal["abmil", "gated_abmil", "transmil", "dsmil"] = "abmil"
+    student: str = Field(
+        default="abmil", description="Aggregator trained as teacher and student: a registered model with "
+        "per-instance attention.", json_schema_extra={"choices": "students"},
+    )
     cl_alpha: float = Field(default=0.1, ge=0, description="Weight of the teacher-student consistency loss.")
     mask_ratio_high: float = Field(default=0.01, ge=0, le=1, description="Initial high-attention mask ratio (decays to 0).")
     high_random_ratio: float = Field(default=0.5, gt=0, le=1, description="'hr': random fraction of the top-k actually masked.")
     mask_ratio_random: float = Field(default=0.5, ge=0, le=1, description="Uniformly random mask ratio.")
     mask_ratio_low: float = Field(default=0.0, ge=0, le=1, description="Low-attention mask ratio.")
     momentum: float = Field(default=0.9999, ge=0, le=1, description="Teacher EMA momentum.")
-    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    momentum_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="Teacher EMA momentum: constant, or cosine from momentum up to 1.0."
+    )
     teacher_eval: bool = Field(default=True, description="Run the teacher in eval mode (dropout off).")
-    teacher_temperature: float = Field(default=0.1, gt=0)
-    student_temperature: float = Field(default=1.0, gt=0)
+    teacher_temperature: float = Field(
+        default=0.1, gt=0, description="Softmax temperature of the teacher's bag embedding in the consistency loss."
+    )
+    student_temperature: float = Field(
+        default=1.0, gt=0, description="Softmax temperature of the student's bag embedding in the consistency loss."
+    )
     copy_embed: bool = Field(default=True, description="Student starts from the baseline's embedding layer.")
     baseline_run: str | None = Field(
         default=None, description="MLflow run id of a trained baseline (same folds); None trains one per fold."
     )
 
+    @field_validator("student")
+    @classmethod
+    def _student_registered(cls, value: str) -> str:
+        return _registered(value, student=True)
+
 
 class INSConfig(Section):
     """Prototype-contrastive instance classifier (Qu et al., TCSVT); see docs/INS.md."""
 
-    variant: Literal["features", "patches"] = "features"
+    variant: Literal["features", "patches"] = Field(
+        default="features", description="features: an MLP on the frozen bag features; patches: a CNN trained end "
+        "to end on the RGB patches of the patch stores (GPU advised).",
+    )
     backbone: str = Field(
         default="resnet18", description="CNN for the 'patches' variant: tiny_cnn, resnet18, resnet34, resnet50."
     )
-    batch_size: int = Field(default=64, ge=2)
-    lr: float = Field(default=0.01, gt=0)
+    batch_size: int = Field(default=64, ge=2, description="Instances per SGD step (sampled across bags).")
+    lr: float = Field(default=0.01, gt=0, description="SGD learning rate (cosine-annealed over the epochs).")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(default=1e-3, ge=0)
-    queue_size: int = Field(default=8192, ge=1)
-    proto_momentum: float = Field(default=0.9, ge=0, le=1)
+    weight_decay: float = Field(default=1e-3, ge=0, description="SGD weight decay.")
+    queue_size: int = Field(default=8192, ge=1, description="Keys (with their class probabilities) kept in the queue.")
+    proto_momentum: float = Field(default=0.9, ge=0, le=1, description="EMA momentum of the class prototypes.")
     ema: float = Field(default=0.999, ge=0, le=1, description="Key-encoder momentum.")
-    contrastive_weight: float = Field(default=0.5, ge=0)
-    temperature: float = Field(default=0.07, gt=0)
+    contrastive_weight: float = Field(default=0.5, ge=0, description="Weight of the contrastive loss.")
+    temperature: float = Field(default=0.07, gt=0, description="Temperature of the contrastive losses.")
     proto_start: int = Field(default=1, ge=0, description="Epoch from which PPLG and SupCon are used.")
-    phi_start: float = Field(default=0.95, ge=0, le=1)
-    phi_end: float = Field(default=0.8, ge=0, le=1)
-    embed_dim: int = Field(default=128, ge=2)
+    phi_start: float = Field(
+        default=0.95, ge=0, le=1, description="PPLG: weight of the old soft target at the first epoch (linear to phi_end)."
+    )
+    phi_end: float = Field(default=0.8, ge=0, le=1, description="PPLG: weight of the old soft target at the last epoch.")
+    embed_dim: int = Field(default=128, ge=2, description="Width of the L2-normalised contrastive embedding.")
     feature_dropout: float = Field(default=0.1, ge=0, lt=1, description="Feature-view augmentation: dropout.")
     feature_noise: float = Field(default=0.05, ge=0, description="Feature-view augmentation: Gaussian noise std.")
     bag_aggregator: Literal["auto", "mean", "max"] = Field(
@@ -250,19 +271,38 @@ class INSConfig(Section):
     )
 
 
-ModelName = Literal["mean", "max", "abmil", "gated_abmil", "transmil", "dsmil", "mhim", "ins"]
+def _registered(name: str, *, student: bool = False) -> str:
+    """``name`` when the model registry holds it (as an MHIM-capable student), else a ValueError."""
+    try:
+        spec = model_spec(name)
+    except ConfigError as exc:
+        raise ValueError(str(exc).rstrip(".")) from None
+    if student and not (spec.kind == "aggregator" and spec.student):
+        raise ValueError(f"{name!r} cannot be MHIM's student; choose one of: {', '.join(model_names(student=True))}")
+    return name
 
 
 class ModelConfig(Section):
     """Which MIL model to train and its architecture."""
 
-    name: ModelName = "abmil"
+    name: str = Field(
+        default="abmil", description="The model to train: a registered aggregator or training method.",
+        json_schema_extra={"choices": "models"},
+    )
     hidden_dim: int = Field(default=512, ge=8, description="Embedding width after the input projection.")
-    dropout: float = Field(default=0.25, ge=0, lt=1)
+    dropout: float = Field(default=0.25, ge=0, lt=1, description="Dropout after the input projection.")
     attention_dim: int = Field(default=128, ge=4, description="ABMIL attention width.")
-    heads: int = Field(default=8, ge=1, description="TransMIL attention heads.")
+    heads: int = Field(
+        default=8, ge=1, description="TransMIL attention heads (also for a TransMIL MHIM student); must divide "
+        "hidden_dim.",
+    )
     mhim: MHIMConfig = Field(default_factory=MHIMConfig)
     ins: INSConfig = Field(default_factory=INSConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_registered(cls, value: str) -> str:
+        return _registered(value)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -284,14 +324,16 @@ class TrainingConfig(Section):
     val_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each training fold held out for validation.")
     seeds: list[int] = Field(default=[0], min_length=1, description="Repeat the cross-validation with these seeds.")
     fixed_splits: bool = Field(default=False, description="Use the CSV's 'split' column (train/val/test) instead of k-fold.")
-    epochs: int = Field(default=200, ge=1)
+    epochs: int = Field(default=200, ge=1, description="Maximum epochs per fold.")
     min_epochs: int = Field(default=10, ge=0, description="No early stop before this epoch.")
     patience: int = Field(default=20, ge=1, description="Epochs without validation-AUC gain before stopping.")
-    optimizer: Literal["adam", "adamw"] = "adam"
-    lr: float = Field(default=2e-4, gt=0)
-    weight_decay: float = Field(default=1e-5, ge=0)
-    scheduler: Literal["cosine", "none"] = "cosine"
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    optimizer: Literal["adam", "adamw"] = Field(default="adam", description="Optimiser of bag-level training and MHIM.")
+    lr: float = Field(default=2e-4, gt=0, description="Learning rate of bag-level training and MHIM.")
+    weight_decay: float = Field(default=1e-5, ge=0, description="Weight decay of bag-level training and MHIM.")
+    scheduler: Literal["cosine", "none"] = Field(
+        default="cosine", description="Learning-rate schedule over the epochs: cosine annealing to 0, or constant."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="auto = cuda > mps > cpu.")
     cache_bags: bool = Field(default=True, description="Keep bags in RAM when they fit.")
     bootstrap: int = Field(default=1000, ge=0, description="Bootstrap resamples for 95% CIs (0 = none).")
     instance_threshold: float = Field(
@@ -393,7 +435,10 @@ class ComputeConfig(Section):
         "(faster for OpenSlide reads on few cores, no pickling of patches).",
     )
     memory_limit: str = Field(default="auto", description="Per-worker memory limit of the local cluster.")
-    dashboard: bool = Field(default=False, description="Serve the Dask dashboard for the local cluster.")
+    dashboard: bool = Field(
+        default=False, description="Serve the Dask dashboard of the local cluster (its address is logged); False "
+        "serves no dashboard and binds no public port.",
+    )
     connect_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for an external scheduler.")
 
     @field_validator("scheduler")
@@ -408,10 +453,16 @@ class ComputeConfig(Section):
 class RunConfig(Section):
     """What `wsi-mil run` trains."""
 
-    models: list[ModelName] = Field(
+    models: list[str] = Field(
         default=["abmil", "mhim", "ins"], min_length=1,
         description="Models trained in order (mhim after its student reuses that run as its baseline).",
+        json_schema_extra={"choices": "models"},
     )
+
+    @field_validator("models")
+    @classmethod
+    def _models_registered(cls, value: list[str]) -> list[str]:
+        return [_registered(name) for name in value]
 
 
 class Config(Section):
@@ -427,6 +478,25 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _model_fits_settings(self) -> Config:
+        """Settings the model (and MHIM's student) can work with; `wsi-mil run` checks each of run.models too."""
+        m = self.model
+        parts = [(m.name, "model.name")] + ([(m.mhim.student, "model.mhim.student")] if m.name == "mhim" else [])
+        for part, key in parts:
+            if model_spec(part).uses_heads and m.hidden_dim % m.heads:
+                raise ValueError(f"model.hidden_dim ({m.hidden_dim}) must be a multiple of model.heads ({m.heads}) "
+                                 f"for {part} ({key}); e.g. model.heads=8 with model.hidden_dim=512")
+        classes = self.training.classes
+        if model_spec(m.name).binary_only and classes is not None and len(classes) != 2:
+            raise ValueError(f"{m.name} (model.name) trains binary tasks only but training.classes lists "
+                             f"{len(classes)} classes; choose another model or relabel to two classes")
+        return self
+
+    def for_model(self, name: str) -> Config:
+        """A copy training model ``name`` instead (validated: ConfigError when the settings do not fit it)."""
+        return self.with_overrides({"model.name": name})
 
     def flat(self) -> dict[str, Any]:
         """The whole config flattened to ``section.key`` -> JSON-friendly value (for MLflow params)."""
@@ -511,17 +581,37 @@ def _validate(data: dict[str, Any], *, source: str) -> Config:
         problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            problems.append(f"'{loc}': {msg} (got {err.get('input')!r})" if loc else msg)
+            if isinstance(err.get("input"), dict):  # a check across keys: its message names them
+                problems.append(msg)
+            else:
+                problems.append(f"'{loc}': {msg} (got {err.get('input')!r})" if loc else msg)
         raise ConfigError(f"{source}: invalid setting " + "; ".join(problems) + ".") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Load defaults, merge a YAML file over them, apply overrides, validate.
 
-    Relative paths inside the file are resolved against the file's directory.
+    Parameters
+    ----------
+    path : Path, optional
+        A YAML experiment file holding any subset of the sections; relative paths inside it are
+        resolved against its directory.
+    overrides : list of str or dict, optional
+        ``section.key=value`` strings (values read as YAML) or a ``{section.key: value}`` dict.
+
+    Returns
+    -------
+    Config
+        The validated settings (cross-field checks included, configured files exist).
+
+    Raises
+    ------
+    ConfigError
+        One sentence naming the file, the key and what is allowed: unknown key, wrong type,
+        out-of-range value, settings the model cannot work with, a missing file.
     """
     data = Config().model_dump(mode="json")
     source = "defaults"
@@ -572,3 +662,54 @@ def check_files(cfg: Config) -> None:
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# -------------------------------------------------------------------------------------------- describe
+def describe_config(cfg: Config | None = None) -> str:
+    """Every key with its value, its default (where they differ), its allowed values and its meaning.
+
+    The text of ``wsi-mil config show --describe``; model choices come from :mod:`wsi_mil.registry`.
+    """
+    cfg = cfg or Config()
+    values, defaults = cfg.model_dump(mode="json"), Config().model_dump(mode="json")
+
+    def at(data: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            data = data[part]
+        return data
+
+    lines: list[str] = []
+    for section_name, section in Config.model_fields.items():
+        section_cls = section.annotation
+        lines.append(f"{section_name}:  {section_cls.__doc__.strip().splitlines()[0]}")
+        for key, line in _describe_section(section_cls, f"{section_name}."):
+            value, default = at(values, key), at(defaults, key)
+            shown = f"{key} = {json.dumps(value)}"
+            if value != default:
+                shown += f"  (default {json.dumps(default)})"
+            lines += [f"  {shown}", f"      {line}"]
+    lines += ["", "Registered models (model.name, run.models; * = can be model.mhim.student):"]
+    for name in model_names():
+        spec = model_spec(name)
+        lines.append(f"  {name}{'*' if spec.student else ''}  [{spec.kind}]  {spec.summary}")
+    return "\n".join(lines) + "\n"
+
+
+def _describe_section(cls: type[BaseModel], prefix: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for name, field in cls.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += _describe_section(field.annotation, f"{prefix}{name}.")
+            continue
+        text = field.description or ""
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        choices: tuple[Any, ...] = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal \
+            else ()
+        if extra.get("choices") == "models":
+            choices = model_names()
+        elif extra.get("choices") == "students":
+            choices = model_names(student=True)
+        if choices:
+            text += f" One of: {', '.join(map(str, choices))}."
+        out.append((f"{prefix}{name}", text))
+    return out

@@ -108,6 +108,7 @@ class ResNetTrunk(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images float [B, 3, H, W] -> pooled features float [B, D]."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for name in self.stages:
             x = getattr(self, name)(x)
@@ -127,6 +128,7 @@ class TinyCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images float [B, 3, H, W] -> features float [B, dim]."""
         return self.features(x)
 
 
@@ -312,8 +314,11 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, encoder: str,
                ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """Load ``state`` into ``model``: every model key must be present and every file key used,
-    except keys under ``ignore_prefixes`` (parts of the architecture the encoder drops)."""
+    """Load ``state`` into ``model`` strictly.
+
+    Every model key must be present and every file key used, except keys under ``ignore_prefixes``
+    (parts of the architecture the encoder drops).
+    """
     ignored = [k for k in state if k.startswith(ignore_prefixes)] if ignore_prefixes else []
     state = {k: v for k, v in state.items() if k not in set(ignored)}
     try:
@@ -346,8 +351,11 @@ def _kwargs_suffix(cfg: FeaturesConfig) -> str:
 
 
 def encoder_key(cfg: FeaturesConfig) -> str:
-    """Directory name of an encoder + weights, e.g. ``resnet50_trunc-imagenet``, ``resnet18-random``,
-    ``resnet50_trunc-file-1a2b3c4d`` (first 8 hex digits of the file's SHA-256). No model is built."""
+    """Directory name of an encoder and its weights (no model is built).
+
+    E.g. ``resnet50_trunc-imagenet``, ``resnet18-random``, ``resnet50_trunc-file-1a2b3c4d`` (first 8 hex
+    digits of the file's SHA-256).
+    """
     mode = weights_mode(cfg.weights)
     name = cfg.encoder.strip()
     if mode == "file":
@@ -424,7 +432,25 @@ def _no_pretrained_error(name: str, where: str, cause: str = "") -> WsiMilError:
 
 # --------------------------------------------------------------------------------------------- build
 def build_encoder(cfg: FeaturesConfig) -> Encoder:
-    """Build the configured encoder with its weights, in eval mode, on the CPU."""
+    """Build the configured encoder with its weights, in eval mode, on the CPU.
+
+    Parameters
+    ----------
+    cfg : FeaturesConfig
+        ``encoder`` (registry name, timm name or ``hf-hub:`` id), ``weights`` (``pretrained``,
+        ``random`` or a local file), ``encoder_kwargs``.
+
+    Returns
+    -------
+    Encoder
+        The model (uint8-derived, normalised float [B, 3, S, S] -> float [B, D]), its input size S,
+        normalisation, feature width D and weights provenance.
+
+    Raises
+    ------
+    WsiMilError
+        When the encoder is unknown or its weights cannot be had (offline, missing or mismatched file).
+    """
     name = cfg.encoder.strip()
     if not name:
         raise WsiMilError("features.encoder is empty; name an encoder, e.g. resnet50_trunc.")

@@ -175,6 +175,7 @@ class PatchStore:
 
     @property
     def patch_size(self) -> int:
+        """Patch side in pixels (at the target MPP)."""
         return int(self.patches.shape[1])
 
 

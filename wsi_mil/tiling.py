@@ -25,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import openslide
 import zarr
+from distributed import as_completed
 from tqdm.auto import tqdm
 
 from wsi_mil import __version__
+from wsi_mil.compute import dask_client, total_threads
 from wsi_mil.config import Config, TilingConfig, TissueConfig
 from wsi_mil.errors import SlideError, WsiMilError
 from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.reports import SlideResult
 from wsi_mil.slides import (
     ReadPlan,
     SlideInfo,
@@ -69,19 +72,15 @@ CSV_COLUMNS = [
 
 # ------------------------------------------------------------------------------------------- results
 @dataclass
-class SlideResult:
-    """The outcome for one slide."""
+class TiledSlide(SlideResult):
+    """A slide's tiling outcome (``output``: its patch store) and its inventory entry: a row of slides.csv."""
 
-    slide_id: str
-    path: str
-    status: str = "pending"  # done | skipped | failed | pending
-    n_patches: int = 0
-    error: str = ""
-    store: str = ""
+    path: str = ""
     info: SlideInfo | None = None
     plan: ReadPlan | None = None
 
     def row(self) -> dict[str, Any]:
+        """The slide's row of ``slides.csv``."""
         info, plan = self.info, self.plan
         return {
             "slide_id": self.slide_id,
@@ -98,7 +97,7 @@ class SlideResult:
             "status": self.status,
             "error": self.error,
             "n_patches": self.n_patches,
-            "store": self.store,
+            "store": str(self.output) if self.output else "",
         }
 
 
@@ -108,14 +107,14 @@ class TilingReport:
 
     tiling_key: str
     tiles_dir: Path
-    results: list[SlideResult] = field(default_factory=list)
+    results: list[TiledSlide] = field(default_factory=list)
 
     @property
-    def failed(self) -> list[SlideResult]:
+    def failed(self) -> list[TiledSlide]:
         return [r for r in self.results if r.status == "failed"]
 
     @property
-    def ok(self) -> list[SlideResult]:
+    def ok(self) -> list[TiledSlide]:
         return [r for r in self.results if r.status in ("done", "skipped")]
 
     @property
@@ -312,7 +311,7 @@ class _Job:
     """A slide in flight on the cluster."""
 
     index: int
-    result: SlideResult
+    result: TiledSlide
     attrs: dict[str, Any]
     final: Path
     partial: Path | None = None
@@ -322,6 +321,8 @@ class _Job:
 
 
 class _CohortRun:
+    """One `tile_cohort` call: the inventory, the cluster work and the report (slides.csv)."""
+
     def __init__(self, cfg: Config, out: Path, client: distributed.Client, strict: bool) -> None:
         self.cfg = cfg
         self.layout = Layout(out)
@@ -336,10 +337,10 @@ class _CohortRun:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.layout.slides_csv, self.report.to_csv())
 
-    def fail(self, job: _Job | None, result: SlideResult, exc: BaseException) -> None:
+    def fail(self, job: _Job | None, result: TiledSlide, exc: BaseException) -> None:
         result.status = "failed"
         result.error = str(exc) if isinstance(exc, WsiMilError) else f"{type(exc).__name__}: {exc}"
-        result.store = ""
+        result.output = None
         result.n_patches = 0
         log.warning("slide %s failed: %s", result.slide_id, result.error)
         if job is not None:
@@ -355,7 +356,7 @@ class _CohortRun:
     def inventory(self, paths: Iterable[Path]) -> list[_Job]:
         jobs: list[_Job] = []
         for index, path in enumerate(paths):
-            result = SlideResult(slide_id=slide_id(path), path=str(Path(path).resolve()))
+            result = TiledSlide(slide_id=slide_id(path), path=str(Path(path).resolve()))
             self.report.results.append(result)
             try:
                 info = inspect_slide(path, self.cfg.slides)
@@ -370,7 +371,7 @@ class _CohortRun:
             attrs = store_attrs(info, result.plan, self.cfg, self.key)
             if _stored_signature(final) == attrs["signature"]:
                 result.status = "skipped"
-                result.store = str(final.resolve())
+                result.output = final.resolve()
                 result.n_patches = int(zarr.open_group(str(final), mode="r").attrs.get("n_patches", 0))
                 continue
             jobs.append(_Job(index=index, result=result, attrs=attrs, final=final))
@@ -382,7 +383,7 @@ class _CohortRun:
         coords: np.ndarray = found["coords"]
         if self.cfg.tiling.qc_images and found.get("thumbnail") is not None:
             boxes = grid_boxes(coords, plan.patch_size_level0, info.width, info.height, found["mask"].shape)
-            save_qc_images(self.layout.qc_dir, info.slide_id, found["thumbnail"], found["mask"], boxes)
+            save_qc_images(self.layout.qc_images(info.slide_id), found["thumbnail"], found["mask"], boxes)
         if len(coords) == 0:
             raise SlideError(
                 f"slide {info.path}: no tissue found (tissue fraction {found['tissue_fraction']:.3f} of the "
@@ -416,96 +417,98 @@ class _CohortRun:
         plan = job.result.plan
         if self.cfg.tiling.export_clam_h5 and plan is not None:
             write_clam_coords(
-                self.tiles_dir / "clam_coords" / f"{job.result.slide_id}.h5", job.coords,
+                self.layout.clam_coords(self.key, job.result.slide_id), job.coords,
                 patch_size=plan.read_size, patch_level=plan.level,
                 attrs={"target_patch_size": self.cfg.tiling.patch_size, "mpp_level0": job.attrs["mpp_level0"],
                        "target_mpp": self.cfg.tiling.target_mpp, "patch_size_level0": plan.patch_size_level0,
                        "name": job.result.slide_id},
             )
         job.result.status = "done"
-        job.result.store = str(job.final.resolve())
+        job.result.output = job.final.resolve()
         job.result.n_patches = len(job.coords)
         log.info("slide %s: %d patches", job.result.slide_id, len(job.coords))
 
     def run(self, jobs: list[_Job]) -> None:
-        from distributed import as_completed
-
-        from wsi_mil.compute import total_threads
-
+        """Tile ``jobs`` on the cluster: a few slides open at a time, chunks written as they arrive."""
         self.tiles_dir.mkdir(parents=True, exist_ok=True)
         removed = clean_partials(self.tiles_dir)
         if removed:
             log.info("removed %d partial store(s) of an interrupted run", removed)
-        queue = list(jobs)
-        max_open = max(2, total_threads(self.client))
-        open_jobs: dict[int, _Job] = {}
-        kinds: dict[str, tuple[str, _Job, int]] = {}
-        ac = as_completed(loop=self.client.loop)
-        slide_bar = tqdm(total=len(self.report.results), desc="slides", unit="slide", disable=None)
-        slide_bar.update(len(self.report.results) - len(jobs))
-        patch_bar = tqdm(total=0, desc="patches", unit="patch", disable=None)
-
-        def top_up() -> None:
-            while queue and len(open_jobs) < max_open:
-                job = queue.pop(0)
-                open_jobs[job.index] = job
-                assert job.result.info is not None
-                fut = self.client.submit(find_tissue_task, job.result.info.path, job.result.info.mpp,
-                                         self.cfg.tissue, self.cfg.tiling, self.cfg.tiling.qc_images,
-                                         pure=False, priority=-job.index)
-                kinds[fut.key] = ("tissue", job, 0)
-                ac.add(fut)
-
-        def close(job: _Job) -> None:
-            open_jobs.pop(job.index, None)
-            slide_bar.update(1)
-            self.write_csv()
-            top_up()
-
+        self.queue = list(jobs)
+        self.max_open = max(2, total_threads(self.client))
+        self.open_jobs: dict[int, _Job] = {}
+        self.kinds: dict[str, tuple[str, _Job, int]] = {}  # future key -> (tissue | chunk, job, first patch)
+        self.completed = as_completed(loop=self.client.loop)
+        self.slide_bar = tqdm(total=len(self.report.results), desc="slides", unit="slide", disable=None)
+        self.slide_bar.update(len(self.report.results) - len(jobs))
+        self.patch_bar = tqdm(total=0, desc="patches", unit="patch", disable=None)
         try:
-            top_up()
-            for fut in ac:
-                kind, job, start = kinds.pop(fut.key, ("", None, 0))
-                if job is None or job.index not in open_jobs:
-                    continue
-                try:
-                    if fut.status == "error":
-                        raise fut.exception()
-                    if fut.status == "cancelled":
-                        continue
-                    value = fut.result()
-                    if kind == "tissue":
-                        futures = self.start_extraction(job, value)
-                        patch_bar.total += len(job.coords)
-                        patch_bar.refresh()
-                        step = self.cfg.tiling.chunk_patches
-                        for i, f in enumerate(futures):
-                            kinds[f.key] = ("chunk", job, i * step)
-                        ac.update(futures)
-                    else:
-                        if not isinstance(value, int):  # write_from == "client"
-                            array = zarr.open_array(str(job.partial), path="patches", mode="r+")
-                            array[start : start + len(value)] = value
-                            value = len(value)
-                        patch_bar.update(value)
-                        job.remaining -= 1
-                        if job.remaining == 0:
-                            self.finish(job)
-                            close(job)
-                except Exception as exc:
-                    self.fail(job, job.result, exc if isinstance(exc, SlideError) else
-                              _slide_failure(job.result.path, exc, "tiling"))
-                    close(job)
-                finally:
-                    fut.release()
+            self.top_up()
+            for fut in self.completed:
+                self.collect(fut)
         finally:
-            for job in list(open_jobs.values()):  # interrupted: drop what is unfinished
+            for job in list(self.open_jobs.values()):  # interrupted: drop what is unfinished
                 for f in job.futures:
                     f.cancel()
                 if job.partial is not None:
                     remove_path(job.partial)
-            slide_bar.close()
-            patch_bar.close()
+            self.slide_bar.close()
+            self.patch_bar.close()
+
+    def top_up(self) -> None:
+        """Start tissue detection of queued slides until ``max_open`` slides are in flight."""
+        while self.queue and len(self.open_jobs) < self.max_open:
+            job = self.queue.pop(0)
+            self.open_jobs[job.index] = job
+            assert job.result.info is not None
+            fut = self.client.submit(find_tissue_task, job.result.info.path, job.result.info.mpp,
+                                     self.cfg.tissue, self.cfg.tiling, self.cfg.tiling.qc_images,
+                                     pure=False, priority=-job.index)
+            self.kinds[fut.key] = ("tissue", job, 0)
+            self.completed.add(fut)
+
+    def close(self, job: _Job) -> None:
+        """A slide is finished (done or failed): record it and let the next one in."""
+        self.open_jobs.pop(job.index, None)
+        self.slide_bar.update(1)
+        self.write_csv()
+        self.top_up()
+
+    def collect(self, fut: Any) -> None:
+        """Handle one finished task: a tissue grid starts the chunk tasks, a chunk is counted (or written)."""
+        kind, job, start = self.kinds.pop(fut.key, ("", None, 0))
+        if job is None or job.index not in self.open_jobs:
+            return
+        try:
+            if fut.status == "error":
+                raise fut.exception()
+            if fut.status == "cancelled":
+                return
+            value = fut.result()
+            if kind == "tissue":
+                futures = self.start_extraction(job, value)
+                self.patch_bar.total += len(job.coords)
+                self.patch_bar.refresh()
+                step = self.cfg.tiling.chunk_patches
+                for i, f in enumerate(futures):
+                    self.kinds[f.key] = ("chunk", job, i * step)
+                self.completed.update(futures)
+            else:
+                if not isinstance(value, int):  # write_from == "client"
+                    array = zarr.open_array(str(job.partial), path="patches", mode="r+")
+                    array[start : start + len(value)] = value
+                    value = len(value)
+                self.patch_bar.update(value)
+                job.remaining -= 1
+                if job.remaining == 0:
+                    self.finish(job)
+                    self.close(job)
+        except Exception as exc:
+            self.fail(job, job.result, exc if isinstance(exc, SlideError) else
+                      _slide_failure(job.result.path, exc, "tiling"))
+            self.close(job)
+        finally:
+            fut.release()
 
 
 def tile_cohort(
@@ -519,12 +522,34 @@ def tile_cohort(
     """Tile every slide of ``slides_dir`` into ``OUT/tiles/<tiling_key>/<slide_id>.zarr``.
 
     Complete stores with the same settings and slide fingerprint are kept; partial ones are redone.
-    Per-slide failures are recorded in the report and ``OUT/slides.csv``; with ``strict`` the first
-    failure raises :class:`SlideError`. ``client`` reuses a Dask client; otherwise one is started
-    from ``cfg.compute`` for this call.
-    """
-    from wsi_mil.compute import dask_client
 
+    Parameters
+    ----------
+    slides_dir : Path
+        Directory of whole-slide images (``slides.extensions``, ``slides.recursive``).
+    out : Path
+        Output directory (see :mod:`wsi_mil.layout`).
+    cfg : Config
+        Settings: ``slides``, ``tissue``, ``tiling`` (patches of ``tiling.patch_size`` px at
+        ``tiling.target_mpp`` um/px), ``compute``.
+    strict : bool
+        Stop at the first failed slide.
+    client : distributed.Client, optional
+        A Dask client to reuse; otherwise one is started from ``cfg.compute`` for this call.
+
+    Returns
+    -------
+    TilingReport
+        One :class:`TiledSlide` per slide file (done, skipped or failed with the reason), also
+        written to ``OUT/slides.csv``; patch coordinates are level-0 px.
+
+    Raises
+    ------
+    WsiMilError
+        When ``slides_dir`` holds no slide.
+    SlideError
+        With ``strict``, at the first slide that fails.
+    """
     paths = find_slides(Path(slides_dir), cfg.slides)
     if not paths:
         raise WsiMilError(

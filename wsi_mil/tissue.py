@@ -10,6 +10,7 @@ microns and converted with the thumbnail's resolution, so results do not depend 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,23 +156,19 @@ def segment_tissue(rgb: np.ndarray, um_per_px: float, params: TissueParams) -> n
 
 # ---------------------------------------------------------------------------------------- QC images
 def save_qc_images(
-    qc_dir: Path,
-    slide_id: str,
+    paths: Mapping[str, Path],
     thumbnail: np.ndarray,
     mask: np.ndarray,
     boxes: np.ndarray | None = None,
 ) -> dict[str, Path]:
-    """Write ``<id>_thumb.png``, ``<id>_mask.png`` and ``<id>_grid.png`` (patch boxes over the thumbnail).
+    """Write the thumbnail, the tissue mask and the patch grid (boxes over the thumbnail) as PNGs.
 
+    ``paths`` maps ``thumb``, ``mask`` and ``grid`` to their files (:meth:`wsi_mil.layout.Layout.qc_images`);
     ``boxes`` are [N, 4] x0, y0, x1, y1 in thumbnail pixels.
     """
-    qc_dir = Path(qc_dir)
-    qc_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "thumb": qc_dir / f"{slide_id}_thumb.png",
-        "mask": qc_dir / f"{slide_id}_mask.png",
-        "grid": qc_dir / f"{slide_id}_grid.png",
-    }
+    paths = {kind: Path(paths[kind]) for kind in ("thumb", "mask", "grid")}
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(thumbnail).save(paths["thumb"])
     Image.fromarray(mask.astype(np.uint8) * 255).save(paths["mask"])
     grid = thumbnail.astype(np.float32)

@@ -15,6 +15,10 @@ Layout of a ``wsi-mil train`` command in MLflow:
 
 Embedded default: a SQLite store ``OUT/mlflow.db`` with artifacts under ``OUT/mlartifacts/``; any
 other URI (``http://host:5000``) is used as given. Telemetry is switched off before import.
+
+This module stores and reads runs, params, metrics, tags and artifact files; it knows nothing of
+models. Checkpoints are written and rebuilt by :mod:`wsi_mil.mil.checkpoints`. A run id that the
+store does not hold and a store that cannot be reached give different errors.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +49,7 @@ log = logging.getLogger(__name__)
 
 PARAM_MAX = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow accepts at most 100 params per batch
-CHECKPOINT = "checkpoint.pt"
+NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's codes for an unknown run id
 ROLE_TAG, FOLD_TAG, SEED_TAG, PARENT_TAG = "wsi_mil.role", "wsi_mil.fold", "wsi_mil.seed", "mlflow.parentRunId"
 
 
@@ -114,17 +121,22 @@ class RunRecord:
 
     @property
     def parent_id(self) -> str | None:
+        """The run this one is nested under, if any."""
         return self.tags.get(PARENT_TAG)
 
 
 @dataclass
 class FoldRun:
-    """One fold's nested run and its test slides."""
+    """One fold's nested run (its test slides are in the parent run's ``splits.csv``)."""
 
     run_id: str
     fold: int
     seed: int
-    test_slide_ids: list[str] = field(default_factory=list)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
 class Tracker:
@@ -135,10 +147,30 @@ class Tracker:
         self.artifact_root = Path(artifact_root) if artifact_root is not None else None
         self.client = _client(uri)
 
+    def _unreachable(self, exc: BaseException, what: str) -> WsiMilError:
+        return WsiMilError(f"MLflow at {self.uri} failed while {what} ({_short(exc)}); check that the tracking "
+                           "server is running and reachable (--tracking-uri) or that the store is readable.")
+
+    @contextlib.contextmanager
+    def _reading_run(self, run_id: str, what: str, missing: str = "") -> Iterator[None]:
+        """Turn MLflow errors into one sentence: an unknown run id (or ``missing``), or a store that failed."""
+        try:
+            yield
+        except WsiMilError:
+            raise
+        except Exception as exc:
+            if getattr(exc, "error_code", None) in NOT_FOUND_CODES:
+                raise WsiMilError(missing or f"MLflow run {run_id} not found in {self.uri}; check the run id and "
+                                  "--out / --tracking-uri.") from None
+            raise self._unreachable(exc, what) from None
+
     # ---------------------------------------------------------------------------------- writing
     def experiment(self, name: str) -> str:
         """Id of the experiment ``name``, created (with a local artifact location if any) when missing."""
-        found = self.client.get_experiment_by_name(name)
+        try:
+            found = self.client.get_experiment_by_name(name)
+        except Exception as exc:
+            raise self._unreachable(exc, f"looking up experiment {name!r}") from None
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
@@ -177,9 +209,6 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
         """Log finite numeric metrics in one batch (NaN/inf values are skipped)."""
-        import math
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -211,38 +240,35 @@ class Tracker:
         """Store a DataFrame as a CSV artifact."""
         self.client.log_text(run_id, frame.to_csv(index=False), artifact_file)
 
-    def log_checkpoint(self, run_id: str, checkpoint: dict[str, Any], artifact_file: str = CHECKPOINT) -> None:
-        """``torch.save`` a checkpoint dict (tensors and plain values only) as an artifact."""
-        import torch
-
-        parent, _, name = artifact_file.rpartition("/")
-        with tempfile.TemporaryDirectory(prefix="wsi-mil-ckpt-") as tmp:
-            local = Path(tmp) / name
-            torch.save(checkpoint, local)
-            self.client.log_artifact(run_id, str(local), parent or None)
-
     # ---------------------------------------------------------------------------------- reading
     def get_run(self, run_id: str) -> RunRecord:
-        """A run's params, metrics and tags; a clear error when it does not exist."""
-        try:
+        """A run's params, metrics and tags.
+
+        Raises
+        ------
+        WsiMilError
+            When the store holds no such run, or when the store cannot be reached or read (two
+            different messages).
+        """
+        with self._reading_run(run_id, f"reading run {run_id}"):
             run = self.client.get_run(run_id)
-        except Exception as exc:
-            raise WsiMilError(f"MLflow run {run_id} not found in {self.uri} ({exc.__class__.__name__}); "
-                              "check the run id and --out / --tracking-uri.") from None
         return _record(run)
 
     def find_runs(self, experiment: str | None = None, filter_string: str = "", *,
                   role: str | None = "cv") -> list[RunRecord]:
         """Runs of one experiment (or all), newest first; ``role='cv'`` keeps parent runs only."""
-        if experiment is not None:
-            exp = self.client.get_experiment_by_name(experiment)
-            ids = [exp.experiment_id] if exp is not None else []
-        else:
-            ids = [e.experiment_id for e in self.client.search_experiments()]
-        if not ids:
-            return []
-        filters = [f for f in (filter_string, f"tags.`{ROLE_TAG}` = '{role}'" if role else "") if f]
-        runs = self.client.search_runs(ids, " and ".join(filters), order_by=["attributes.start_time DESC"])
+        try:
+            if experiment is not None:
+                exp = self.client.get_experiment_by_name(experiment)
+                ids = [exp.experiment_id] if exp is not None else []
+            else:
+                ids = [e.experiment_id for e in self.client.search_experiments()]
+            if not ids:
+                return []
+            filters = [f for f in (filter_string, f"tags.`{ROLE_TAG}` = '{role}'" if role else "") if f]
+            runs = self.client.search_runs(ids, " and ".join(filters), order_by=["attributes.start_time DESC"])
+        except Exception as exc:
+            raise self._unreachable(exc, "searching runs") from None
         return [_record(r) for r in runs]
 
     def child_runs(self, parent_id: str) -> list[RunRecord]:
@@ -253,74 +279,58 @@ class Tracker:
         return [_record(r) for r in runs]
 
     def fold_runs(self, run_id: str) -> list[FoldRun]:
-        """Fold runs of a parent run (or the run itself when it is a fold run), with their test slides."""
+        """Fold runs of a parent run (or the run itself when it is a fold run), by seed and fold."""
         run = self.get_run(run_id)
         if run.tags.get(ROLE_TAG) == "fold":
             records = [run]
-            parent = run.parent_id
         else:
             records = [r for r in self.child_runs(run_id) if r.tags.get(ROLE_TAG) == "fold"]
-            parent = run_id
         if not records:
             raise WsiMilError(f"MLflow run {run_id} has no fold runs; pass the id of a `wsi-mil train` run.")
-        splits = self.load_splits(parent) if parent else None
-        out = []
-        for r in records:
-            fold, seed = int(r.tags[FOLD_TAG]), int(r.tags[SEED_TAG])
-            test: list[str] = []
-            if splits is not None:
-                sel = (splits["seed"] == seed) & (splits["fold"] == fold) & (splits["role"] == "test")
-                test = splits.loc[sel, "slide_id"].tolist()
-            out.append(FoldRun(r.run_id, fold, seed, test))
+        out = [FoldRun(r.run_id, int(r.tags[FOLD_TAG]), int(r.tags[SEED_TAG])) for r in records]
         return sorted(out, key=lambda f: (f.seed, f.fold))
+
+    def parent_of(self, run_id: str) -> str:
+        """The cross-validation parent of a fold run; any other run is its own parent."""
+        run = self.get_run(run_id)
+        return run.parent_id if run.tags.get(ROLE_TAG) == "fold" and run.parent_id else run_id
 
     def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
         """Artifact paths of a run (recursively)."""
         out: list[str] = []
-        for info in self.client.list_artifacts(run_id, path):
+        with self._reading_run(run_id, f"listing the artifacts of run {run_id}"):
+            infos = self.client.list_artifacts(run_id, path)
+        for info in infos:
             if info.is_dir:
                 out.extend(self.list_artifacts(run_id, info.path))
             else:
                 out.append(info.path)
         return out
 
-    def download(self, run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
-        """Download one artifact (file or directory) and return its local path."""
-        dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="wsi-mil-artifact-"))
-        try:
+    def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
+        """Download one artifact (file or directory) into the directory ``dst``; returns its local path.
+
+        Raises
+        ------
+        WsiMilError
+            When the run has no such artifact, or when the store cannot be reached or read.
+        """
+        missing = f"MLflow run {run_id} in {self.uri} has no artifact '{artifact_path}' (or no such run)."
+        with self._reading_run(run_id, f"downloading {artifact_path} of run {run_id}", missing):
             return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
-        except Exception as exc:
-            raise WsiMilError(f"MLflow run {run_id} has no artifact '{artifact_path}' ({exc.__class__.__name__}).") from None
 
-    def load_checkpoint(self, run_id: str, artifact_path: str = CHECKPOINT) -> dict[str, Any]:
-        """A checkpoint artifact, loaded with ``torch.load(weights_only=True)``."""
-        import torch
-
-        with tempfile.TemporaryDirectory(prefix="wsi-mil-ckpt-") as tmp:
-            local = self.download(run_id, artifact_path, Path(tmp))
-            try:
-                return torch.load(local, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise WsiMilError(
-                    f"MLflow run {run_id}: {artifact_path} cannot be loaded as plain weights ({exc.__class__.__name__}); "
-                    "only checkpoints written by wsi-mil (tensors and plain values) are accepted."
-                ) from None
+    def read_text(self, run_id: str, artifact_file: str) -> str:
+        """The text of one artifact file (e.g. ``config.yaml``, ``splits.csv``)."""
+        with tempfile.TemporaryDirectory(prefix="wsi-mil-artifact-") as tmp:
+            return self.download(run_id, artifact_file, Path(tmp)).read_text()
 
     def load_config(self, run_id: str) -> Config:
         """The resolved config a run was trained with (its ``config.yaml`` artifact)."""
-        with tempfile.TemporaryDirectory(prefix="wsi-mil-cfg-") as tmp:
-            text = self.download(run_id, "config.yaml", Path(tmp)).read_text()
+        text = self.read_text(run_id, "config.yaml")
         try:
             return Config.model_validate(yaml.safe_load(text) or {})
         except Exception as exc:
             raise WsiMilError(f"MLflow run {run_id}: its config.yaml no longer validates ({exc}).") from None
-
-    def load_splits(self, run_id: str) -> pd.DataFrame:
-        """The split table of a parent run."""
-        from wsi_mil.mil.splits import load_splits
-
-        with tempfile.TemporaryDirectory(prefix="wsi-mil-splits-") as tmp:
-            return load_splits(self.download(run_id, "splits.csv", Path(tmp)))
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` pairs of one metric."""
@@ -344,52 +354,6 @@ def open_tracker(out: Path, cfg: Config) -> Tracker:
     if uri == layout.tracking_uri:
         layout.root.mkdir(parents=True, exist_ok=True)
     return Tracker(uri, layout.mlflow_artifacts if _is_local(uri) else None)
-
-
-def log_artifact(out: Path, cfg: Config, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-    """Attach a file/directory (e.g. heatmaps) to an existing run."""
-    open_tracker(out, cfg).log_artifact(run_id, path, artifact_path)
-
-
-@dataclass
-class LoadedFold:
-    """A method rebuilt from a fold run's checkpoint."""
-
-    method: Any
-    checkpoint: dict[str, Any]
-    config: Config
-    fold: int
-    seed: int
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.checkpoint.get("classes", []))
-
-    @property
-    def threshold(self) -> float | None:
-        return self.checkpoint.get("threshold")
-
-
-def load_fold_method(tracker: Tracker, run_id: str, *, device: str = "cpu", factory: Any = None,
-                     config: Config | None = None) -> LoadedFold:
-    """Rebuild a fold's trained method (in eval use) from its ``checkpoint.pt``.
-
-    ``factory(cfg, ctx)`` builds the untrained method (default :func:`wsi_mil.mil.methods.build_method`).
-    """
-    from wsi_mil.devices import resolve_device
-    from wsi_mil.mil.base import FoldContext
-    from wsi_mil.mil.methods import build_method
-
-    ckpt = tracker.load_checkpoint(run_id)
-    if ckpt.get("format") != "wsi-mil-checkpoint":
-        raise WsiMilError(f"MLflow run {run_id}: {CHECKPOINT} is not a wsi-mil checkpoint.")
-    cfg = config or tracker.load_config(run_id)
-    dev = resolve_device(device)
-    ctx = FoldContext(int(ckpt["fold"]), int(ckpt["seed"]), [], [], int(ckpt["n_classes"]), int(ckpt["in_dim"]), dev,
-                      extras={"config": cfg})
-    method = (factory or build_method)(cfg, ctx)
-    method.load_state_dict(ckpt["state"])
-    return LoadedFold(method, ckpt, cfg, int(ckpt["fold"]), int(ckpt["seed"]))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,1 @@
+"""Multiple instance learning on feature bags: models, training methods, cross-validation, metrics."""

@@ -43,7 +43,14 @@ class ABMIL(MILModel):
         return self.attention_w(hidden).squeeze(1)
 
     def aggregate(self, h: Tensor) -> MILOutput:
-        """h [N, hidden] -> attention-weighted bag embedding and logits."""
+        """Attention pooling: ``a = softmax_N(w^T act(V h_i))``, bag ``z = sum_i a_i h_i``, logits ``W z``.
+
+        Ilse et al., ICML 2018, Eq. 8 (act = tanh there, ReLU here as in the MHIM-MIL reference code)
+        and Eq. 9 (gated: ``tanh(V h_i) * sigmoid(U h_i)``).
+
+        h [N, hidden] -> MILOutput:
+            ``logits`` [C], ``embedding`` z [hidden], ``instance_scores`` a [N] (sums to 1).
+        """
         attention = torch.softmax(self.attention_logits(h), dim=0)
         bag = attention @ h
         return MILOutput(logits=self.head(bag), embedding=bag, instance_scores=attention)

@@ -6,16 +6,22 @@
   so MHIM-MIL can copy ``embed`` and mask instances between the two.
 - A :class:`MILMethod` is what the trainer drives for one fold: it trains an epoch, predicts a bag and
   saves/loads its state. Plain bag-level training, MHIM-MIL and INS are methods.
+- A :class:`FoldContext` hands a method one fold's bags, and :class:`FoldExtras` what else the
+  trainer offers it (settings, bag files, baseline training/loading, metric logging).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from wsi_mil.config import Config
 
 
 @dataclass
@@ -35,11 +41,33 @@ class MILModel(nn.Module):
     embed: nn.Module
 
     def aggregate(self, h: Tensor) -> MILOutput:  # pragma: no cover - abstract
-        """Pool embedded instances h [N, hidden] into a bag output."""
+        """Pool the embedded instances of one bag into a bag output (each model's equations).
+
+        Parameters
+        ----------
+        h : Tensor
+            The bag's embedded instances, float [N, hidden] (``embed`` of features [N, D]).
+
+        Returns
+        -------
+        MILOutput
+            Bag logits [C], bag embedding, per-instance scores [N] (see :class:`MILOutput`).
+        """
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> MILOutput:
-        """x: one bag of instance features [N, D]."""
+        """Score one bag.
+
+        Parameters
+        ----------
+        x : Tensor
+            One bag of instance features, float32 [N, D].
+
+        Returns
+        -------
+        MILOutput
+            Bag logits [C], bag embedding, per-instance scores [N] (see :class:`MILOutput`).
+        """
         return self.aggregate(self.embed(x))
 
     def bag_loss(self, out: MILOutput, target: Tensor) -> Tensor:
@@ -86,6 +114,44 @@ class MILMethod(Protocol):
         """Restore :meth:`state_dict` output."""
 
 
+MethodFactory = Callable[[Config, "FoldContext"], MILMethod]
+"""Builds one fold's untrained method: ``factory(cfg, ctx) -> MILMethod``."""
+
+
+def _no_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """The default :attr:`FoldExtras.log_metrics`: metrics go nowhere."""
+
+
+@dataclass
+class FoldExtras:
+    """What the trainer offers a method besides the fold's bags (see :mod:`wsi_mil.mil.cv`).
+
+    Attributes
+    ----------
+    config : Config or None
+        The whole experiment configuration.
+    bag_paths : dict of str to Path
+        HDF5 bag file of each training and validation slide (the INS ``patches`` variant reads the
+        patch store recorded in them).
+    train_baseline : callable or None
+        ``train_baseline(model_name) -> MILModel``: trains a plain bag-level model of that aggregator on
+        the same fold with the same settings and early stopping and returns its best model (eval mode).
+        Its curves are logged into the fold run as ``baseline_*`` metrics and its checkpoint as the
+        artifact ``baseline/checkpoint.pt``.
+    load_baseline : callable or None
+        ``load_baseline(fold, seed) -> MILModel``, only with ``model.mhim.baseline_run``: the best model
+        of that earlier run's matching fold; refused when that run's split of this fold differs.
+    log_metrics : callable
+        ``log_metrics(metrics, step=None)``: log extra metrics into the fold run.
+    """
+
+    config: Config | None = None
+    bag_paths: dict[str, Path] = field(default_factory=dict)
+    train_baseline: Callable[[str], MILModel] | None = None
+    load_baseline: Callable[[int, int], MILModel] | None = None
+    log_metrics: Callable[..., None] = _no_metrics
+
+
 @dataclass
 class FoldContext:
     """The data and settings of one cross-validation fold."""
@@ -97,4 +163,4 @@ class FoldContext:
     n_classes: int
     in_dim: int
     device: torch.device
-    extras: dict[str, Any] = field(default_factory=dict)  # e.g. a callback to train a baseline
+    extras: FoldExtras = field(default_factory=FoldExtras)

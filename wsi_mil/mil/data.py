@@ -32,7 +32,9 @@ import pandas as pd
 import torch
 
 from wsi_mil.config import Config, TrainingConfig
+from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
+from wsi_mil.layout import Layout, tiling_key
 from wsi_mil.mil.base import BagItem
 from wsi_mil.stores import PARTIAL_TAG, read_bag, read_bag_attrs
 
@@ -60,10 +62,12 @@ class LabelTable:
 
     @property
     def n_classes(self) -> int:
+        """Number of classes."""
         return len(self.classes)
 
     @property
     def slide_ids(self) -> list[str]:
+        """Slide ids in table order."""
         return self.df["slide_id"].tolist()
 
     def subset(self, slide_ids: Sequence[str]) -> LabelTable:
@@ -266,14 +270,6 @@ def resolve_features_dir(out: Path, cfg: Config) -> Path:
     """
     if cfg.training.features_dir is not None:
         return Path(cfg.training.features_dir)
-    from wsi_mil.layout import Layout, tiling_key
-
-    try:
-        from wsi_mil.encoders import encoder_key
-    except ImportError:  # pragma: no cover - encoders module not installed in this tree
-        raise WsiMilError(
-            "cannot derive the features directory (wsi_mil.encoders missing); set training.features_dir."
-        ) from None
     features_dir = Layout(out).features_dir(tiling_key(cfg), encoder_key(cfg.features))
     if not features_dir.is_dir():
         raise WsiMilError(f"features directory {features_dir} does not exist; {_bag_folders_hint(features_dir)}")

@@ -44,7 +44,12 @@ class DSMIL(MILModel):
         xavier_init(self)
 
     def aggregate(self, h: Tensor) -> MILOutput:
-        """h [N, hidden] -> DSMIL bag logits, B and instance logits."""
+        """Dual-stream aggregation (Li et al., CVPR 2021; the steps of the class docstring).
+
+        h [N, hidden] -> MILOutput:
+            ``logits`` [C], ``embedding`` B [C, hidden], ``instance_scores`` [N] (attention of class 1,
+            or the mean over classes; sums to 1), ``instance_logits`` [N, C].
+        """
         instance_logits = self.instance_classifier(h)  # [N, C]
         critical = instance_logits.argmax(dim=0)  # [C]
         q = self.query(h)  # [N, dq]

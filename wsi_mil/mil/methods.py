@@ -2,11 +2,12 @@
 
 - :class:`BagMethod` trains a plain bag-level :class:`~wsi_mil.mil.base.MILModel` (mean/max pooling,
   ABMIL, TransMIL, DSMIL): one bag per step, Adam/AdamW, cosine learning rate per epoch.
-- :func:`build_method` picks the method for ``cfg.model.name``: ``mhim`` -> MHIM-MIL, ``ins`` -> INS,
-  any aggregator name -> :class:`BagMethod` around :func:`wsi_mil.mil.models.build_model`.
+- :func:`build_method` picks the method for ``cfg.model.name`` from :mod:`wsi_mil.registry`: a training
+  method's own builder (``mhim`` -> MHIM-MIL, ``ins`` -> INS, bound here), or :class:`BagMethod` around
+  :func:`wsi_mil.mil.models.build_model` for an aggregator.
 
 Contract for every method class ``M(cfg, ctx)``: the constructor builds the networks but trains
-nothing (so :func:`wsi_mil.tracking.load_fold_method` can rebuild it from a checkpoint with empty
+nothing (so :func:`wsi_mil.mil.checkpoints.load_fold_method` can rebuild it from a checkpoint with empty
 ``ctx.train``/``ctx.val``); :meth:`setup` does per-fold preparation (MHIM trains/loads its baseline).
 """
 
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsi_mil.config import Config, ModelConfig, TrainingConfig
+from wsi_mil.config import Config, TrainingConfig
 from wsi_mil.mil.base import BagItem, FoldContext, MILMethod, MILModel, Prediction
-
-AGGREGATORS = ("mean", "max", "abmil", "gated_abmil", "transmil", "dsmil")
+from wsi_mil.mil.ins import INSMethod
+from wsi_mil.mil.mhim import MHIMMethod
+from wsi_mil.mil.models import build_model
+from wsi_mil.registry import builder, model_spec
 
 
 def seed_everything(seed: int) -> None:
@@ -31,13 +34,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def build_model(name: str, in_dim: int, n_classes: int, cfg: ModelConfig) -> MILModel:
-    """An aggregator by name (delegates to :mod:`wsi_mil.mil.models`)."""
-    from wsi_mil.mil.models import build_model as _build
-
-    return _build(name, in_dim, n_classes, cfg)
 
 
 def make_optimizer(params: Any, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -135,15 +131,32 @@ def method_label(cfg: Config) -> str:
     return name
 
 
+builder("mhim")(MHIMMethod)
+builder("ins")(INSMethod)
+
+
 def build_method(cfg: Config, ctx: FoldContext) -> MILMethod:
-    """The training method for ``cfg.model.name`` on one fold (no training happens here)."""
+    """The training method for ``cfg.model.name`` on one fold (no training happens here).
+
+    Parameters
+    ----------
+    cfg : Config
+        The experiment settings; ``cfg.model.name`` is a registered model.
+    ctx : FoldContext
+        The fold (its bags may be empty when a trained method is rebuilt from a checkpoint).
+
+    Returns
+    -------
+    MILMethod
+        The registered method's own builder's result, or a :class:`BagMethod` around the aggregator.
+
+    Raises
+    ------
+    ConfigError
+        When ``cfg.model.name`` is not registered or has no builder.
+    """
     name = cfg.model.name
-    if name == "mhim":
-        from wsi_mil.mil.mhim import MHIMMethod
-
-        return MHIMMethod(cfg, ctx)
-    if name == "ins":
-        from wsi_mil.mil.ins import INSMethod
-
-        return INSMethod(cfg, ctx)
+    spec = model_spec(name)
+    if spec.kind == "method" and spec.build is not None:
+        return spec.build(cfg, ctx)
     return BagMethod(build_model(name, ctx.in_dim, ctx.n_classes, cfg.model), cfg, ctx, name)

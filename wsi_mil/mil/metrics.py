@@ -1,4 +1,7 @@
-"""Bag-level metrics with bootstrap confidence intervals.
+"""Metrics of wsi-mil: bag-level metrics with bootstrap confidence intervals, and the one ROC AUC.
+
+:func:`roc_auc` is the ROC AUC every stage uses (bag level, instance level, heatmaps, plots);
+:func:`instance_auc` pools per-slide instance scores into it.
 
 Binary tasks score class 1 (AUC on ``probs[:, 1]``; predictions ``probs[:, 1] >= threshold`` with the
 threshold chosen on the validation split). Multi-class tasks use the one-vs-rest macro AUC, argmax
@@ -15,7 +18,8 @@ Field & Welsh 2007). All resamples are computed at once as matrix products, so 1
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -221,3 +225,81 @@ def format_summary(summary: pd.DataFrame) -> str:
     """``metric: mean +- std (n)`` lines for the terminal."""
     return "\n".join(f"{name:>18}: {row['mean']:.4f} +- {row['std']:.4f} (n={int(row['n'])})"
                      for name, row in summary.iterrows())
+
+
+# ------------------------------------------------------------------------------------------- ROC AUC
+def roc_auc(labels: Any, scores: Any) -> float:
+    """ROC AUC of scores against binary ground truth.
+
+    The Mann-Whitney U statistic with average ranks for ties, i.e. the area under the ROC curve as
+    :func:`sklearn.metrics.roc_auc_score` computes it, by the same code as the bootstrap above.
+
+    Parameters
+    ----------
+    labels : array-like
+        [N] ground truth, 0/1 or bool (1 = positive: tumour slide, tumour patch).
+    scores : array-like
+        [N] float scores, higher = more positive. Non-finite scores are left out.
+
+    Returns
+    -------
+    float
+        The AUC in [0, 1]; NaN when the scored items hold a single class (or none).
+
+    Raises
+    ------
+    ValueError
+        When ``labels`` and ``scores`` differ in length or the labels are not binary.
+    """
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    truth = np.asarray(labels).ravel()
+    if values.shape != truth.shape:
+        raise ValueError(f"{values.shape[0]} scores but {truth.shape[0]} labels; they must match one to one")
+    if truth.dtype != bool:
+        unique = np.unique(truth)
+        if not np.isin(unique, (0, 1)).all():
+            raise ValueError(f"labels must be binary (0/1 or bool), got values {unique[:5].tolist()}")
+    keep = np.isfinite(values)
+    return float(_weighted_auc(truth[keep].astype(bool), values[keep], np.ones((1, int(keep.sum()))))[0])
+
+
+def instance_auc(
+    scores_per_slide: Mapping[str, Any] | Sequence[Any], labels_per_slide: Mapping[str, Any] | Sequence[Any]
+) -> float:
+    """:func:`roc_auc` of instance scores against patch labels pooled over slides.
+
+    Parameters
+    ----------
+    scores_per_slide, labels_per_slide : dict or sequence
+        Dicts keyed by slide id (slides missing from either, or with labels ``None``, are skipped) or
+        equally long sequences; one [N] array of scores and of 0/1 patch labels per slide.
+
+    Returns
+    -------
+    float
+        The pooled AUC; NaN when no slide is left or the pooled patches hold a single class.
+
+    Raises
+    ------
+    ValueError
+        When the two sequences differ in length, or a slide has as many scores as labels.
+    """
+    if isinstance(scores_per_slide, Mapping) and isinstance(labels_per_slide, Mapping):
+        keys = [k for k in scores_per_slide if k in labels_per_slide and labels_per_slide[k] is not None]
+        pairs = [(scores_per_slide[k], labels_per_slide[k], k) for k in keys]
+    else:
+        if len(scores_per_slide) != len(labels_per_slide):
+            raise ValueError("instance_auc: scores and labels must have one entry per slide")
+        pairs = [(s, lab, i) for i, (s, lab) in enumerate(zip(scores_per_slide, labels_per_slide, strict=True))
+                 if lab is not None]
+    all_scores, all_labels = [], []
+    for scores, labels, key in pairs:
+        s = np.asarray(scores, dtype=np.float64).reshape(-1)
+        y = np.asarray(labels).reshape(-1)
+        if s.shape != y.shape:
+            raise ValueError(f"instance_auc: slide {key} has {s.size} scores but {y.size} labels")
+        all_scores.append(s)
+        all_labels.append(y)
+    if not all_scores:
+        return float("nan")
+    return roc_auc(np.concatenate(all_labels).astype(np.int64), np.concatenate(all_scores))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -182,14 +181,14 @@ class MHIMMethod:
     def _get_baseline(self) -> MILModel:
         extras = self.ctx.extras
         if self.mcfg.baseline_run:
-            loader: Callable[..., MILModel] | None = extras.get("load_baseline")
+            loader = extras.load_baseline
             if loader is None:
                 raise WsiMilError(
                     f"model.mhim.baseline_run={self.mcfg.baseline_run} is set but no baseline loader was "
                     "provided; run MHIM through `wsi-mil train`, or unset model.mhim.baseline_run."
                 )
             return loader(self.ctx.fold, self.ctx.seed)
-        trainer: Callable[..., MILModel] | None = extras.get("train_baseline")
+        trainer = extras.train_baseline
         if trainer is None:
             raise WsiMilError(
                 "MHIM needs a trained baseline per fold but no trainer was provided; run it through "

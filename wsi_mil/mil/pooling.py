@@ -27,7 +27,12 @@ class MeanPoolMIL(_InstanceHeadMIL):
     """
 
     def aggregate(self, h: Tensor) -> MILOutput:
-        """h [N, hidden] -> logits of the mean embedding."""
+        """Mean pooling: bag ``z = mean_i h_i``, logits ``W z`` (= the mean of the instance logits ``W h_i``).
+
+        h [N, hidden] -> MILOutput:
+            ``logits`` [C], ``embedding`` z [hidden], ``instance_scores`` [N] class-1 log-odds of each
+            instance (detached), ``instance_logits`` [N, C].
+        """
         bag = h.mean(dim=0)
         instance_logits = self.head(h)
         return MILOutput(
@@ -46,7 +51,12 @@ class MaxPoolMIL(_InstanceHeadMIL):
     """
 
     def aggregate(self, h: Tensor) -> MILOutput:
-        """h [N, hidden] -> logits of the instance with the highest positive evidence."""
+        """Max pooling over instances: the bag takes the logits of its most positive instance.
+
+        h [N, hidden] -> MILOutput:
+            ``logits`` [C] and ``embedding`` [hidden] of the top instance, ``instance_scores`` [N] class-1
+            log-odds (detached), ``instance_logits`` [N, C].
+        """
         instance_logits = self.head(h)
         scores = positive_evidence(instance_logits)
         top = int(scores.argmax())

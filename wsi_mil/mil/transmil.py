@@ -161,7 +161,15 @@ class TransMIL(MILModel):
         xavier_init(self)
 
     def aggregate(self, h: Tensor) -> MILOutput:
-        """h [N, hidden] -> logits from the cls token; per-head first-layer cls attention over N."""
+        """TransMIL's TPT module (Shao et al., NeurIPS 2021, Algorithm 1) on one bag.
+
+        The N tokens are squared up to ``ceil(sqrt(N))**2`` by repeating the first ones, a cls token is
+        prepended, then TransLayer (Nystrom attention), PPEG, TransLayer, LayerNorm; logits come from cls.
+
+        h [N, hidden] -> MILOutput:
+            ``logits`` [C], ``embedding`` the cls token [hidden], ``head_scores`` [H, N] the first layer's
+            exact cls attention per head over the N real instances, ``instance_scores`` [N] their mean.
+        """
         n = h.shape[0]
         side = math.ceil(math.sqrt(n))
         extra = side * side - n

@@ -243,7 +243,39 @@ def generate_cohort(out: Path, *, n_slides: int, seed: int, size: int = 8192, fm
                     mpp: float = 0.25) -> Cohort:
     """Write a cohort: ``OUT/slides/<id>.svs|.tiff``, ``OUT/truth/<id>.*`` and ``OUT/labels.csv``.
 
-    Rerunning with the same settings skips finished slides; an interrupted slide is redone.
+    Rerunning with the same settings skips finished slides; an interrupted slide is redone. Same
+    arguments, byte-identical files.
+
+    Parameters
+    ----------
+    out : Path
+        Cohort directory.
+    n_slides : int
+        Number of slides (at least 1).
+    seed : int
+        Random seed.
+    size : int
+        Width and height of every slide, level-0 px.
+    fmt : {'svs', 'tiff'}
+        Aperio SVS or generic pyramidal TIFF.
+    tumour : {'micro', 'small', 'large', 'mixed'}
+        Tumour size on positive slides.
+    positive_fraction : float
+        Share of tumour slides, in [0, 1].
+    artefacts : bool
+        Add pen marks, blur and folds to some slides.
+    mpp : float
+        Level-0 microns per pixel.
+
+    Returns
+    -------
+    Cohort
+        Paths of the slides, the ground truth (masks, GeoJSON in level-0 px) and ``labels.csv``.
+
+    Raises
+    ------
+    WsiMilError
+        Naming the argument, when one is out of range.
     """
     out = Path(out)
     if int(n_slides) < 1:

@@ -228,9 +228,9 @@ def chunked_order(order: np.ndarray, index: InstanceIndex, chunk_of: np.ndarray,
     return order[np.lexsort((tiebreak, window))]
 
 
-def read_patches(patch_bags: Sequence[PatchBag], index: InstanceIndex, ids: np.ndarray,
+def gather_patches(patch_bags: Sequence[PatchBag], index: InstanceIndex, ids: np.ndarray,
                  cache: ChunkCache | None = None) -> np.ndarray:
-    """Patches [B, P, P, 3] of instance ids (in the order of ``ids``)."""
+    """Patches [B, P, P, 3] of instance ids (in the order of ``ids``), gathered from their patch stores."""
     first = patch_bags[int(index.bag[ids[0]])].store.patches
     out = np.empty((ids.shape[0], *first.shape[1:]), dtype=np.uint8)
     bag_ids = index.bag[ids]

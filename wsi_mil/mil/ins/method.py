@@ -28,10 +28,10 @@ from wsi_mil.mil.ins.data import (
     chunked_order,
     feature_view,
     gather_features,
+    gather_patches,
     instance_chunks,
     normalize_patches,
     open_patch_bag,
-    read_patches,
     to_chw,
 )
 from wsi_mil.mil.ins.losses import (
@@ -48,6 +48,7 @@ from wsi_mil.mil.ins.losses import (
 )
 from wsi_mil.mil.ins.memory import KeyQueue, Prototypes
 from wsi_mil.mil.ins.networks import INSNet, cnn_backbone, ema_update, feature_backbone
+from wsi_mil.mil.metrics import roc_auc
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +63,12 @@ def bag_scores(instance_probs: np.ndarray) -> dict[str, float]:
     return {"mean": float(instance_probs.mean()), "max": float(instance_probs.max())}
 
 
-def _auc(labels: list[int], scores: list[float]) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if len(set(labels)) < 2:
-        return float("nan")
-    return float(roc_auc_score(labels, scores))
-
-
 class INSMethod:
     """Prototype-contrastive instance classifier (binary tasks: class index 1 is the positive class).
 
     ``cfg.model.ins.variant`` = ``features`` trains an MLP on the frozen features of the bags;
     ``patches`` trains a CNN end to end on RGB patches read from each bag's patch store (found through
-    ``ctx.extras["bag_paths"]`` and the bag's ``patch_store`` attribute).
+    ``ctx.extras.bag_paths`` and the bag's ``patch_store`` attribute).
     """
 
     def __init__(self, cfg: Config, ctx: FoldContext) -> None:
@@ -154,7 +147,7 @@ class INSMethod:
             return (feature_view(x, self.ins.feature_dropout, self.ins.feature_noise),
                     feature_view(x, self.ins.feature_dropout, self.ins.feature_noise))
         assert self._augment is not None
-        raw = to_chw(read_patches(self.train_patch_bags, self.index, ids, self._chunk_cache), self.device)
+        raw = to_chw(gather_patches(self.train_patch_bags, self.index, ids, self._chunk_cache), self.device)
         return self._weak(raw), self._augment(raw)
 
     def _epoch_order(self) -> np.ndarray:
@@ -232,8 +225,8 @@ class INSMethod:
             return {}
         labels = [int(b.label) for b in val]
         per_bag = [bag_scores(self.instance_probs(b)) for b in val]
-        auc_mean = _auc(labels, [s["mean"] for s in per_bag])
-        auc_max = _auc(labels, [s["max"] for s in per_bag])
+        auc_mean = roc_auc(labels, [s["mean"] for s in per_bag])
+        auc_max = roc_auc(labels, [s["max"] for s in per_bag])
         self.val_auc = {"mean": auc_mean, "max": auc_max}
         if self.ins.bag_aggregator == "auto" and not math.isnan(auc_mean) and not math.isnan(auc_max):
             self.aggregator = "max" if auc_max > auc_mean else "mean"
@@ -290,9 +283,9 @@ class INSMethod:
     def _patch_bag(self, bag: BagItem) -> PatchBag:
         pb = self._patch_bags.get(bag.slide_id)
         if pb is None:
-            paths = self.ctx.extras.get("bag_paths") or {}
+            paths = self.ctx.extras.bag_paths
             if bag.slide_id not in paths:
-                raise WsiMilError(f"INS patches variant: no bag path for slide {bag.slide_id} (ctx.extras['bag_paths']);"
+                raise WsiMilError(f"INS patches variant: no bag path for slide {bag.slide_id} (ctx.extras.bag_paths);"
                                   " the trainer must pass the HDF5 bag paths.")
             pb = open_patch_bag(bag, Path(paths[bag.slide_id]))
             self._patch_bags[bag.slide_id] = pb

@@ -1,6 +1,6 @@
 """Small synthetic slides for the tiler tests (slides, tissue, tiling), written once per session.
 
-Everything is a real file OpenSlide opens (or refuses): synthetic SVS/TIFF from wsi_mil.synthetic, a
+Everything is a real file OpenSlide opens (or refuses): synthetic SVS/TIFF from wsi_mil.synth, a
 blank slide through the same pyramid writer, a TIFF whose resolution tags were removed, a truncated
 SVS and a text file named .svs.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from wsi_mil.synth import SlideTruth, write_slide
 from wsi_mil.synth.pyramid import write_pyramid
-from wsi_mil.synthetic import SlideTruth, write_slide
 
 SIZE = 3072  # level-0 px (0.25 um/px): levels 1 and 4
 

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from wsi_mil.mil.metrics import roc_auc  # noqa: E402
+
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
@@ -22,7 +24,7 @@ def _save(fig, path: Path) -> Path:
 
 def roc_png(y: Sequence[int], probs: np.ndarray, classes: Sequence[str], path: Path, title: str = "ROC") -> Path:
     """ROC curve (binary: positive class; multi-class: one-vs-rest per class) with AUCs in the legend."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     y = np.asarray(y, dtype=int)
     probs = np.asarray(probs, dtype=float)
@@ -33,7 +35,7 @@ def roc_png(y: Sequence[int], probs: np.ndarray, classes: Sequence[str], path: P
         if truth.min() == truth.max():
             continue
         fpr, tpr, _ = roc_curve(truth, probs[:, c])
-        ax.plot(fpr, tpr, lw=1.8, label=f"{classes[c]} (AUC {roc_auc_score(truth, probs[:, c]):.3f})")
+        ax.plot(fpr, tpr, lw=1.8, label=f"{classes[c]} (AUC {roc_auc(truth, probs[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlabel="False positive rate", ylabel="True positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     if ax.get_legend_handles_labels()[0]:

@@ -1,0 +1,159 @@
+"""The embedding stage over an output directory: every patch store of one tiling -> HDF5 bags."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsi_mil.config import Config
+from wsi_mil.devices import resolve_device
+from wsi_mil.encoders import build_encoder, encoder_key
+from wsi_mil.errors import SlideError
+from wsi_mil.extract.cluster import run_on_cluster
+from wsi_mil.extract.device import run_jobs
+from wsi_mil.extract.embedder import Embedder
+from wsi_mil.extract.planning import discover_slides, plan_slides
+from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.reports import SlideResult, Status
+from wsi_mil.stores import clean_partials, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractReport:
+    """Outcome of :func:`extract_cohort`: one :class:`SlideResult` per slide, in slide order."""
+
+    tiling: str
+    encoder_key: str
+    features_dir: Path
+    device: str
+    results: list[SlideResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def _with(self, status: Status) -> list[SlideResult]:
+        return [r for r in self.results if r.status == status]
+
+    @property
+    def done(self) -> list[SlideResult]:
+        """Slides embedded by this run."""
+        return self._with("done")
+
+    @property
+    def skipped(self) -> list[SlideResult]:
+        """Slides whose bags were finished before and kept."""
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> list[SlideResult]:
+        """Slides that failed, with their errors."""
+        return self._with("failed")
+
+    @property
+    def patches_embedded(self) -> int:
+        """Patches embedded by this run."""
+        return sum(r.n_patches for r in self.done)
+
+    def status_of(self, slide_id: str) -> SlideResult:
+        """The result of one slide (KeyError if it was not part of the run)."""
+        for result in self.results:
+            if result.slide_id == slide_id:
+                return result
+        raise KeyError(slide_id)
+
+    def summary(self) -> str:
+        """A short human-readable summary, one extra line per failed slide."""
+        rate = self.patches_embedded / self.seconds if self.seconds > 0 else 0.0
+        lines = [f"extract {self.tiling}/{self.encoder_key} on {self.device}: {len(self.done)} done, "
+                 f"{len(self.skipped)} skipped, {len(self.failed)} failed; {self.patches_embedded} patches "
+                 f"in {self.seconds:.1f} s ({rate:.1f} patches/s); bags in {self.features_dir}"]
+        lines += [f"  failed {r.slide_id}: {r.error}" for r in self.failed]
+        return "\n".join(lines)
+
+
+
+def extract_cohort(out: Path, cfg: Config, *, tiling: str | None = None, strict: bool = False,
+                   slide_ids: list[str] | None = None, progress: bool = True) -> ExtractReport:
+    """Embed every patch store of ``OUT/tiles/<tiling>/`` (or only ``slide_ids``) into HDF5 bags.
+
+    Finished, matching bags are skipped; slides that fail (missing/incomplete store, unreadable chunk,
+    NaN/inf features, out of memory at batch 1) are recorded with their error while the others carry
+    on. With ``cfg.compute.scheduler`` set, slides are spread over that Dask cluster (see
+    :mod:`wsi_mil.extract`).
+
+    Parameters
+    ----------
+    out : Path
+        Output directory of `wsi-mil tile`.
+    cfg : Config
+        Settings: ``features`` (encoder, weights, batch size, device, precision), ``compute``.
+    tiling : str, optional
+        Tiling key of the stores (default: the key of ``cfg``'s tiling settings).
+    strict : bool
+        Stop at the first failed slide.
+    slide_ids : list of str, optional
+        Only these slides (default: every finished store of the tiling).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    ExtractReport
+        One :class:`~wsi_mil.reports.SlideResult` per slide, in slide order (``output``: the bag,
+        features float32/float16 [N, D] and level-0 coords int64 [N, 2]); also written to
+        ``<features dir>/extract_status.csv``.
+
+    Raises
+    ------
+    WsiMilError
+        When no patch store of the tiling exists, or the encoder cannot be built.
+    SlideError
+        With ``strict``, at the first slide that fails.
+    """
+    started = time.perf_counter()
+    layout = Layout(Path(out))
+    tiling = tiling or tiling_key(cfg)
+    key = encoder_key(cfg.features)
+    features_dir = layout.features_dir(tiling, key)
+    ids = discover_slides(layout, tiling, slide_ids)
+    removed = clean_partials(features_dir)
+    if removed:
+        log.info("removed %d leftovers of interrupted writes in %s", removed, features_dir)
+    jobs, finished = plan_slides(layout, tiling, cfg, ids)
+    if strict and any(r.status == "failed" for r in finished):
+        first = next(r for r in finished if r.status == "failed")
+        raise SlideError(f"slide {first.slide_id}: {first.error}")
+    if cfg.compute.scheduler:  # the workers resolve their own device
+        device_name = "dask:" + cfg.compute.scheduler
+        if jobs:
+            features_dir.mkdir(parents=True, exist_ok=True)
+            finished += run_on_cluster(Path(out), cfg, tiling, jobs, strict)
+    else:
+        device = resolve_device(cfg.features.device)
+        device_name = device.type
+        if jobs:
+            features_dir.mkdir(parents=True, exist_ok=True)
+            encoder = build_encoder(cfg.features)
+            embedder = Embedder(encoder, device, batch_size=cfg.features.batch_size, amp=cfg.features.amp)
+            finished += run_jobs(jobs, embedder, cfg.features, strict=strict, progress=progress)
+    order = {sid: i for i, sid in enumerate(ids)}
+    finished.sort(key=lambda r: order[r.slide_id])
+    report = ExtractReport(tiling, key, features_dir, device_name, finished, time.perf_counter() - started)
+    if features_dir.is_dir():
+        _write_status(layout.extract_status(tiling, key), report)
+    for result in report.failed:
+        log.warning("slide %s failed: %s", result.slide_id, result.error)
+    return report
+
+
+def _write_status(path: Path, report: ExtractReport) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["slide_id", "status", "n_patches", "seconds", "error"])
+    for r in report.results:
+        writer.writerow([r.slide_id, r.status, r.n_patches, f"{r.seconds:.2f}", r.error])
+    write_text_atomic(path, buffer.getvalue())

@@ -1,0 +1,376 @@
+"""Cross-validated training of MIL methods, tracked in MLflow (`wsi-mil train`).
+
+Per (seed, fold): the method trains on the fold's training bags with early stopping on the
+validation bags (:func:`wsi_mil.mil.fit.fit`); the binary decision threshold is chosen on the
+validation predictions of the kept checkpoint. Only then are the test bags scored, once. Everything
+goes to MLflow (see :mod:`wsi_mil.tracking` for the layout of a run): params, per-epoch curves, test
+metrics with bootstrap CIs, predictions, plots and the checkpoint (:mod:`wsi_mil.mil.checkpoints`).
+
+Methods get the fold's bags in a :class:`~wsi_mil.mil.base.FoldContext` and what else the trainer
+offers (settings, bag files, baseline training/loading, metric logging) in its
+:class:`~wsi_mil.mil.base.FoldExtras`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from wsi_mil.config import Config, dump_config
+from wsi_mil.devices import resolve_device
+from wsi_mil.errors import WsiMilError
+from wsi_mil.layout import tiling_key
+from wsi_mil.mil import metrics as M
+from wsi_mil.mil import plots
+from wsi_mil.mil.base import FoldContext, FoldExtras, MethodFactory, MILModel
+from wsi_mil.mil.checkpoints import (
+    BASELINE_CHECKPOINT,
+    CHECKPOINT,
+    load_checkpoint,
+    load_run_splits,
+    log_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+)
+from wsi_mil.mil.data import (
+    BagStore,
+    LabelTable,
+    data_fingerprint,
+    load_labels,
+    match_bags,
+    resolve_features_dir,
+)
+from wsi_mil.mil.evaluation import boot_seed, instance_auc_of, prediction_frame, score_bags
+from wsi_mil.mil.fit import FitResult, fit
+from wsi_mil.mil.methods import BagMethod, build_method, method_label, seed_everything
+from wsi_mil.mil.models import build_model
+from wsi_mil.mil.splits import fold_ids, make_splits, split_counts
+from wsi_mil.tracking import FoldRun, Tracker, code_version, experiment_name, open_tracker, run_guard
+
+log = logging.getLogger(__name__)
+
+
+# -------------------------------------------------------------------------------------------- results
+@dataclass
+class FoldResult:
+    """One (seed, fold): its run, the chosen epoch and threshold, validation and test metrics."""
+
+    seed: int
+    fold: int
+    run_id: str | None
+    best_epoch: int
+    epochs_run: int
+    threshold: float | None
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    predictions: pd.DataFrame
+    history: dict[str, list[float]]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_cohort` returns."""
+
+    parent_run_id: str
+    experiment_id: str
+    folds: list[FoldResult]
+    summary: pd.DataFrame  # index metric; columns mean, std, n (test metrics over folds and seeds)
+    per_fold: pd.DataFrame
+    predictions: pd.DataFrame
+    classes: list[str]
+
+
+def per_fold_frame(results: list[FoldResult]) -> pd.DataFrame:
+    """One row per (seed, fold) with best epoch, threshold, validation AUC and every test metric."""
+    rows = []
+    for r in results:
+        row = {"seed": r.seed, "fold": r.fold, "run_id": r.run_id, "best_epoch": r.best_epoch,
+               "epochs_run": r.epochs_run, "threshold": r.threshold, "val_auc": r.val_metrics.get("auc")}
+        row.update({f"test_{k}": v for k, v in r.test_metrics.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+
+# --------------------------------------------------------------------------------------- cohort data
+@dataclass
+class CohortData:
+    """Labels, bags and splits of a training command."""
+
+    labels: LabelTable
+    store: BagStore
+    paths: dict[str, Path]
+    features_dir: Path
+    splits: pd.DataFrame
+    fingerprint: str
+
+    @property
+    def patients(self) -> dict[str, str]:
+        """Patient id of every slide."""
+        return dict(zip(self.labels.df["slide_id"], self.labels.df["patient_id"], strict=True))
+
+
+def load_cohort(out: Path, cfg: Config) -> CohortData:
+    """Read and check labels and bags, and make the splits."""
+    labels = load_labels(cfg.training)
+    features_dir = resolve_features_dir(out, cfg)
+    labels, paths = match_bags(labels, features_dir, cfg.training.on_missing)
+    store = BagStore(paths, cache=cfg.training.cache_bags, max_bytes=cfg.training.cache_max_gb * 1e9)
+    splits = make_splits(labels, cfg.training)
+    return CohortData(labels, store, paths, features_dir, splits, data_fingerprint(paths))
+
+
+def _encoder_tag(store: BagStore, cfg: Config) -> str:
+    encoders = {i.encoder for i in store.info.values() if i.encoder}
+    return ",".join(sorted(encoders)) if encoders else cfg.features.encoder
+
+
+# ----------------------------------------------------------------------------------------- training
+class _FoldRunner:
+    """Trains one (seed, fold) and logs it (kept small: the state shared by the helper callbacks)."""
+
+    def __init__(self, cfg: Config, data: CohortData, tracker: Tracker, experiment_id: str, parent_id: str,
+                 factory: MethodFactory, device: torch.device, tags: dict[str, str]) -> None:
+        self.cfg, self.data, self.tracker = cfg, data, tracker
+        self.experiment_id, self.parent_id, self.factory = experiment_id, parent_id, factory
+        self.device, self.tags = device, tags
+        self._baseline_folds: list[FoldRun] | None = None
+
+    def run(self, seed: int, fold: int) -> FoldResult:
+        cfg, data, tracker = self.cfg, self.data, self.tracker
+        classes = data.labels.classes
+        split = data.splits[(data.splits["seed"] == seed) & (data.splits["fold"] == fold)]
+        ids = {role: fold_ids(data.splits, seed, fold, role) for role in ("train", "val", "test")}
+        y_of = dict(zip(data.labels.df["slide_id"], data.labels.df["y"], strict=True))
+        bags = {role: data.store.items(ids[role], [y_of[s] for s in ids[role]], self.device) for role in ids}
+        name = f"seed{seed}-fold{fold}"
+        run_id = tracker.start_run(self.experiment_id, name, parent_id=self.parent_id,
+                                   tags={**self.tags, "wsi_mil.role": "fold", "wsi_mil.fold": fold,
+                                         "wsi_mil.seed": seed})
+        with run_guard(tracker, run_id):
+            tracker.log_params(run_id, {**cfg.flat(), "fold": fold, "seed": seed, "n_train": len(ids["train"]),
+                                        "n_val": len(ids["val"]), "n_test": len(ids["test"])})
+            tracker.log_text(run_id, dump_config(cfg), "config.yaml")
+            tracker.log_dataframe(run_id, split, "split.csv")
+            seed_everything(boot_seed(seed, fold))
+            ctx = FoldContext(fold, seed, bags["train"], bags["val"], data.labels.n_classes, data.store.dim,
+                              self.device)
+            ctx.extras = self._extras(ctx, run_id)
+            method = self.factory(cfg, ctx)
+            method.setup(ctx)
+            result = fit(method, ctx, cfg.training, desc=name, progress=cfg.training.progress,
+                         log_epoch=lambda row, step: tracker.log_metrics(run_id, row, step))
+            y_val, p_val = score_bags(method, bags["val"])
+            threshold = None
+            if data.labels.n_classes == 2:
+                threshold = M.choose_threshold(y_val, p_val[:, 1], cfg.training.threshold) if len(y_val) else 0.5
+            val_metrics = M.compute_metrics(y_val, p_val, threshold) if len(y_val) else {}
+            # the test fold is scored exactly once, with the checkpoint and threshold chosen above
+            test_scores: dict[str, np.ndarray] = {}
+            y_test, p_test = score_bags(method, bags["test"], test_scores)
+            patients = data.patients
+            test_metrics = M.evaluate(y_test, p_test, threshold, n_boot=cfg.training.bootstrap,
+                                      seed=boot_seed(seed, fold), groups=[patients[s] for s in ids["test"]])
+            localisation = instance_auc_of(method, bags["test"], cfg.training, test_scores)
+            if not np.isnan(localisation):
+                test_metrics["instance_auc"] = localisation
+            preds = prediction_frame(ids["test"], patients, y_test, p_test, classes, threshold, seed, fold, "test")
+            val_preds = prediction_frame(ids["val"], patients, y_val, p_val, classes, threshold, seed, fold, "val")
+            final = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                     "stopped_early": float(result.stopped_early)}
+            if threshold is not None:
+                final["threshold"] = threshold
+            final.update({f"val_best_{k}": v for k, v in val_metrics.items()})
+            final.update({f"test_{k}": v for k, v in test_metrics.items()})
+            tracker.log_metrics(run_id, final, step=result.epochs_run)
+            if cfg.tracking.log_checkpoints:
+                log_checkpoint(tracker, run_id, make_checkpoint(method, cfg, ctx, classes, threshold=threshold,
+                                                               best_epoch=result.best_epoch))
+            tracker.log_dataframe(run_id, preds, "predictions.csv")
+            tracker.log_dataframe(run_id, val_preds, "val_predictions.csv")
+            self._log_plots(run_id, y_test, p_test, preds["pred"].to_numpy(), result, name)
+        return FoldResult(seed, fold, run_id, result.best_epoch, result.epochs_run, threshold, val_metrics,
+                          test_metrics, preds, result.history)
+
+    def _log_plots(self, run_id: str, y: np.ndarray, probs: np.ndarray, pred: np.ndarray, result: FitResult,
+                   name: str) -> None:
+        classes = self.data.labels.classes
+        with tempfile.TemporaryDirectory(prefix="wsi-mil-plots-") as tmp:
+            tmp_path = Path(tmp)
+            files = [plots.curves_png(result.history, tmp_path / "training_curves.png", result.best_epoch, name)]
+            if len(y):
+                files.append(plots.roc_png(y, probs, classes, tmp_path / "roc.png", f"ROC {name} (test)"))
+                files.append(plots.confusion_png(y, pred, classes, tmp_path / "confusion_matrix.png",
+                                                 f"Confusion {name} (test)"))
+            for f in files:
+                self.tracker.log_artifact(run_id, f)
+
+    # ------------------------------------------------------------------------------ method extras
+    def _extras(self, ctx: FoldContext, run_id: str) -> FoldExtras:
+        cfg, data = self.cfg, self.data
+        paths = {s: data.paths[s] for s in list(ctx.train.slide_ids) + list(ctx.val.slide_ids)}
+        return FoldExtras(
+            config=cfg,
+            bag_paths=paths,
+            train_baseline=functools.partial(self._train_baseline, ctx, run_id),
+            load_baseline=self._load_baseline if cfg.model.mhim.baseline_run else None,
+            log_metrics=functools.partial(self.tracker.log_metrics, run_id),
+        )
+
+    def _train_baseline(self, ctx: FoldContext, run_id: str, model_name: str) -> MILModel:
+        cfg = self.cfg
+        seed_everything(boot_seed(ctx.seed, ctx.fold) + 7)
+        bctx = FoldContext(ctx.fold, ctx.seed, ctx.train, ctx.val, ctx.n_classes, ctx.in_dim, ctx.device,
+                           extras=FoldExtras(config=cfg, bag_paths=ctx.extras.bag_paths))
+        method = BagMethod(build_model(model_name, ctx.in_dim, ctx.n_classes, cfg.model), cfg, bctx, model_name)
+        method.setup(bctx)
+        result = fit(method, bctx, cfg.training, desc=f"baseline {model_name} s{ctx.seed}f{ctx.fold}",
+                     progress=cfg.training.progress,
+                     log_epoch=lambda row, step: self.tracker.log_metrics(
+                         run_id, {f"baseline_{k}": v for k, v in row.items()}, step))
+        self.tracker.log_metrics(run_id, {"baseline_best_epoch": result.best_epoch,
+                                          "baseline_best_val_auc": result.best_val_auc})
+        log_checkpoint(
+            self.tracker, run_id, make_checkpoint(method, cfg, bctx, self.data.labels.classes, threshold=None,
+                                    best_epoch=result.best_epoch, model_name=model_name, method_name="bag"),
+            BASELINE_CHECKPOINT)
+        return method.model.eval()
+
+    def _load_baseline(self, fold: int, seed: int) -> MILModel:
+        run_id = str(self.cfg.model.mhim.baseline_run)
+        if self._baseline_folds is None:
+            self._baseline_folds = self.tracker.fold_runs(run_id)
+            theirs = load_run_splits(self.tracker, run_id)
+            ours = self.data.splits
+            key = ["seed", "fold", "slide_id", "role"]
+            a = theirs[key].astype(str).sort_values(key).reset_index(drop=True)
+            b = ours[key].astype(str).sort_values(key).reset_index(drop=True)
+            self._same_splits = {(int(s), int(f)) for (s, f), _ in ours.groupby(["seed", "fold"])
+                                 if _same(a, b, s, f)}
+        if (seed, fold) not in self._same_splits:
+            raise WsiMilError(
+                f"model.mhim.baseline_run {run_id}: its split for seed {seed} fold {fold} differs from this run's "
+                "(its teacher may have seen this test fold); train with the same labels, folds and seeds."
+            )
+        match = [f for f in self._baseline_folds if f.fold == fold and f.seed == seed]
+        if not match:
+            raise WsiMilError(f"model.mhim.baseline_run {run_id} has no run for seed {seed} fold {fold}.")
+        rid = match[0].run_id
+        names = self.tracker.list_artifacts(rid)
+        path = BASELINE_CHECKPOINT if BASELINE_CHECKPOINT in names else CHECKPOINT
+        ckpt = load_checkpoint(self.tracker, rid, path)
+        if path == CHECKPOINT and ckpt.get("method") in ("mhim", "ins"):
+            raise WsiMilError(f"model.mhim.baseline_run {run_id} is a {ckpt.get('method')} run without a baseline.")
+        if int(ckpt["in_dim"]) != self.data.store.dim:
+            raise WsiMilError(f"model.mhim.baseline_run {run_id} was trained on {ckpt['in_dim']}-d features, "
+                              f"these bags are {self.data.store.dim}-d.")
+        return model_from_checkpoint(ckpt, self.cfg).to(self.device)
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame, seed: Any, fold: Any) -> bool:
+    sa = a[(a["seed"] == str(seed)) & (a["fold"] == str(fold))].reset_index(drop=True)
+    sb = b[(b["seed"] == str(seed)) & (b["fold"] == str(fold))].reset_index(drop=True)
+    return len(sa) > 0 and sa.equals(sb)
+
+
+def train_cohort(out: Path, cfg: Config, *, method_factory: MethodFactory = build_method) -> TrainResult:
+    """Cross-validate ``cfg.model`` on the bags of ``out`` and log everything to MLflow.
+
+    Parameters
+    ----------
+    out : Path
+        Output directory holding ``features/`` (or set ``training.features_dir``) and, by default,
+        the MLflow store.
+    cfg : Config
+        Settings: ``training`` (labels, folds, seeds, epochs, early stopping), ``model``, ``tracking``.
+    method_factory : callable
+        ``method_factory(cfg, ctx)`` builds each fold's method (default :func:`build_method`).
+
+    Returns
+    -------
+    TrainResult
+        The parent run id, one :class:`FoldResult` per (seed, fold), the summary (mean, std, n of each
+        test metric over folds and seeds), per-fold table and test predictions.
+
+    Raises
+    ------
+    WsiMilError
+        When labels or bags are missing or do not match, a split leaks, or MLflow cannot be reached.
+    """
+    out = Path(out)
+    threads = torch.get_num_threads()
+    if cfg.training.threads is not None:
+        torch.set_num_threads(cfg.training.threads)
+    try:
+        return _train_cohort(out, cfg, method_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> TrainResult:
+    data = load_cohort(out, cfg)
+    device = resolve_device(cfg.training.device)
+    tracker = open_tracker(out, cfg)
+    experiment_id = tracker.experiment(experiment_name(cfg))
+    label = method_label(cfg)
+    tags = {"wsi_mil.model": label, "wsi_mil.encoder": _encoder_tag(data.store, cfg),
+            "wsi_mil.tiling": tiling_key(cfg), "wsi_mil.data_fingerprint": data.fingerprint,
+            "wsi_mil.code_version": code_version(), "wsi_mil.features_dir": str(data.features_dir.resolve()),
+            "wsi_mil.classes": ",".join(data.labels.classes)}
+    parent = tracker.start_run(experiment_id, cfg.tracking.run_name or f"{label} cv",
+                               tags={**tags, "wsi_mil.role": "cv"})
+    log.info("training %s on %d slides (%d classes, %d-d features) -> MLflow run %s (%s)", label,
+             len(data.labels.df), data.labels.n_classes, data.store.dim, parent, tracker.uri)
+    with run_guard(tracker, parent):
+        tracker.log_params(parent, {**cfg.flat(), "n_slides": len(data.labels.df),
+                                    "n_patients": data.labels.df["patient_id"].nunique(), "in_dim": data.store.dim})
+        tracker.log_text(parent, dump_config(cfg), "config.yaml")
+        tracker.log_dataframe(parent, data.splits, "splits.csv")
+        tracker.log_dataframe(parent, split_counts(data.splits, data.labels.classes), "split_counts.csv")
+        tracker.log_dataframe(parent, data.labels.df, "labels.csv")
+        runner = _FoldRunner(cfg, data, tracker, experiment_id, parent, method_factory, device, tags)
+        pairs = sorted({(int(s), int(f)) for s, f in zip(data.splits["seed"], data.splits["fold"], strict=True)})
+        results = []
+        for seed, fold in pairs:
+            r = runner.run(seed, fold)
+            log.info("seed %d fold %d: best epoch %d/%d, test AUC %.4f", seed, fold, r.best_epoch, r.epochs_run,
+                     r.test_metrics.get("auc", float("nan")))
+            results.append(r)
+        rows = [r.test_metrics for r in results]
+        extra = ["instance_auc"] if any("instance_auc" in r for r in rows) else []
+        summary = M.summarize(rows, [*M.METRICS, *extra])
+        per_fold = per_fold_frame(results)
+        predictions = pd.concat([r.predictions for r in results], ignore_index=True)
+        _log_summary(tracker, parent, summary, per_fold, predictions, data.labels.classes)
+    return TrainResult(parent, experiment_id, results, summary, per_fold, predictions, data.labels.classes)
+
+
+def _log_summary(tracker: Tracker, parent: str, summary: pd.DataFrame, per_fold: pd.DataFrame,
+                 predictions: pd.DataFrame, classes: list[str]) -> None:
+    metrics = {}
+    for name, row in summary.iterrows():
+        metrics[f"test_{name}_mean"] = row["mean"]
+        metrics[f"test_{name}_std"] = row["std"]
+    if "val_auc" in per_fold:
+        metrics["val_auc_mean"] = float(per_fold["val_auc"].astype(float).mean())
+    tracker.log_metrics(parent, metrics)
+    tracker.log_dataframe(parent, summary.reset_index(), "summary.csv")
+    tracker.log_dataframe(parent, per_fold, "per_fold.csv")
+    tracker.log_dataframe(parent, predictions, "predictions.csv")
+    if len(predictions):
+        y = predictions["label"].to_numpy()
+        probs = predictions[[f"prob_{c}" for c in classes]].to_numpy()
+        with tempfile.TemporaryDirectory(prefix="wsi-mil-plots-") as tmp:
+            roc = plots.roc_png(y, probs, classes, Path(tmp) / "roc_pooled.png", "ROC, all test folds pooled")
+            cm = plots.confusion_png(y, predictions["pred"].to_numpy(), classes, Path(tmp) / "confusion_pooled.png",
+                                     "Confusion, all test folds")
+            tracker.log_artifact(parent, roc)
+            tracker.log_artifact(parent, cm)
