@@ -65,7 +65,7 @@ def _instance_labels(cfg: Config, slide_id: str, coords: np.ndarray, size0: floa
     if directory is None:
         return None
     return load_instance_labels(Path(directory), slide_id, coords, size0, cfg.training.instance_threshold,
-                                normal_slide=label == 0)
+                                normal_slide=label == 0, rules=cfg.training.annotations)
 
 
 def bag_item(bag: stores.Bag, slide_id: str, device: torch.device | str = "cpu") -> BagItem:
@@ -104,7 +104,8 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     parent = parent_run_id(tracker, run_id)
     run_cfg = tracker.load_config(parent)
     if cfg.training.annotations_dir is not None:
-        run_cfg = run_cfg.with_overrides({"training.annotations_dir": str(cfg.training.annotations_dir)})
+        run_cfg = run_cfg.with_overrides({"training.annotations_dir": str(cfg.training.annotations_dir),
+                                          "training.annotations": cfg.training.annotations.model_dump()})
     hcfg = cfg.heatmap
     folds = tracker.fold_runs(parent)
     splits = tracker.load_splits(parent)
