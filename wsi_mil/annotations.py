@@ -217,6 +217,7 @@ class AnnotationSet:
         """A JSON-friendly report: objects, polygons and area per class and role, and the ignored objects.
 
         ``mpp`` (level-0 um/px of the slide) adds areas in um^2; without it they are ``None``.
+        ``bounds_px`` is [x_min, y_min, x_max, y_max] of all areas in level-0 px (``None`` without areas).
         """
         classes: dict[tuple[str, str], dict[str, Any]] = {}
         for area in self.areas:
@@ -229,10 +230,16 @@ class AnnotationSet:
         rows = sorted(classes.values(), key=lambda r: (("tumour", "exclusion", "other").index(r["role"]), r["class"]))
         for row in rows:
             row["area_um2"] = row["area_px"] * mpp * mpp if mpp else None
+        rings = [p.exterior for a in self.areas for p in a.polygons]
+        bounds = None
+        if rings:
+            points = np.concatenate(rings)
+            bounds = [float(v) for v in (*points.min(axis=0), *points.max(axis=0))]
         roles = {role: sum(a.role == role for a in self.areas) for role in ("tumour", "exclusion", "other")}
         roles["ignored"] = len(self.ignored)
         return {
             "file": str(self.path), "format": self.format, "mpp": mpp, "classes": rows, "objects": roles,
+            "bounds_px": bounds,
             "ignored": [{"index": o.index, "name": o.name, "class": o.class_name, "geometry": o.geometry,
                          "reason": o.reason} for o in self.ignored],
         }

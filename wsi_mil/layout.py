@@ -7,6 +7,7 @@ OUT/tiles/<tiling_key>/<id>.zarr                 patch store (zarr v3)
 OUT/features/<tiling_key>/<encoder_key>/<id>.h5  HDF5 bag
 OUT/mlflow.db, OUT/mlartifacts/                  embedded MLflow store
 OUT/heatmaps/<run_id>/<id>.png|.geojson
+OUT/export/clam|trident/                         bags linked into CLAM's / TRIDENT's layout
 ```
 """
 
@@ -75,6 +76,10 @@ class Layout:
 
     def heatmaps_dir(self, run_id: str) -> Path:
         return self.root / "heatmaps" / run_id
+
+    def export_dir(self, tool: str) -> Path:
+        """Bags linked into another tool's folder layout (``wsi-mil export clam|trident``)."""
+        return self.root / "export" / tool
 
     @property
     def summary_md(self) -> Path:

@@ -317,6 +317,12 @@ def read_bag_attrs(path: Path) -> dict[str, Any]:
         return {k: _read_attr(v) for k, v in f.attrs.items()}
 
 
+def read_bag_coords(path: Path) -> np.ndarray:
+    """Only the coordinates [N, 2] (int64, level-0 x, y) of a bag."""
+    with h5py.File(path, "r") as f:
+        return f["coords"][:].astype(np.int64)
+
+
 def read_bag(path: Path) -> Bag:
     """Read a whole bag, or raise a clear error naming the file and the fix."""
     path = Path(path)
