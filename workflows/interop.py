@@ -145,20 +145,14 @@ def trident_config_dir(attrs: dict[str, Any]) -> str:
     return f"{mag:g}x_{int(attrs['target_patch_size'])}px_{int(attrs.get('overlap', 0))}px_overlap"
 
 
-def _titan_step_warning(bags: dict[str, Path]) -> str | None:
-    """TITAN puts patches on a grid by dividing coordinates by ``patch_size_level0``: exact only for whole steps."""
-    odd = {}
-    for sid, path in bags.items():
-        step = float(read_bag_attrs(path).get("step_level0") or 0)
-        if step and abs(step - round(step)) > 1e-6:
-            odd[sid] = step
-    if not odd:
-        return None
-    sid, step = next(iter(odd.items()))
-    return (f"warning: {len(odd)} slide(s) have a level-0 patch step that is not a whole number of pixels (e.g. "
-            f"{sid}: {step:.3f} px). TITAN places patches by dividing coordinates by patch_size_level0, which then "
-            "drifts; for TITAN, tile with a tiling.target_mpp that makes (patch_size - overlap) * target_mpp / "
-            "MPP whole, or use slides.mpp_override_csv if the slide's MPP is itself inexact.")
+def titan_grid_collisions(coords: np.ndarray, patch_size_level0: int) -> int:
+    """Patches that share a cell of TITAN's grid, which floor-divides level-0 coordinates [N, 2] by
+    ``patch_size_level0`` (the ``coords`` attribute) after subtracting their minimum; 0 = one cell each."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    if not len(coords):
+        return 0
+    cells = (coords - coords.min(axis=0)) // int(patch_size_level0)
+    return len(coords) - len(np.unique(cells, axis=0))
 
 
 def export_layout(tool: Tool, out: Path, cfg: Config, dest: Path | None = None,
@@ -223,17 +217,25 @@ def _export_trident(bags: dict[str, Path], report: ExportReport, encoder_name: s
     for folder in (patches_dir, features_dir):
         folder.mkdir(parents=True, exist_ok=True)
         report.folders.append(folder)
+    crowded = {}
     for sid, bag in bags.items():
+        coords, attrs = read_bag_coords(bag), read_bag_attrs(bag)
         coords_file = patches_dir / f"{sid}_patches.h5"
         if _up_to_date(coords_file, bag):
             report.unchanged += 1
         else:
-            write_trident_coords(coords_file, read_bag_coords(bag), read_bag_attrs(bag))
+            write_trident_coords(coords_file, coords, attrs)
             report.written += 1
         _tally(report, _link(bag, features_dir / f"{sid}.h5"), "linked")
-    warning = _titan_step_warning(bags)
-    if warning:
-        report.warnings.append(warning)
+        shared = titan_grid_collisions(coords, peer_coords_attrs(attrs)["patch_size_level0"])
+        if shared:
+            crowded[sid] = (shared, len(coords))
+    if crowded:
+        sid, (shared, n) = next(iter(crowded.items()))
+        report.warnings.append(
+            f"warning: in {len(crowded)} slide(s) TITAN would put several patches in one cell of its grid "
+            f"(coordinates floor-divided by patch_size_level0), e.g. {sid}: {shared} of {n} patches; TITAN "
+            "expects non-overlapping patches (tiling.overlap=0).")
 
 
 def cli_export(args: argparse.Namespace, cfg: Config) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -243,9 +244,13 @@ def peer_coords_attrs(attrs: Mapping[str, Any], *, patch_size: Literal["clam", "
     Returns
     -------
     dict
-        ``patch_size``, ``patch_level``, ``name``, ``patch_size_level0`` (rounded to whole level-0 px:
-        TRIDENT writes and TITAN expects an integer), ``level0_magnification`` and
+        ``patch_size``, ``patch_level``, ``name``, ``patch_size_level0``, ``level0_magnification`` and
         ``target_magnification`` (10 / MPP, floats), ``level0_width``, ``level0_height``, ``overlap``.
+        ``patch_size_level0`` is rounded *down* to whole level-0 px (the exact float stays in our own
+        attributes): TRIDENT writes an integer (``patch_size * level0_mag // target_mag``) and TITAN
+        floor-divides the coordinates by it to place each patch in a grid cell, which with our grid
+        (``round(i * step)``) keeps every patch in its own cell while i < (size - 0.5) / fraction(size),
+        e.g. about 500 patches per side for a 256.51 px step, 20000 for 1024.05 px.
     """
     out: dict[str, Any] = {}
     size = attrs.get("read_size") if patch_size == "clam" else attrs.get("target_patch_size")
@@ -256,7 +261,7 @@ def peer_coords_attrs(attrs: Mapping[str, Any], *, patch_size: Literal["clam", "
     if attrs.get("slide_id"):
         out["name"] = str(attrs["slide_id"])
     if attrs.get("patch_size_level0"):
-        out["patch_size_level0"] = int(round(float(attrs["patch_size_level0"])))
+        out["patch_size_level0"] = int(math.floor(float(attrs["patch_size_level0"]) + 1e-6))
     if attrs.get("mpp_level0"):
         out["level0_magnification"] = MAGNIFICATION_UM / float(attrs["mpp_level0"])
     if attrs.get("target_mpp"):
