@@ -292,7 +292,7 @@ def test_qupath_object_types_derived_classes_multipolygons_and_collections(tmp_p
         {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [rect(0, 600, 100, 700)]},
          "properties": {"objectType": "detection", "classification": {"name": "Tumor"}}},
         {"type": "Feature", "geometry": {"type": "GeometryCollection", "geometries": [
-            {"type": "Polygon", "coordinates": [rect(300, 300, 400, 400)]},
+            {"type": "Polygon", "coordinates": [[[x, y, 0.0] for x, y in rect(300, 300, 400, 400)]]},  # x, y, z
             {"type": "LineString", "coordinates": [[0, 0], [5, 5]]}]},
          "properties": {"objectType": "annotation", "classification": {"name": "ignore*", "color": [1, 2, 3]}}},
     ]

@@ -350,6 +350,14 @@ def read_geojson(path: Path, rules: AnnotationsConfig | None = None) -> Annotati
     return AnnotationSet(path, "geojson", areas, ignored)
 
 
+def _ring(points: Any) -> Ring:
+    """A GeoJSON linear ring as [K, 2] x, y (a third coordinate, z, is dropped)."""
+    ring = np.asarray(points, dtype=np.float64)
+    if ring.ndim != 2 or ring.shape[1] < 2:
+        raise ValueError(f"a ring of shape {ring.shape} is not a list of [x, y] points")
+    return ring[:, :2]
+
+
 def _geometry_parts(geometry: Any, path: Path, index: int) -> tuple[list[list[Ring]], list[str]]:
     """(polygons as ring lists with >= 3 points each, geometry types that are not areas) of a geometry."""
     if not isinstance(geometry, Mapping):
@@ -359,10 +367,9 @@ def _geometry_parts(geometry: Any, path: Path, index: int) -> tuple[list[list[Ri
     others: list[str] = []
     try:
         if kind == "Polygon":
-            polygons.append([np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in geometry["coordinates"]])
+            polygons.append([_ring(r) for r in geometry["coordinates"]])
         elif kind == "MultiPolygon":
-            polygons.extend([np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in poly]
-                            for poly in geometry["coordinates"])
+            polygons.extend([_ring(r) for r in poly] for poly in geometry["coordinates"])
         elif kind == "GeometryCollection":
             for sub in geometry.get("geometries") or []:
                 sub_polygons, sub_others = _geometry_parts(sub, path, index)

@@ -388,8 +388,12 @@ class _CohortRun:
                 result.n_patches = int(zarr.open_group(str(final), mode="r").attrs.get("n_patches", 0))
                 if self.cfg.tiling.export_clam_h5 and not self.clam_coords_path(info.slide_id).is_file():
                     # turned on after this slide was tiled: fill in its file from the finished store
-                    store = open_patch_store(final)
-                    self.write_clam_coords(store.coords, store.attrs)
+                    try:
+                        store = open_patch_store(final)
+                        self.write_clam_coords(store.coords, store.attrs)
+                    except Exception as exc:  # an extra file: the slide's store stays done, others go on
+                        log.warning("slide %s: CLAM coordinate file %s not written (%s); rerun to retry.",
+                                    info.slide_id, self.clam_coords_path(info.slide_id), exc)
                 continue
             jobs.append(_Job(index=index, result=result, attrs=attrs, final=final))
         return jobs
