@@ -419,7 +419,7 @@ def scores_geojson(
     (``objectType``, ``classification`` {name, color}, ``measurements`` as a name -> value dict, which
     QuPath 0.4+ reads; 0.2/0.3 read a list) plus plain ``score`` and ``patch_index``.
 
-    Each patch's class is its score bin, e.g. ``attention 0.9-1.0``, coloured by ``colormap`` at the bin
+    Each patch's class is its score bin, e.g. ``attention 0.90-1.00``, coloured by ``colormap`` at the bin
     centre, so QuPath draws the map by class colour without a measurement map. Feature ids are
     UUID-shaped: a prefix derived from the run id, model (``properties``) and slide id, then the patch
     index in hex (last 12 digits): two models' maps of one slide never share an id, and reruns give
