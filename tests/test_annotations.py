@@ -13,11 +13,13 @@ from wsi_mil.annotations import (
     PolygonAnnotation,
     find_annotation,
     load_instance_labels,
-    parse_asap_xml,
-    parse_geojson,
     patch_tumour_fractions,
     polygon_fractions,
+    read_annotations,
+    read_asap_xml,
+    read_geojson,
 )
+from wsi_mil.config import AnnotationsConfig
 from wsi_mil.errors import WsiMilError
 
 PS = 100.0  # patch side in level-0 pixels
@@ -135,8 +137,10 @@ ASAP = """<?xml version="1.0"?>
 def test_asap_xml_into_patch_labels(tmp_path: Path) -> None:
     coords = grid()
     (tmp_path / "tumor_001.xml").write_text(ASAP)
-    polys = parse_asap_xml(tmp_path / "tumor_001.xml")
+    read = read_asap_xml(tmp_path / "tumor_001.xml")
+    polys = read.truth_polygons()
     assert len(polys) == 3 and sum(p.exclusion for p in polys) == 1
+    assert [(o.name, o.reason) for o in read.ignored] == [("Annotation 3", "points, not an area")]
     assert find_annotation(tmp_path, "tumor_001") == ("asap", tmp_path / "tumor_001.xml")
     labels = load_instance_labels(tmp_path, "tumor_001", coords, PS, 0.5)
     assert labels is not None
@@ -187,7 +191,7 @@ def test_missing_and_bad_annotations(tmp_path: Path) -> None:
         load_instance_labels(tmp_path, "nometa", coords, PS, 0.5)
     (tmp_path / "odd.geojson").write_text(json.dumps({"type": "Topology"}))
     with pytest.raises(WsiMilError, match="odd.geojson"):
-        parse_geojson(tmp_path / "odd.geojson")
+        read_geojson(tmp_path / "odd.geojson")
 
 
 def test_synthetic_generator_truth_mask_and_geojson_agree(tmp_path: Path) -> None:
@@ -202,7 +206,102 @@ def test_synthetic_generator_truth_mask_and_geojson_agree(tmp_path: Path) -> Non
     save_truth(tmp_path, truth)
     coords = grid()
     from_mask = patch_tumour_fractions(tmp_path, "syn1", coords, PS)
-    from_geojson = polygon_fractions(parse_geojson(tmp_path / "syn1_tumour.geojson"), coords, PS)
+    from_geojson = polygon_fractions(read_geojson(tmp_path / "syn1_tumour.geojson").truth_polygons(), coords, PS)
     assert from_mask is not None and from_mask.max() == pytest.approx(1.0)
     assert np.abs(from_mask - from_geojson).max() < 0.06
     assert np.array_equal(from_mask >= 0.5, from_geojson >= 0.5)
+
+
+# ------------------------------------------------------------------------------ QuPath's object model
+QUPATH_EXPORTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qupath-exports"
+
+
+def qupath_export(name: str) -> Path:
+    path = QUPATH_EXPORTS / name
+    assert path.is_file(), f"the shared QuPath export is missing: {path}"
+    return path
+
+
+@pytest.mark.parametrize("name, area_px", [("qupath-polygon.json", None), ("qupath-rectangle.json", 210 * 176)])
+def test_real_unclassified_qupath_areas_take_the_configured_role(name: str, area_px: float | None) -> None:
+    path = qupath_export(name)
+    read = read_geojson(path)  # default: unclassified areas are tumour
+    assert [(a.class_name, a.role, a.object_type) for a in read.areas] == [(None, "tumour", "annotation")]
+    assert read.areas[0].name == name.split("-")[1].split(".")[0]  # 'polygon' / 'rectangle': a name, not a class
+    assert read.ignored == [] and len(read.truth_polygons()) == 1
+    if area_px is not None:
+        assert read.areas[0].area_px == pytest.approx(area_px)
+    as_exclusion = read_geojson(path, AnnotationsConfig(unclassified="exclusion"))
+    assert as_exclusion.areas[0].role == "exclusion" and as_exclusion.truth_polygons()[0].exclusion
+    dropped = read_geojson(path, AnnotationsConfig(unclassified="ignore"))
+    assert dropped.areas == [] and "unclassified" in dropped.ignored[0].reason
+
+
+def test_real_qupath_rectangle_marks_the_patches_it_covers(tmp_path: Path) -> None:
+    (tmp_path / "slide_a.geojson").symlink_to(qupath_export("qupath-rectangle.json"))
+    xs, ys = np.meshgrid(np.arange(26200, 26600, 100), np.arange(15200, 15600, 100))
+    coords = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    frac = patch_tumour_fractions(tmp_path, "slide_a", coords, PS)  # rectangle x 26268-26478, y 15298-15474
+    assert frac is not None
+    assert frac[index_of(coords, 26300, 15300)] == pytest.approx(1.0)
+    assert frac[index_of(coords, 26200, 15200)] == pytest.approx(0.32 * 0.02, abs=0.01)
+    assert frac.sum() * PS * PS == pytest.approx(210 * 176, rel=0.02)
+
+
+def test_real_classified_qupath_cells_keep_their_classes() -> None:
+    path = qupath_export("qupath-polygon-cell-classified.json")
+    read = read_geojson(path)
+    assert sorted((a.class_name, a.role) for a in read.areas) == [("Cell", "other")] * 2 + [("Nucleus", "other")] * 2
+    assert {a.name for a in read.areas} == {"Erythrocytes 1", "Erythrocytes 2", "Neutrophils 1", "Neutrophils 2"}
+    assert read.truth_polygons() == []  # classes that are neither tumour nor exclusion are not truth
+    mapped = read_geojson(path, AnnotationsConfig(tumour_classes=["NUCLEUS"], exclusion_classes=["cell"]))
+    assert sorted((a.class_name, a.role) for a in mapped.areas) == [("Cell", "exclusion")] * 2 + [("Nucleus", "tumour")] * 2
+    summary = read.summary(mpp=0.5)
+    assert [(r["class"], r["role"], r["objects"]) for r in summary["classes"]] == [("Cell", "other", 2), ("Nucleus", "other", 2)]
+    assert summary["classes"][0]["area_um2"] == pytest.approx(summary["classes"][0]["area_px"] * 0.25)
+
+
+@pytest.mark.parametrize("name, geometry, reason", [("qupath-point.json", "Point", "a point, not an area"),
+                                                    ("qupath-line.json", "LineString", "a line, not an area")])
+def test_real_qupath_points_and_lines_are_reported_as_ignored(name: str, geometry: str, reason: str) -> None:
+    read = read_annotations(qupath_export(name))
+    assert read.areas == []
+    assert [(o.index, o.geometry, o.reason, o.name) for o in read.ignored] == [(0, geometry, reason, name[7:-5])]
+    assert read.summary()["objects"] == {"tumour": 0, "exclusion": 0, "other": 0, "ignored": 1}
+
+
+def test_qupath_object_types_derived_classes_multipolygons_and_collections(tmp_path: Path) -> None:
+    square = rect(0, 0, 400, 400)
+    features = [
+        {"type": "Feature", "id": "8f0c1a7e-0000-4000-8000-000000000001",  # QuPath 0.4+: a UUID id
+         "geometry": {"type": "MultiPolygon", "coordinates": [[square, rect(100, 100, 200, 200)], [rect(600, 0, 700, 100)]]},
+         "properties": {"objectType": "annotation", "name": "Exclusion", "classification": {"name": "Tumor: Positive"}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [rect(0, 600, 100, 700)]},
+         "properties": {"objectType": "detection", "classification": {"name": "Tumor"}}},
+        {"type": "Feature", "geometry": {"type": "GeometryCollection", "geometries": [
+            {"type": "Polygon", "coordinates": [[[x, y, 0.0] for x, y in rect(300, 300, 400, 400)]]},  # x, y, z
+            {"type": "LineString", "coordinates": [[0, 0], [5, 5]]}]},
+         "properties": {"objectType": "annotation", "classification": {"name": "ignore*", "color": [1, 2, 3]}}},
+    ]
+    path = tmp_path / "s9.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    read = read_geojson(path)
+    assert [(a.index, a.class_name, a.role, len(a.polygons)) for a in read.areas] == [
+        (0, "Tumor: Positive", "tumour", 2), (2, "ignore*", "exclusion", 1)]
+    assert read.areas[0].area_px == pytest.approx(400 * 400 - 100 * 100 + 100 * 100)
+    assert [(o.index, o.geometry) for o in read.ignored] == [(1, "Polygon"), (2, "LineString")]
+    assert "detection" in read.ignored[0].reason and "object_types" in read.ignored[0].reason
+    frac = patch_tumour_fractions(tmp_path, "s9", grid(), PS)
+    assert frac is not None
+    assert frac[index_of(grid(), 100, 100)] == 0.0 and frac[index_of(grid(), 300, 300)] == 0.0  # hole, exclusion
+    assert frac[index_of(grid(), 600, 0)] == pytest.approx(1.0) and frac[index_of(grid(), 0, 600)] == 0.0
+    with_detections = read_geojson(path, AnnotationsConfig(object_types=["annotation", "detection"]))
+    assert [a.index for a in with_detections.areas] == [0, 1, 2]
+
+
+def test_file_with_only_unmapped_classes_warns_naming_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_geojson(tmp_path / "s10.geojson", [(rect(0, 0, 300, 300), "Stroma")])
+    with caplog.at_level("WARNING", logger="wsi_mil.annotations"):
+        frac = patch_tumour_fractions(tmp_path, "s10", grid(), PS)
+    assert frac is not None and frac.sum() == 0.0
+    assert "Stroma" in caplog.text and "tumour_classes" in caplog.text

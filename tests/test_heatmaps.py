@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -247,13 +248,38 @@ def test_geojson_polygons_are_level0_patch_squares(tmp_path):
         assert {tuple(p) for p in ring} == {(x, y), (x + 512, y), (x + 512, y + 512), (x, y + 512)}
         props = feature["properties"]
         assert props["objectType"] == "tile"
-        assert props["classification"]["name"] == "score" and len(props["classification"]["color"]) == 3
+        assert props["classification"]["name"] == ["score 0.00-0.10", "score 0.90-1.00"][i]  # min-max scaled bins
+        assert len(props["classification"]["color"]) == 3
         assert props["score"] == scores[i] and props["measurements"]["score"] == scores[i]
         assert props["measurements"]["score_rank"] == float(i)
         assert props["patch_index"] == i
     ids = [f["id"] for f in data["features"]]
     assert len(set(ids)) == 2
-    assert ids == [f["id"] for f in scores_geojson(coords, scores, 512.0, slide_id="s1")["features"]]
+    again = scores_geojson(coords, scores, 512.0, slide_id="s1", properties={"model": "abmil"})
+    assert ids == [f["id"] for f in again["features"]]
+
+
+def test_geojson_classes_are_coloured_score_bins_and_ids_belong_to_one_model():
+    coords = np.array([[0, 0], [256, 0], [512, 0], [768, 0]], dtype=np.int64)
+    raw = np.array([5.0, -2.0, 0.3, 7.0])
+    rank = np.array([0.75, 0.0, 0.45, 1.0])
+    fc = scores_geojson(coords, raw, 256.0, slide_id="s1", properties={"model": "abmil", "run_id": "r1"},
+                        measurements={"score_rank": rank}, classification="attention", bin_by="score_rank",
+                        colormap="viridis")
+    names = [f["properties"]["classification"]["name"] for f in fc["features"]]
+    assert names == ["attention 0.70-0.80", "attention 0.00-0.10", "attention 0.40-0.50", "attention 0.90-1.00"]
+    bins = fc["properties"]["classes"]["bins"]
+    assert len(bins) == 10 and fc["properties"]["classes"]["binned_by"] == "score_rank"
+    colour_of = {b["name"]: b["color"] for b in bins}
+    assert all(f["properties"]["classification"]["color"] == colour_of[n] for f, n in zip(fc["features"], names, strict=True))
+    assert len({tuple(b["color"]) for b in bins}) == 10  # every bin its own colour
+    assert fc["properties"]["model"] == "abmil" and fc["properties"]["run_id"] == "r1"
+    ids = [f["id"] for f in fc["features"]]
+    assert all(str(uuid.UUID(i)) == i for i in ids) and len(set(ids)) == 4
+    other_model = scores_geojson(coords, raw, 256.0, slide_id="s1", properties={"model": "mhim", "run_id": "r2"})
+    assert not set(ids) & {f["id"] for f in other_model["features"]}
+    rerun = scores_geojson(coords, raw, 256.0, slide_id="s1", properties={"model": "abmil", "run_id": "r1"})
+    assert [f["id"] for f in rerun["features"]] == ids
 
 
 def test_geojson_keeps_fractional_patch_size():
@@ -430,6 +456,9 @@ def test_render_slide_heatmap_writes_every_output(tmp_path):
     first = data["features"][0]["properties"]
     assert first["score"] == pytest.approx(scores[0])
     assert first["measurements"]["score_rank"] == pytest.approx(normalize_scores(scores, "rank")[0])
+    b = min(int(normalize_scores(scores, "rank")[0] * 10), 9)  # the class is the rank-normalised score's bin
+    assert first["classification"]["name"] == f"score {b / 10:.2f}-{(b + 1) / 10:.2f}"
+    assert data["properties"]["classes"]["binned_by"] == "score_rank"
     with openslide.OpenSlide(str(res.tiff)) as slide:
         assert slide.dimensions == (thumb.shape[1] * 2, thumb.shape[0] * 2)
         assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5 * d / 2)

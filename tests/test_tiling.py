@@ -164,6 +164,23 @@ def test_rerun_skips_and_new_setting_gets_new_key(reference, client, slides) -> 
         assert (f["coords"].attrs["patch_size"], f["coords"].attrs["patch_level"]) == (64, 1)
 
 
+def test_export_clam_h5_turned_on_after_tiling_fills_in_missing_files(reference, client, slides, tmp_path) -> None:
+    out, cfg, _ = reference
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    tiles = Layout(copy).tiles_dir(tiling_key(cfg))
+    assert not (tiles / "clam_coords").exists()
+    report = tile_cohort(slides.good_dir, copy, _cfg("tiling.export_clam_h5=true"), client=client)
+    assert [r.status for r in report.results] == ["skipped"] * 3  # same tiling key: nothing re-tiled
+    for sid, (coords, _) in _stores(copy, cfg).items():
+        store = open_patch_store(tiles / f"{sid}.zarr")
+        with h5py.File(tiles / "clam_coords" / f"{sid}.h5", "r") as f:
+            np.testing.assert_array_equal(f["coords"][:], coords)
+            attrs = f["coords"].attrs
+            assert (attrs["patch_size"], attrs["patch_level"]) == (store.attrs["read_size"], store.attrs["level"])
+            assert attrs["name"] == sid
+
+
 def test_changed_slide_is_retiled(slides, client, tmp_path: Path) -> None:
     cfg = _cfg("tiling.max_patches_per_slide=8")
     src = tmp_path / "in"

@@ -63,7 +63,7 @@ def _instance_labels(cfg: Config, slide_id: str, coords: np.ndarray, size0: floa
     if directory is None:
         return None
     return load_instance_labels(Path(directory), slide_id, coords, size0, cfg.training.instance_threshold,
-                                normal_slide=label == 0)
+                                normal_slide=label == 0, rules=cfg.training.annotations)
 
 
 def bag_item(bag: stores.Bag, slide_id: str, device: torch.device | str = "cpu") -> BagItem:
@@ -129,7 +129,8 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     parent = tracker.parent_of(run_id)
     run_cfg = tracker.load_config(parent)
     if cfg.training.annotations_dir is not None:
-        run_cfg = run_cfg.with_overrides({"training.annotations_dir": str(cfg.training.annotations_dir)})
+        run_cfg = run_cfg.with_overrides({"training.annotations_dir": str(cfg.training.annotations_dir),
+                                          "training.annotations": cfg.training.annotations.model_dump()})
     hcfg = cfg.heatmap
     folds = tracker.fold_runs(parent)
     splits = load_run_splits(tracker, parent)

@@ -6,11 +6,14 @@ Supported sources, looked up in an annotations directory by slide id (first matc
    (non-zero = tumour); its scale comes from ``<id>.json`` (key ``downsample``: level-0 pixels per
    mask pixel). This is the generator's own truth, so it is preferred when present.
 2. ``<id>_tumour.geojson``, ``<id>_tumor.geojson`` or ``<id>.geojson``: GeoJSON (QuPath export or our
-   generator) with Polygon / MultiPolygon geometries in level-0 pixel coordinates. Features without a
-   class, or with a tumour-like class (``Tumor``, ``Tumour``, ``_0``, ``_1``, ``metastasis``...), are
-   tumour; ``Exclusion`` / ``_2`` / ``Normal`` are cut out of the tumour; other classes are ignored.
-3. ``<id>.xml``: CAMELYON16-style ASAP XML. Groups ``Tumor``, ``_0`` and ``_1`` are tumour, ``_2`` and
-   ``Exclusion`` are cut out.
+   generator) in level-0 pixel coordinates, read with QuPath's object model (:func:`read_geojson`).
+3. ``<id>.xml``: CAMELYON16-style ASAP XML (:func:`read_asap_xml`).
+
+Classes follow ``training.annotations`` (:class:`~wsi_mil.config.AnnotationsConfig`): an object's class
+is its QuPath classification or ASAP group, never its name; each class is tumour, exclusion (cut out
+of tumour) or other (kept with its name, not truth); unclassified areas are tumour by default. Points,
+lines, and object types not read (QuPath detections by default) are ignored, each with its reason
+(:class:`AnnotationSet`; ``wsi-mil annotations FILE`` prints them).
 
 Every source becomes a binary raster (pixel ``[r, c]`` covers level-0
 ``[ox + c*ds, ox + (c+1)*ds) x [oy + r*ds, oy + (r+1)*ds)``; polygons are filled by pixel centre), and a
@@ -27,21 +30,19 @@ import json
 import logging
 import math
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from wsi_mil.config import AnnotationsConfig
 from wsi_mil.errors import WsiMilError
 
 logger = logging.getLogger(__name__)
 
-TUMOUR_NAMES = {"tumor", "tumour", "tumor_region", "cancer", "carcinoma", "metastasis", "metastases",
-                "positive", "_0", "_1", "tumor_0", "tumor_1"}
-EXCLUSION_NAMES = {"_2", "exclusion", "exclude", "excluded", "normal", "negative", "non-tumor", "non-tumour",
-                   "not tumor", "ignore"}
 MAX_RASTER_SIDE = 4096  # largest raster side used to fill polygons (bounds memory on huge slides)
 RASTER_PER_PATCH = 64  # raster pixels per patch side when filling polygons (bounded by MAX_RASTER_SIDE)
 
@@ -157,91 +158,265 @@ def polygon_fractions(
 
 
 # ------------------------------------------------------------------------------------------------ parsers
-def _role(name: str | None) -> str:
-    """'tumour', 'exclusion' or 'other' for a class/group name (None = unclassified = tumour)."""
-    if name is None or str(name).strip() == "":
-        return "tumour"
-    key = str(name).strip().lower()
-    if key in EXCLUSION_NAMES:
-        return "exclusion"
-    if key in TUMOUR_NAMES or key.startswith("tumo"):
-        return "tumour"
+Role = Literal["tumour", "exclusion", "other"]
+UNCLASSIFIED = "(unclassified)"
+
+# QuPath <= 0.2 names the object type in the feature's id; QuPath 0.3+ writes properties.objectType
+_QUPATH_OBJECT_IDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection",
+                      "PathCellObject": "cell", "PathTileObject": "tile", "TMACoreObject": "tma_core",
+                      "PathRootObject": "root"}
+_NOT_AREAS = {"Point": "a point, not an area", "MultiPoint": "points, not an area",
+              "LineString": "a line, not an area", "MultiLineString": "lines, not an area"}
+
+
+@dataclass
+class AreaAnnotation:
+    """One area object as read: its class (``None`` = unclassified), its role and its polygons.
+
+    ``name`` is the object's own name (QuPath ``name``, ASAP ``Name``): shown in reports, never the class.
+    """
+
+    index: int
+    class_name: str | None
+    role: Role
+    polygons: list[PolygonAnnotation]
+    name: str | None = None
+    object_type: str = "annotation"
+
+    @property
+    def area_px(self) -> float:
+        """Area in level-0 px^2: outer rings minus holes (shoelace formula), summed over the polygons."""
+        return sum(_ring_area(p.exterior) - sum(_ring_area(h) for h in p.holes) for p in self.polygons)
+
+
+@dataclass
+class IgnoredObject:
+    """An object of an annotation file that is not used, and why."""
+
+    index: int
+    geometry: str
+    reason: str
+    name: str | None = None
+    class_name: str | None = None
+
+
+@dataclass
+class AnnotationSet:
+    """Everything read from one annotation file: the areas kept and every object ignored."""
+
+    path: Path
+    format: Literal["geojson", "asap"]
+    areas: list[AreaAnnotation]
+    ignored: list[IgnoredObject]
+
+    def truth_polygons(self) -> list[PolygonAnnotation]:
+        """Tumour and exclusion polygons (areas of role ``other`` are not truth)."""
+        return [p for a in self.areas if a.role != "other" for p in a.polygons]
+
+    def summary(self, mpp: float | None = None) -> dict[str, Any]:
+        """A JSON-friendly report: objects, polygons and area per class and role, and the ignored objects.
+
+        ``mpp`` (level-0 um/px of the slide) adds areas in um^2; without it they are ``None``.
+        ``bounds_px`` is [x_min, y_min, x_max, y_max] of all areas in level-0 px (``None`` without areas).
+        """
+        classes: dict[tuple[str, str], dict[str, Any]] = {}
+        for area in self.areas:
+            name = area.class_name if area.class_name is not None else UNCLASSIFIED
+            row = classes.setdefault((name, area.role), {"class": name, "role": area.role, "objects": 0,
+                                                         "polygons": 0, "area_px": 0.0})
+            row["objects"] += 1
+            row["polygons"] += len(area.polygons)
+            row["area_px"] += area.area_px
+        rows = sorted(classes.values(), key=lambda r: (("tumour", "exclusion", "other").index(r["role"]), r["class"]))
+        for row in rows:
+            row["area_um2"] = row["area_px"] * mpp * mpp if mpp else None
+        rings = [p.exterior for a in self.areas for p in a.polygons]
+        bounds = None
+        if rings:
+            points = np.concatenate(rings)
+            bounds = [float(v) for v in (*points.min(axis=0), *points.max(axis=0))]
+        roles = {role: sum(a.role == role for a in self.areas) for role in ("tumour", "exclusion", "other")}
+        roles["ignored"] = len(self.ignored)
+        return {
+            "file": str(self.path), "format": self.format, "mpp": mpp, "classes": rows, "objects": roles,
+            "bounds_px": bounds,
+            "ignored": [{"index": o.index, "name": o.name, "class": o.class_name, "geometry": o.geometry,
+                         "reason": o.reason} for o in self.ignored],
+        }
+
+
+def _ring_area(ring: Ring) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2.0
+
+
+def class_role(class_name: str | None, rules: AnnotationsConfig) -> Role | None:
+    """The role of a class under ``rules``: tumour, exclusion or other; ``None``: an unclassified object to ignore.
+
+    Names match case-insensitively; a QuPath derived class (``Tumor: Positive``) that is not listed itself
+    matches by its base class (``Tumor``). Exclusion wins over tumour.
+    """
+    if class_name is None or not class_name.strip():
+        return None if rules.unclassified == "ignore" else rules.unclassified
+    key = class_name.strip().lower()
+    for candidate in (key, key.split(":", 1)[0].strip()):
+        if candidate in rules.exclusion_classes:
+            return "exclusion"
+        if candidate in rules.tumour_classes:
+            return "tumour"
     return "other"
 
 
-def _geojson_class(props: Mapping[str, Any] | None) -> str | None:
-    if not props:
-        return None
-    for key in ("classification", "class", "label", "name", "group"):
-        value = props.get(key)
-        if isinstance(value, Mapping):
-            value = value.get("name")
-        if value is not None and str(value).strip():
-            return str(value)
-    return None
+def _qupath_class(props: Mapping[str, Any]) -> str | None:
+    """QuPath's classification name (``{"name": ...}``, ``{"names": [...]}`` or a plain string); never ``name``."""
+    value = props.get("classification")
+    if isinstance(value, Mapping):
+        names = value.get("names")
+        value = ": ".join(str(n) for n in names) if isinstance(names, list) and names else value.get("name")
+    return str(value) if value is not None and str(value).strip() else None
 
 
-def parse_geojson(path: Path) -> list[PolygonAnnotation]:
-    """Polygons of a GeoJSON file (FeatureCollection, list of Features, Feature or bare geometry)."""
+def _qupath_object_type(feature: Mapping[str, Any], props: Mapping[str, Any]) -> str:
+    """QuPath's object type (``annotation`` for plain GeoJSON that does not say)."""
+    kind = props.get("objectType")
+    if isinstance(kind, str) and kind:
+        return kind.lower()
+    return _QUPATH_OBJECT_IDS.get(str(feature.get("id", "")), "annotation")
+
+
+def _features(data: Any, path: Path) -> list[Any]:
+    if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
+        return list(data.get("features") or [])
+    if isinstance(data, list):
+        return data
+    if isinstance(data, Mapping) and data.get("type") == "Feature":
+        return [data]
+    if isinstance(data, Mapping) and "coordinates" in data:
+        return [{"type": "Feature", "geometry": data, "properties": {}}]
+    raise WsiMilError(f"annotation {path} is not a GeoJSON FeatureCollection, Feature or list of Features; "
+                      "export the annotations from QuPath as GeoJSON.")
+
+
+def read_geojson(path: Path, rules: AnnotationsConfig | None = None) -> AnnotationSet:
+    """Read a GeoJSON annotation file (QuPath export or any GeoJSON in level-0 pixel coordinates).
+
+    Follows QuPath's object model: ``objectType`` (or, in QuPath <= 0.2 exports, the feature id
+    ``PathAnnotationObject``/``PathDetectionObject``...) must be one of ``rules.object_types``; the class
+    is ``properties.classification.name``, never ``properties.name``; unclassified areas take the role
+    ``rules.unclassified``. Polygon and MultiPolygon (with holes; QuPath writes rectangles and ellipses
+    as polygons) are areas; points and lines are ignored and reported with the reason.
+
+    Raises
+    ------
+    WsiMilError
+        The file is not JSON, not GeoJSON, or holds a malformed geometry (the message names the object).
+    """
     path = Path(path)
+    rules = rules or AnnotationsConfig()
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise WsiMilError(f"annotation {path} is not readable GeoJSON ({exc}); re-export it from QuPath.") from None
-    if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
-        features = data.get("features") or []
-    elif isinstance(data, list):
-        features = data
-    elif isinstance(data, Mapping) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, Mapping) and "coordinates" in data:
-        features = [{"type": "Feature", "geometry": data, "properties": {}}]
-    else:
-        raise WsiMilError(f"annotation {path} is not a GeoJSON FeatureCollection; export the annotations as GeoJSON.")
-    out: list[PolygonAnnotation] = []
-    for feature in features:
+    areas: list[AreaAnnotation] = []
+    ignored: list[IgnoredObject] = []
+    for index, feature in enumerate(_features(data, path)):
         if not isinstance(feature, Mapping):
+            ignored.append(IgnoredObject(index, type(feature).__name__, "not a GeoJSON Feature"))
             continue
+        props = feature.get("properties") or {}
+        props = props if isinstance(props, Mapping) else {}
+        name = str(props["name"]) if props.get("name") is not None else None
+        class_name = _qupath_class(props)
         geometry = feature.get("geometry") or {}
-        role = _role(_geojson_class(feature.get("properties")))
-        if role == "other":
-            logger.debug("%s: ignoring a feature of class %s", path, _geojson_class(feature.get("properties")))
-            continue
-        for rings in _geometry_polygons(geometry, path):
-            out.append(PolygonAnnotation(rings[0], rings[1:], exclusion=role == "exclusion"))
-    return out
+        kind = str(geometry.get("type", "none")) if isinstance(geometry, Mapping) else "none"
+        object_type = _qupath_object_type(feature, props)
+        reasons: list[tuple[str, str]] = []  # (geometry type, why it is ignored)
+        rings: list[list[Ring]] = []
+        if object_type not in rules.object_types:
+            reasons.append((kind, f"QuPath {object_type} object; training.annotations.object_types reads "
+                                  f"{', '.join(rules.object_types)}"))
+        else:
+            rings, not_areas = _geometry_parts(geometry, path, index)
+            reasons += [(part, _NOT_AREAS.get(part, f"{part} geometry, not an area")) for part in not_areas]
+            if not rings and not not_areas:
+                reasons.append((kind, "no polygon with at least 3 points"))
+        role = class_role(class_name, rules)
+        if rings and role is None:
+            reasons.append((kind, "unclassified area; training.annotations.unclassified is 'ignore'"))
+        ignored += [IgnoredObject(index, part, why, name, class_name) for part, why in reasons]
+        if rings and role is not None:
+            polygons = [PolygonAnnotation(r[0], r[1:], exclusion=role == "exclusion") for r in rings]
+            areas.append(AreaAnnotation(index, class_name, role, polygons, name, object_type))
+    return AnnotationSet(path, "geojson", areas, ignored)
 
 
-def _geometry_polygons(geometry: Mapping[str, Any], path: Path) -> Iterable[list[Ring]]:
+def _ring(points: Any) -> Ring:
+    """A GeoJSON linear ring as [K, 2] x, y (a third coordinate, z, is dropped)."""
+    ring = np.asarray(points, dtype=np.float64)
+    if ring.ndim != 2 or ring.shape[1] < 2:
+        raise ValueError(f"a ring of shape {ring.shape} is not a list of [x, y] points")
+    return ring[:, :2]
+
+
+def _geometry_parts(geometry: Any, path: Path, index: int) -> tuple[list[list[Ring]], list[str]]:
+    """(polygons as ring lists with >= 3 points each, geometry types that are not areas) of a geometry."""
+    if not isinstance(geometry, Mapping):
+        return [], []
     kind = geometry.get("type")
+    polygons: list[list[Ring]] = []
+    others: list[str] = []
     try:
         if kind == "Polygon":
-            yield [np.asarray(r, dtype=np.float64)[:, :2] for r in geometry["coordinates"]]
+            polygons.append([_ring(r) for r in geometry["coordinates"]])
         elif kind == "MultiPolygon":
-            for poly in geometry["coordinates"]:
-                yield [np.asarray(r, dtype=np.float64)[:, :2] for r in poly]
+            polygons.extend([_ring(r) for r in poly] for poly in geometry["coordinates"])
         elif kind == "GeometryCollection":
-            for sub in geometry.get("geometries", []):
-                yield from _geometry_polygons(sub, path)
+            for sub in geometry.get("geometries") or []:
+                sub_polygons, sub_others = _geometry_parts(sub, path, index)
+                polygons.extend(sub_polygons)
+                others.extend(sub_others)
+        elif kind is not None:
+            others.append(str(kind))
     except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise WsiMilError(f"annotation {path} has a malformed {kind} geometry ({exc}); re-export it.") from None
+        raise WsiMilError(f"annotation {path}: object {index} has a malformed {kind} geometry ({exc}); "
+                          "re-export it.") from None
+    kept = []
+    for rings in polygons:
+        if rings and rings[0].shape[0] >= 3:
+            kept.append([rings[0]] + [h for h in rings[1:] if h.shape[0] >= 3])
+    return kept, others
 
 
-def parse_asap_xml(path: Path) -> list[PolygonAnnotation]:
-    """Polygons of a CAMELYON16-style ASAP XML file (``_0``/``_1``/Tumor positive, ``_2``/Exclusion cut out)."""
+def read_asap_xml(path: Path, rules: AnnotationsConfig | None = None) -> AnnotationSet:
+    """Read a CAMELYON16-style ASAP XML file: ``PartOfGroup`` is the class (``None`` = unclassified).
+
+    With the default rules groups ``_0``/``_1``/``Tumor`` are tumour and ``_2``/``Exclusion`` are cut out.
+    Polygon, Spline and Rectangle annotations are areas (a spline by its control points); Dot and
+    PointSet (points) and Measurement (a line) are ignored and reported.
+
+    Raises
+    ------
+    WsiMilError
+        The XML is unreadable or holds a non-numeric coordinate.
+    """
     path = Path(path)
+    rules = rules or AnnotationsConfig()
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError) as exc:
         raise WsiMilError(f"annotation {path} is not readable ASAP XML ({exc}); check the file.") from None
-    out: list[PolygonAnnotation] = []
-    for ann in root.iter("Annotation"):
-        if (ann.get("Type") or "Polygon").lower() in {"dot", "pointset", "measurement"}:
-            continue
+    areas: list[AreaAnnotation] = []
+    ignored: list[IgnoredObject] = []
+    for index, ann in enumerate(root.iter("Annotation")):
+        name = ann.get("Name")
+        kind = ann.get("Type") or "Polygon"
         group = ann.get("PartOfGroup")
-        role = _role(None if group in (None, "None", "") else group)  # ungrouped = tumour
-        if role == "other":
-            logger.debug("%s: ignoring annotation %s of group %s", path, ann.get("Name"), group)
+        class_name = None if group in (None, "None", "") else group
+        if kind.lower() in {"dot", "pointset"}:
+            ignored.append(IgnoredObject(index, kind, "points, not an area", name, class_name))
+            continue
+        if kind.lower() == "measurement":
+            ignored.append(IgnoredObject(index, kind, "a line (ASAP measurement), not an area", name, class_name))
             continue
         points = []
         for coord in ann.iter("Coordinate"):
@@ -250,15 +425,29 @@ def parse_asap_xml(path: Path) -> list[PolygonAnnotation]:
                 x = float(str(coord.get("X")).replace(",", "."))
                 y = float(str(coord.get("Y")).replace(",", "."))
             except ValueError:
-                raise WsiMilError(f"annotation {path}: annotation {ann.get('Name')} has a non-numeric "
-                                  "coordinate; fix the XML.") from None
+                raise WsiMilError(f"annotation {path}: annotation {name} has a non-numeric coordinate; "
+                                  "fix the XML.") from None
             points.append((order, x, y))
         if len(points) < 3:
+            ignored.append(IgnoredObject(index, kind, "fewer than 3 points, not an area", name, class_name))
+            continue
+        role = class_role(class_name, rules)
+        if role is None:
+            ignored.append(IgnoredObject(index, kind, "unclassified area; training.annotations.unclassified is "
+                                         "'ignore'", name, class_name))
             continue
         points.sort(key=lambda p: p[0])
         ring = np.array([[x, y] for _, x, y in points], dtype=np.float64)
-        out.append(PolygonAnnotation(ring, [], exclusion=role == "exclusion"))
-    return out
+        areas.append(AreaAnnotation(index, class_name, role, [PolygonAnnotation(ring, [], role == "exclusion")], name))
+    return AnnotationSet(path, "asap", areas, ignored)
+
+
+def read_annotations(path: Path, rules: AnnotationsConfig | None = None) -> AnnotationSet:
+    """Read an annotation file by its suffix: ``.xml`` is ASAP XML, anything else GeoJSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsiMilError(f"annotation file {path} does not exist; pass a QuPath GeoJSON export or an ASAP XML file.")
+    return read_asap_xml(path, rules) if path.suffix.lower() == ".xml" else read_geojson(path, rules)
 
 
 def read_mask_png(png: Path, meta_json: Path | None) -> TumourRaster:
@@ -306,9 +495,15 @@ def find_annotation(annotations_dir: Path, slide_id: str) -> tuple[str, Path] | 
 
 
 def patch_tumour_fractions(
-    annotations_dir: Path, slide_id: str, coords: np.ndarray, patch_size_level0: float
+    annotations_dir: Path, slide_id: str, coords: np.ndarray, patch_size_level0: float,
+    rules: AnnotationsConfig | None = None,
 ) -> np.ndarray | None:
-    """Tumour fraction [N] of each patch of a slide, or None when the slide has no annotation file."""
+    """Tumour fraction [N] of each patch of a slide, or None when the slide has no annotation file.
+
+    ``rules`` (default: the defaults of ``training.annotations``) say how GeoJSON / XML classes are read.
+    Ignored objects are logged in one line; a file whose areas hold neither tumour nor exclusion
+    classes is a warning naming the classes found (its slide then has no tumour).
+    """
     found = find_annotation(annotations_dir, slide_id)
     if found is None:
         return None
@@ -317,20 +512,31 @@ def patch_tumour_fractions(
     if kind == "mask":
         raster = read_mask_png(path, Path(annotations_dir) / f"{slide_id}.json")
         return raster_fractions(raster, coords, patch_size_level0)
-    polygons = parse_geojson(path) if kind == "geojson" else parse_asap_xml(path)
-    return polygon_fractions(polygons, coords, patch_size_level0)
+    read = read_geojson(path, rules) if kind == "geojson" else read_asap_xml(path, rules)
+    if read.ignored:
+        reasons = Counter(o.reason for o in read.ignored)
+        logger.info("%s: %d object(s) ignored (%s); `wsi-mil annotations %s` lists them", path, len(read.ignored),
+                    "; ".join(f"{n} x {why}" for why, n in reasons.items()), path)
+    truth = read.truth_polygons()
+    if read.areas and not truth:
+        classes = sorted({a.class_name or UNCLASSIFIED for a in read.areas})
+        logger.warning("%s: none of its %d area(s) is tumour or exclusion (classes: %s), so slide %s has no "
+                       "tumour; add the tumour class to training.annotations.tumour_classes if that is wrong",
+                       path, len(read.areas), ", ".join(classes), slide_id)
+    return polygon_fractions(truth, coords, patch_size_level0)
 
 
 def load_instance_labels(
     annotations_dir: Path, slide_id: str, coords: np.ndarray, patch_size_level0: float, threshold: float,
-    *, normal_slide: bool = False,
+    *, normal_slide: bool = False, rules: AnnotationsConfig | None = None,
 ) -> np.ndarray | None:
     """Binary patch labels [N] (1 = tumour fraction >= threshold), or None without an annotation file.
 
     A slide with no annotation file gives ``None``, unless ``normal_slide`` says it is a normal slide:
-    then all its patches are negative (CAMELYON16 normals have no XML).
+    then all its patches are negative (CAMELYON16 normals have no XML). ``rules``: see
+    :func:`patch_tumour_fractions`.
     """
-    fractions = patch_tumour_fractions(annotations_dir, slide_id, coords, patch_size_level0)
+    fractions = patch_tumour_fractions(annotations_dir, slide_id, coords, patch_size_level0, rules)
     if fractions is None:
         return np.zeros(len(np.asarray(coords).reshape(-1, 2)), dtype=np.int64) if normal_slide else None
     return (fractions >= float(threshold) - 1e-9).astype(np.int64)

@@ -20,6 +20,7 @@ from wsi_mil.workflows.cohort import cli_run
 from wsi_mil.workflows.demo import cli_demo
 from wsi_mil.workflows.extract import cli_extract
 from wsi_mil.workflows.heatmap import cli_heatmap
+from wsi_mil.workflows.interop import cli_annotations, cli_export
 from wsi_mil.workflows.predict import cli_predict
 from wsi_mil.workflows.synth import cli_synth
 from wsi_mil.workflows.tile import cli_tile
@@ -134,6 +135,21 @@ def _add_ui(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=5000, help="Port on 127.0.0.1.")
 
 
+def _add_annotations(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path, help="QuPath GeoJSON export or ASAP XML file.")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--slide", type=Path, help="The annotated slide (its MPP gives areas in um^2).")
+    scale.add_argument("--mpp", type=float, help="Level-0 um/px of the annotated slide (areas in um^2).")
+    p.add_argument("--json", action="store_true", help="Print the report as JSON.")
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("tool", choices=["clam", "trident"], help="Folder layout to write.")
+    p.add_argument("out", type=Path, help="Output directory of `wsi-mil extract`.")
+    p.add_argument("--to", type=Path, help="Export folder (default OUT/export/<tool>).")
+    p.add_argument("--encoder-name", help="trident: name of the features_<name> folder (default: the encoder key).")
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["show"], help="show: print the resolved config.")
     p.add_argument("--describe", action="store_true",
@@ -160,6 +176,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "run": ("Whole workflow: tile, extract, train, evaluate, heatmaps.", _add_run, cli_run),
     "demo": ("Synthesise a cohort and run the whole workflow offline.", _add_demo, cli_demo),
     "ui": ("Open the MLflow UI over an output directory.", _add_ui, cli_ui),
+    "annotations": ("Show what an annotation file holds: areas per class and role, ignored objects.",
+                    _add_annotations, cli_annotations),
+    "export": ("Link bags into the folder layout CLAM or TRIDENT reads.", _add_export, cli_export),
     "config": ("Print the resolved configuration.", _add_config, cli_config),
 }
 

@@ -305,6 +305,52 @@ class ModelConfig(Section):
         return _registered(value)
 
 
+# ---------------------------------------------------------------------------------------- annotations
+class AnnotationsConfig(Section):
+    """How annotation files (QuPath GeoJSON, ASAP XML) become tumour truth.
+
+    QuPath's model is followed: an object's class is its classification (name and colour), never its
+    ``name``; class names match case-insensitively, a derived class ``Tumor: Positive`` also matches by
+    its base class ``Tumor``. A class in neither list keeps its name with the role ``other`` (read and
+    reported, not used as truth); points and lines are ignored and reported.
+    """
+
+    unclassified: Literal["tumour", "exclusion", "ignore"] = Field(
+        default="tumour",
+        description="Role of area annotations without a class: tumour (exports that hold only tumour outlines), "
+        "exclusion (cut out of tumour) or ignore.",
+    )
+    tumour_classes: list[str] = Field(
+        default=["tumor", "tumour", "tumor region", "tumour region", "tumor_region", "cancer", "carcinoma",
+                 "metastasis", "metastases", "_0", "_1", "tumor_0", "tumor_1"],
+        description="Class names (QuPath classification, ASAP group; any case) whose areas are tumour. "
+        "Defaults cover CAMELYON16 ASAP XML (_0, _1, Tumor) and common QuPath names.",
+    )
+    exclusion_classes: list[str] = Field(
+        default=["exclusion", "exclude", "excluded", "ignore", "ignore*", "_2", "normal", "non-tumor",
+                 "non-tumour", "not tumor", "not tumour"],
+        description="Class names (any case) whose areas are cut out of tumour (CAMELYON16 _2, QuPath Ignore*).",
+    )
+    object_types: list[Literal["annotation", "detection", "cell", "tile", "tma_core"]] = Field(
+        default=["annotation"],
+        description="QuPath object types read; others (e.g. detections, cells) are ignored and reported. "
+        "Files without object types (ASAP XML, plain GeoJSON) count as annotations.",
+    )
+
+    @field_validator("tumour_classes", "exclusion_classes")
+    @classmethod
+    def _normalised(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(str(v).strip().lower() for v in value if str(v).strip()))
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> AnnotationsConfig:
+        both = sorted(set(self.tumour_classes) & set(self.exclusion_classes))
+        if both:
+            raise ValueError(f"class name(s) {', '.join(both)} are in both tumour_classes and exclusion_classes; "
+                             "keep each in one list")
+        return self
+
+
 # ------------------------------------------------------------------------------------------- training
 class TrainingConfig(Section):
     """Cross-validation, optimisation and evaluation."""
@@ -341,6 +387,10 @@ class TrainingConfig(Section):
     )
     annotations_dir: Path | None = Field(
         default=None, description="Tumour annotations (GeoJSON / ASAP XML / masks) for instance-level evaluation."
+    )
+    annotations: AnnotationsConfig = Field(
+        default_factory=AnnotationsConfig,
+        description="How the files in annotations_dir are read (classes, unclassified areas, object types).",
     )
     features_dir: Path | None = Field(
         default=None,

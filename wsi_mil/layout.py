@@ -13,6 +13,7 @@ OUT/predictions/<run_id>/                        new slides of `wsi-mil predict`
                                                  (slides.csv, qc/, tiles/, features/) plus
                                                  predictions.csv and heatmaps/<id>.png|.geojson
 OUT/summary.md                                   `wsi-mil run` summary table
+OUT/export/clam|trident/                         bags linked into CLAM's / TRIDENT's layout
 ```
 """
 
@@ -127,6 +128,10 @@ class Layout:
     def predictions_csv(self) -> Path:
         """The predictions table of a `wsi-mil predict` output directory."""
         return self.root / "predictions.csv"
+
+    def export_dir(self, tool: str) -> Path:
+        """Bags linked into another tool's folder layout (``wsi-mil export clam|trident``)."""
+        return self.root / "export" / tool
 
     @property
     def summary_md(self) -> Path:

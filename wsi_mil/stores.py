@@ -7,9 +7,13 @@ Patch store ``<id>.zarr`` (zarr v3 group):
     ``patch_size_level0``, ``level``, ``downsample``, slide fingerprint, package version, ``complete``.
 
 Feature bag ``<id>.h5``:
-    ``features`` float32/float16 [N, D]; ``coords`` int64 [N, 2];
-    attributes: ours (encoder, weights sha256, tiling attributes...) plus CLAM's ``patch_size`` and
-    ``patch_level`` (on the file and on ``coords``) so CLAM-style readers work unchanged.
+    ``features`` float32/float16 [N, D] (attributes ``encoder``, ``name``); ``coords`` int64 [N, 2];
+    file attributes: ours (encoder, weights sha256, tiling attributes with exact float MPPs...).
+    ``coords`` also carries the attributes CLAM, TRIDENT and TITAN read (:func:`peer_coords_attrs`), so
+    their readers open a bag unchanged: CLAM's ``patch_size`` (side read at ``patch_level``) and
+    ``patch_level``; TRIDENT's ``patch_size_level0``, ``level0_magnification``, ``target_magnification``,
+    ``level0_width``, ``level0_height``, ``overlap``; ``name`` (the slide id). Magnifications follow the
+    usual convention magnification = 10 / MPP (0.5 um/px = 20x), from the exact MPPs.
 
 Both are written under a temporary name beside the target and renamed into place when complete, so
 a reader never sees a half-written output and a crash never damages a finished one.
@@ -19,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -219,8 +224,61 @@ def _h5_attr(value: Any) -> Any:
     return value
 
 
+MAGNIFICATION_UM = 10.0  # magnification = MAGNIFICATION_UM / MPP: the usual convention (0.25 um/px = 40x)
+
+
+def peer_coords_attrs(attrs: Mapping[str, Any], *, patch_size: Literal["clam", "trident"] = "clam") -> dict[str, Any]:
+    """Attributes of a ``coords`` dataset that CLAM, TRIDENT and TITAN read, from our tiling attributes.
+
+    Parameters
+    ----------
+    attrs:
+        Our attributes of a patch store or bag: ``slide_id``, ``mpp_level0`` and ``target_mpp`` (um/px),
+        ``patch_size_level0`` (level-0 px), ``width``/``height`` (level-0 px), ``overlap`` (px at
+        ``target_mpp``), ``patch_level``, and the patch sides ``read_size`` (px read at ``patch_level``)
+        and ``target_patch_size`` (px at ``target_mpp``). Missing keys give missing attributes.
+    patch_size:
+        Which meaning ``patch_size`` takes: ``clam`` (CLAM: the side read at ``patch_level``, so
+        ``read_region(xy, patch_level, (patch_size, patch_size))`` reads the patch; used in bags) or
+        ``trident`` (TRIDENT: the side at ``target_magnification``; used in TRIDENT coordinate files).
+
+    Returns
+    -------
+    dict
+        ``patch_size``, ``patch_level``, ``name``, ``patch_size_level0``, ``level0_magnification`` and
+        ``target_magnification`` (10 / MPP, floats), ``level0_width``, ``level0_height``, ``overlap``.
+        ``patch_size_level0`` is rounded *down* to whole level-0 px (the exact float stays in our own
+        attributes): TRIDENT writes an integer (``patch_size * level0_mag // target_mag``) and TITAN
+        floor-divides the coordinates by it to place each patch in a grid cell, which with our grid
+        (``round(i * step)``) keeps every patch in its own cell while i < (size - 0.5) / fraction(size),
+        e.g. about 500 patches per side for a 256.51 px step, 20000 for 1024.05 px.
+    """
+    out: dict[str, Any] = {}
+    size = attrs.get("read_size") if patch_size == "clam" else attrs.get("target_patch_size")
+    if size is not None:
+        out["patch_size"] = int(size)
+    if attrs.get("patch_level") is not None:
+        out["patch_level"] = int(attrs["patch_level"])
+    if attrs.get("slide_id"):
+        out["name"] = str(attrs["slide_id"])
+    if attrs.get("patch_size_level0"):
+        out["patch_size_level0"] = int(math.floor(float(attrs["patch_size_level0"]) + 1e-6))
+    if attrs.get("mpp_level0"):
+        out["level0_magnification"] = MAGNIFICATION_UM / float(attrs["mpp_level0"])
+    if attrs.get("target_mpp"):
+        out["target_magnification"] = MAGNIFICATION_UM / float(attrs["target_mpp"])
+    for ours, theirs in (("width", "level0_width"), ("height", "level0_height"), ("overlap", "overlap")):
+        if attrs.get(ours) is not None:
+            out[theirs] = int(attrs[ours])
+    return out
+
+
 def write_bag(path: Path, features: np.ndarray, coords: np.ndarray, attrs: Mapping[str, Any] | None = None) -> None:
-    """Write an HDF5 bag atomically (features [N, D], coords [N, 2])."""
+    """Write an HDF5 bag atomically (features [N, D], coords [N, 2]).
+
+    ``coords`` gets :func:`peer_coords_attrs` (CLAM meaning of ``patch_size``; an explicit ``patch_size``
+    in ``attrs`` wins, as CLAM's side at ``patch_level``).
+    """
     features = np.asarray(features)
     coords = np.asarray(coords, dtype=np.int64)
     if features.ndim != 2 or coords.shape != (features.shape[0], 2):
@@ -236,9 +294,14 @@ def write_bag(path: Path, features: np.ndarray, coords: np.ndarray, attrs: Mappi
             ds = f.create_dataset("coords", data=coords)
             for key, value in meta.items():
                 f.attrs[key] = _h5_attr(value)
-            for key in ("patch_size", "patch_level"):
-                if key in meta:
-                    ds.attrs[key] = meta[key]
+            peer = peer_coords_attrs(meta)
+            if meta.get("patch_size") is not None:
+                peer["patch_size"] = int(meta["patch_size"])
+            for key, value in peer.items():
+                ds.attrs[key] = value
+            for key, value in (("encoder", meta.get("encoder")), ("name", peer.get("name"))):
+                if value is not None:  # TRIDENT's feature files name encoder and slide on `features`
+                    f["features"].attrs[key] = str(value)
 
 
 def _read_attr(value: Any) -> Any:
@@ -258,6 +321,12 @@ def read_bag_attrs(path: Path) -> dict[str, Any]:
     """Only the attributes of a bag."""
     with h5py.File(path, "r") as f:
         return {k: _read_attr(v) for k, v in f.attrs.items()}
+
+
+def read_bag_coords(path: Path) -> np.ndarray:
+    """Only the coordinates [N, 2] (int64, level-0 x, y) of a bag."""
+    with h5py.File(path, "r") as f:
+        return f["coords"][:].astype(np.int64)
 
 
 def read_bag(path: Path) -> Bag:
@@ -299,3 +368,16 @@ def write_clam_coords(
         f.attrs["patch_level"] = int(patch_level)
         for key, value in (attrs or {}).items():
             ds.attrs[key] = _h5_attr(value)
+
+
+def write_trident_coords(path: Path, coords: np.ndarray, attrs: Mapping[str, Any]) -> None:
+    """Write a TRIDENT coordinate file (``<slide>_patches.h5``) atomically from our tiling attributes.
+
+    Dataset ``coords`` int64 [N, 2] (level-0 x, y) with :func:`peer_coords_attrs` in TRIDENT's meaning:
+    ``patch_size`` is the side at ``target_magnification``, so TRIDENT re-reads the same patches.
+    """
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    with atomic_output(Path(path)) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("coords", data=coords)
+        for key, value in peer_coords_attrs(attrs, patch_size="trident").items():
+            ds.attrs[key] = value

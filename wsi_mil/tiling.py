@@ -52,6 +52,7 @@ from wsi_mil.stores import (
     create_patch_store,
     is_complete_store,
     mark_complete,
+    open_patch_store,
     partial_path,
     remove_path,
     write_clam_coords,
@@ -352,6 +353,19 @@ class _CohortRun:
             self.write_csv()
             raise SlideError(f"{result.error} (stopped by --strict)")
 
+    def clam_coords_path(self, slide_id: str) -> Path:
+        return self.layout.clam_coords(self.key, slide_id)
+
+    def write_clam_coords(self, coords: np.ndarray, attrs: dict[str, Any]) -> None:
+        """CLAM's coordinate file of a slide (``tiling.export_clam_h5``) from its patch store attributes."""
+        write_clam_coords(
+            self.clam_coords_path(attrs["slide_id"]), coords, patch_size=int(attrs["read_size"]),
+            patch_level=int(attrs["level"]),
+            attrs={"target_patch_size": attrs["patch_size"], "mpp_level0": attrs["mpp_level0"],
+                   "target_mpp": attrs["target_mpp"], "patch_size_level0": attrs["patch_size_level0"],
+                   "name": attrs["slide_id"]},
+        )
+
     # -- stages
     def inventory(self, paths: Iterable[Path]) -> list[_Job]:
         jobs: list[_Job] = []
@@ -373,6 +387,14 @@ class _CohortRun:
                 result.status = "skipped"
                 result.output = final.resolve()
                 result.n_patches = int(zarr.open_group(str(final), mode="r").attrs.get("n_patches", 0))
+                if self.cfg.tiling.export_clam_h5 and not self.clam_coords_path(info.slide_id).is_file():
+                    # turned on after this slide was tiled: fill in its file from the finished store
+                    try:
+                        store = open_patch_store(final)
+                        self.write_clam_coords(store.coords, store.attrs)
+                    except Exception as exc:  # an extra file: the slide's store stays done, others go on
+                        log.warning("slide %s: CLAM coordinate file %s not written (%s); rerun to retry.",
+                                    info.slide_id, self.clam_coords_path(info.slide_id), exc)
                 continue
             jobs.append(_Job(index=index, result=result, attrs=attrs, final=final))
         return jobs
@@ -414,15 +436,8 @@ class _CohortRun:
         mark_complete(job.partial)
         commit(job.partial, job.final)
         job.partial = None
-        plan = job.result.plan
-        if self.cfg.tiling.export_clam_h5 and plan is not None:
-            write_clam_coords(
-                self.layout.clam_coords(self.key, job.result.slide_id), job.coords,
-                patch_size=plan.read_size, patch_level=plan.level,
-                attrs={"target_patch_size": self.cfg.tiling.patch_size, "mpp_level0": job.attrs["mpp_level0"],
-                       "target_mpp": self.cfg.tiling.target_mpp, "patch_size_level0": plan.patch_size_level0,
-                       "name": job.result.slide_id},
-            )
+        if self.cfg.tiling.export_clam_h5:
+            self.write_clam_coords(job.coords, job.attrs)
         job.result.status = "done"
         job.result.output = job.final.resolve()
         job.result.n_patches = len(job.coords)

@@ -9,7 +9,7 @@ Outputs per slide (:func:`render_slide_heatmap`):
 ``<id>.png``          overlay on the slide thumbnail: colour map over the scored patches only, tissue
                       outline, colour bar with its label;
 ``<id>.geojson``      one Polygon per patch in level-0 pixels with its score; QuPath imports it
-                      (File > Import objects) and colours it with Measure > Show measurement maps;
+                      (File > Import objects) and colours it by class, one class per score bin;
 ``<id>_topk.png``     montage of the k highest-scoring patches, read from the patch store;
 ``<id>_heatmap.tif``  optional tiled pyramidal TIFF for slide viewers.
 

@@ -50,16 +50,23 @@ def scores_geojson(
     measurements: Mapping[str, np.ndarray] | None = None,
     object_type: str = "tile",
     classification: str = "score",
-    color: tuple[int, int, int] = (255, 0, 0),
+    bins: int = 10,
+    bin_by: str | None = None,
+    colormap: str = "jet",
 ) -> dict[str, Any]:
     """Patch polygons with their scores as a QuPath-importable GeoJSON FeatureCollection.
 
     Each feature is a Polygon with one closed ring of five points in level-0 pixels, ``(x, y)``,
     ``(x+s, y)``, ``(x+s, y+s)``, ``(x, y+s)``, ``(x, y)``. Its properties hold QuPath's keys
     (``objectType``, ``classification`` {name, color}, ``measurements`` as a name -> value dict, which
-    QuPath 0.4+ reads; 0.2/0.3 read a list) plus plain ``score`` and ``patch_index``. Feature ids are
-    UUID-shaped: a prefix derived from the slide id, then the patch index in hex (last 12 digits), so
-    reruns give identical files.
+    QuPath 0.4+ reads; 0.2/0.3 read a list) plus plain ``score`` and ``patch_index``.
+
+    Each patch's class is its score bin, e.g. ``attention 0.90-1.00``, coloured by ``colormap`` at the bin
+    centre, so QuPath draws the map by class colour without a measurement map. Feature ids are
+    UUID-shaped: a prefix derived from the run id, model (``properties``) and slide id, then the patch
+    index in hex (last 12 digits): two models' maps of one slide never share an id, and reruns give
+    identical files. The collection's ``properties`` hold the slide, the run and model given, and the
+    bins (``classes``: name, colour, lower and upper bound).
 
     Parameters
     ----------
@@ -76,8 +83,11 @@ def scores_geojson(
     object_type:
         QuPath object type: ``tile`` (default; a detection kind shown by measurement maps),
         ``detection`` or ``annotation``.
-    classification, color:
-        Name and RGB colour of the QuPath class given to every polygon.
+    classification:
+        Prefix of the class names (the score's name, e.g. ``attention``).
+    bins, bin_by, colormap:
+        Number of equal score bins on [0, 1]; the measurement binned (values in [0, 1], e.g. the
+        normalised ``score_rank``; ``None``: the scores min-max scaled); matplotlib colour map.
     """
     coords, scores = check_coords(coords, scores)
     size = float(patch_size_level0)
@@ -93,13 +103,32 @@ def scores_geojson(
     if not finite.all():
         log.warning("%s: %d patches with a non-finite score left out of the GeoJSON", slide_id or "slide",
                     int((~finite).sum()))
-    id_prefix = str(uuid.uuid5(uuid.NAMESPACE_URL, f"wsi-mil/{slide_id}"))[:24]  # 8-4-4-4- of a UUID
+    meta = {"slide_id": slide_id, "coordinates": "level-0 pixels, origin top-left",
+            "patch_size_level0": size}
+    meta.update(dict(properties or {}))
+    owner = f"wsi-mil/{meta.get('run_id', '')}/{meta.get('model', '')}/{slide_id}"
+    id_prefix = str(uuid.uuid5(uuid.NAMESPACE_URL, owner))[:24]  # 8-4-4-4- of a UUID
+    if bin_by is not None:
+        level = np.clip(extra[bin_by], 0.0, 1.0)
+    else:
+        lo, hi = (float(scores[finite].min()), float(scores[finite].max())) if finite.any() else (0.0, 0.0)
+        level = (scores - lo) / (hi - lo) if hi > lo else np.zeros_like(scores)
+    import matplotlib
+
+    cmap = matplotlib.colormaps[colormap]
+    classes = [{"name": f"{classification} {b / bins:.2f}-{(b + 1) / bins:.2f}", "lower": b / bins,
+                "upper": (b + 1) / bins, "color": [int(round(255 * c)) for c in cmap((b + 0.5) / bins)[:3]]}
+               for b in range(bins)]
+    # QuPath class of each bin; index -1: a patch whose binned value is missing
+    qupath_classes = [{"name": c["name"], "color": c["color"]} for c in classes]
+    qupath_classes.append({"name": f"{classification} n/a", "color": [128, 128, 128]})
+    bin_of = np.where(np.isfinite(level), np.clip(np.floor(np.nan_to_num(level) * bins), 0, bins - 1), -1)
+    bin_of = bin_of.astype(np.int64).tolist()
     keep = np.flatnonzero(finite)
     x0, y0 = _numbers(coords[keep, 0]), _numbers(coords[keep, 1])
     x1, y1 = _numbers(coords[keep, 0] + size), _numbers(coords[keep, 1] + size)
     score_list = scores[keep].tolist()
     extra_lists = {name: arr[keep].tolist() for name, arr in extra.items()}
-    class_props = {"name": classification, "color": [int(c) for c in color]}
     features: list[dict[str, Any]] = []
     with _gc_paused():  # ~10 small containers per patch: the cyclic GC would rescan them over and over
         for j, i in enumerate(keep.tolist()):
@@ -114,16 +143,14 @@ def scores_geojson(
                     [[x0[j], y0[j]], [x1[j], y0[j]], [x1[j], y1[j]], [x0[j], y1[j]], [x0[j], y0[j]]]]},
                 "properties": {
                     "objectType": object_type,
-                    "classification": dict(class_props),
+                    "classification": dict(qupath_classes[bin_of[i]]),
                     "isLocked": False,
                     "score": score_list[j],
                     "patch_index": i,
                     "measurements": values,
                 },
             })
-    meta = {"slide_id": slide_id, "coordinates": "level-0 pixels, origin top-left",
-            "patch_size_level0": size}
-    meta.update(dict(properties or {}))
+    meta["classes"] = {"binned_by": bin_by or "score (min-max scaled)", "colormap": colormap, "bins": classes}
     return {"type": "FeatureCollection", "properties": meta, "features": features}
 
 

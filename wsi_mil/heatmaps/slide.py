@@ -184,7 +184,7 @@ def render_slide_heatmap(
     collection = scores_geojson(
         coords, raw, patch_size_level0, properties=meta, slide_id=slide_id,
         measurements={f"score_{cfg.normalize}": norm}, object_type=cfg.geojson_object_type,
-        classification=score_label,
+        classification=score_label, bin_by=f"score_{cfg.normalize}", colormap=cfg.colormap,
     )
     geojson = write_geojson(out_dir / f"{slide_id}.geojson", collection)
 

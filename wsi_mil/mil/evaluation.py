@@ -67,7 +67,7 @@ def instance_auc_of(method: MILMethod, bags: BagList, tcfg: TrainingConfig,
         if bag.coords is None or size0 <= 0:
             continue
         found = load_instance_labels(Path(tcfg.annotations_dir), bag.slide_id, bag.coords, size0,
-                                     tcfg.instance_threshold, normal_slide=y == 0)
+                                     tcfg.instance_threshold, normal_slide=y == 0, rules=tcfg.annotations)
         if found is not None:
             scores[bag.slide_id] = instance_scores[bag.slide_id] if instance_scores is not None else \
                 np.asarray(method.predict(bag).instance_scores, dtype=np.float64)
