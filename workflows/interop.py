@@ -149,8 +149,10 @@ def trident_config_dir(attrs: dict[str, Any]) -> str:
 
 
 def titan_grid_collisions(coords: np.ndarray, patch_size_level0: int) -> int:
-    """Patches that share a cell of TITAN's grid, which floor-divides level-0 coordinates [N, 2] by
-    ``patch_size_level0`` (the ``coords`` attribute) after subtracting their minimum; 0 = one cell each.
+    """Patches that share a cell of TITAN's grid (0 = one cell each).
+
+    TITAN floor-divides level-0 coordinates [N, 2] by ``patch_size_level0`` (the ``coords`` attribute)
+    after subtracting their minimum.
     """
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if not len(coords):
