@@ -35,7 +35,8 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
     tracker = open_tracker(out, cfg)
     parent = parent_run_id(tracker, run_id)
     run_cfg = tracker.load_config(parent).with_overrides(
-        {"compute.scheduler": cfg.compute.scheduler, "features.device": cfg.features.device}
+        {"compute.scheduler": cfg.compute.scheduler, "features.device": cfg.features.device,
+         **{f"slides.{k}": v for k, v in cfg.slides.model_dump(mode="json").items()}}  # this call's slide settings
     )
     work = out / "predictions" / parent
     tiling = tile_cohort(Path(slides_dir), work, run_cfg)
@@ -59,7 +60,8 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
             pred = classes[int(np.argmax(probs))]
         drawn = draw_slide(result.slide_id, bag, scores, work / "heatmaps", cfg.heatmap, Layout(work),
                            title=f"{result.slide_id} - {model_name}, mean of {len(folds)} fold models",
-                           model_name=model_name, run_id=parent)
+                           model_name=model_name, run_id=parent, slides_dir=Path(slides_dir),
+                           slides_cfg=run_cfg.slides)
         rows.append({"slide_id": result.slide_id, **{f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
                      "pred": pred, "n_patches": len(bag.coords), "heatmap": str(drawn.png)})
     failed = [(r.slide_id, r.error) for r in tiling.failed] + [(r.slide_id, r.error) for r in extraction.failed]
@@ -77,8 +79,11 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
 
 
 def cli_predict(args: argparse.Namespace, cfg: Config) -> int:
-    """`wsi-mil predict --run RUN_ID SLIDES_DIR [--out OUT]`."""
-    frame = predict_slides(args.run, args.slides_dir, args.out, cfg)
+    """`wsi-mil predict --run RUN_ID SLIDES_DIR|--slides-dir SLIDES_DIR [--out OUT]`."""
+    slides_dir = args.slides_dir or getattr(args, "slides_dir_option", None)
+    if slides_dir is None:
+        raise WsiMilError("wsi-mil predict needs the folder of slides to predict: pass SLIDES_DIR or --slides-dir DIR.")
+    frame = predict_slides(args.run, slides_dir, args.out, cfg)
     print(frame.drop(columns=[c for c in ("heatmap",) if c in frame]).to_string(index=False))
     print(f"predictions and heatmaps in {Path(args.out) / 'predictions' / parent_run_id(open_tracker(args.out, cfg), args.run)}")
     return 1 if "error" in frame and frame["error"].notna().any() else 0

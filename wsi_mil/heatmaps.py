@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from wsi_mil.config import HeatmapConfig
-from wsi_mil.errors import SlideError, WsiMilError
+from wsi_mil.errors import WsiMilError
 from wsi_mil.heatmap_tiff import write_pyramidal_tiff
+from wsi_mil.slides import slide_thumbnail  # re-exported: thumbnails through any slide reader
 from wsi_mil.stores import atomic_output
 
 log = logging.getLogger(__name__)
@@ -566,44 +567,6 @@ def top_k_montage(
     with atomic_output(Path(out_png)) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return Path(out_png)
-
-
-# ---------------------------------------------------------------------------------------- thumbnails
-def slide_thumbnail(
-    slide_path: Path, *, max_size: int = 2048, target_downsample: float | None = None
-) -> tuple[np.ndarray, float]:
-    """Read a slide thumbnail with OpenSlide and its downsample relative to level 0.
-
-    The thumbnail fits in ``max_size`` px on its longest side (or is level-0 size / ``target_downsample``
-    when that is given), never larger than level 0. The returned downsample is exactly
-    ``level0_width / thumbnail_width``; the vertical one differs from it by under one thumbnail pixel
-    over the whole height (aspect ratio rounding).
-
-    Raises :class:`~wsi_mil.errors.SlideError` naming the file when it cannot be opened or read.
-    """
-    import openslide
-
-    slide_path = Path(slide_path)
-    if not slide_path.is_file():
-        raise SlideError(f"slide {slide_path} does not exist; check the path.")
-    try:
-        with openslide.OpenSlide(str(slide_path)) as slide:
-            width0, height0 = slide.dimensions
-            if target_downsample is not None:
-                if not target_downsample > 0:
-                    raise ValueError(f"target_downsample must be positive, got {target_downsample}")
-                scale = max(1.0, float(target_downsample))
-            else:
-                scale = max(1.0, max(width0, height0) / float(max_size))
-            size = (max(1, round(width0 / scale)), max(1, round(height0 / scale)))
-            image = slide.get_thumbnail(size).convert("RGB")
-    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError) as exc:
-        raise SlideError(
-            f"slide {slide_path} cannot be read for a thumbnail ({exc}); check the file is a complete slide "
-            "that OpenSlide supports."
-        ) from None
-    thumb = np.asarray(image, dtype=np.uint8)
-    return thumb, width0 / thumb.shape[1]
 
 
 # ------------------------------------------------------------------------------------- evaluation
