@@ -31,8 +31,10 @@ class SlidesConfig(Section):
     """How slides are found and how their physical resolution is known."""
 
     extensions: list[str] = Field(
-        default=[".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm"],
-        description="File extensions taken as slides when scanning a directory.",
+        default=[".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm",
+                 ".png", ".jpg", ".jpeg"],
+        description="File extensions taken as slides when scanning a directory (.png/.jpg: image regions of "
+        "interest, which usually need slides.default_mpp or an override).",
     )
     recursive: bool = Field(default=False, description="Scan sub-directories too.")
     mpp_override_csv: Path | None = Field(

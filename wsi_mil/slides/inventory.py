@@ -40,6 +40,8 @@ _KNOWN_OTHERS = {
     ".png": "an image; add it to slides.extensions to tile image regions of interest",
     ".jpg": "an image; add it to slides.extensions to tile image regions of interest",
     ".jpeg": "an image; add it to slides.extensions to tile image regions of interest",
+    ".bmp": "an image; add it to slides.extensions to tile image regions of interest",
+    ".webp": "an image; add it to slides.extensions to tile image regions of interest",
 }
 _SCAN_LIMIT = 100_000  # entries looked at when counting slides in a sub-folder that is not scanned
 

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import openslide
+import tifffile
 
 from wsi_mil.config import SlidesConfig
 from wsi_mil.errors import SlideError
@@ -56,9 +57,17 @@ def candidate_readers(path: Path) -> list[str]:
     vendor = openslide.OpenSlide.detect_format(str(path))
     if vendor is None:
         return ["tifffile"]
-    if vendor == "generic-tiff" and path.name.lower().endswith((".ome.tif", ".ome.tiff", ".ome.btf")):
+    if vendor == "generic-tiff" and _is_ome(path):
         return ["tifffile", "openslide"]
     return ["openslide", "tifffile"]
+
+
+def _is_ome(path: Path) -> bool:
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            return bool(tif.is_ome)
+    except Exception:
+        return False
 
 
 def _message(exc: BaseException) -> str:
@@ -76,7 +85,7 @@ def _open_uncached(path: Path, choice: str) -> SlideReader:
             reader = READERS[name](path)
             reader.fallback_note = "; ".join(problems)
             return reader
-        except (openslide.OpenSlideError, OSError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+        except Exception as exc:  # any library's refusal becomes one line of the error
             problems.append(f"{name}: {_message(exc)}")
     tried = "; ".join(problems)
     if names == ["openslide"] and "unsupported or missing" in tried:

@@ -54,7 +54,7 @@ class TiffReader(SlideReader):
                              "images, convert it to 8-bit RGB")
         if "Y" not in self._axes or "X" not in self._axes:
             raise ValueError(f"no image plane in axes {self._axes}")
-        self._arrays = [zarr.open_array(lv.aszarr(), mode="r") for lv in levels]
+        self._arrays = [zarr.open_array(series.aszarr(level=i), mode="r") for i in range(len(levels))]
         y, x = self._axes.index("Y"), self._axes.index("X")
         self.level_dimensions = tuple((int(a.shape[x]), int(a.shape[y])) for a in self._arrays)
         w0, h0 = self.level_dimensions[0]
