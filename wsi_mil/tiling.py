@@ -247,10 +247,9 @@ def check_plan(info: SlideInfo, tiling: TilingConfig) -> None:
     Raises
     ------
     SlideError
-        The MPP error when the slide has no usable MPP; else one sentence with the numbers when the
-        slide is smaller than one patch, larger than any glass
-        slide at its MPP (``MAX_SLIDE_SIDE_MM``), or its grid has more than ``tiling.max_grid_patches``
-        positions.
+        The MPP error when the slide has no usable MPP; else one sentence with the numbers when it
+        is smaller than one patch, larger than any glass slide at its MPP (``MAX_SLIDE_SIDE_MM``), or
+        its grid has more than ``tiling.max_grid_patches`` positions.
     """
     if info.mpp is None:
         raise SlideError(info.mpp_error)
@@ -347,8 +346,7 @@ def find_tissue_task(
     except Exception as exc:
         raise _slide_failure(path, exc, "tissue detection") from None
     return {"coords": coords, "mask": found.mask, "thumbnail": thumb if with_thumbnail else None,
-            "tissue_fraction": float(found.mask.mean()), "tissue_area_um2": found.area_um2,
-            "empty_reason": found.empty_reason(params)}
+            "tissue_area_um2": found.area_um2, "empty_reason": found.empty_reason(params)}
 
 
 def read_patches(path: str, coords: np.ndarray, plan: ReadPlan, slides: SlidesConfig | None = None) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 The mask comes from the HSV saturation of the thumbnail (stained tissue is coloured, glass is grey or
 white): median blur, a per-slide Otsu threshold (scaled, floored by a minimum saturation), weak-pixel
-hysteresis so faint tissue attached to clear tissue is kept, pen-mark removal by hue/value rules,
-morphological closing, hole filling and small-piece removal by physical area. Every size is given in
-microns and converted with the thumbnail's resolution, so results do not depend on the scanner.
+hysteresis so faint tissue attached to clear tissue is kept, removal of marker ink of any usual colour
+(red, blue, green, black) by hue/saturation/value rules, morphological closing, hole filling and
+small-piece removal by physical area. Every size is given in microns and converted with the
+thumbnail's resolution, so results do not depend on the scanner. An empty result comes with its
+reason (dark fluorescence scan, only pieces below the minimum area, only ink, no stain at all).
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ def pen_mask(rgb: np.ndarray, um_per_px: float | None = None, min_area_um2: floa
 
     Each ink has a colour H&E never has: bright saturated blue (hematoxylin is purple, or blue only
     where dark), green, pure red far more saturated than eosin (whose hue sits at 300-340 degrees,
-    pink), and dark pixels without stain colour (black). When ``um_per_px`` is given, ink pieces smaller than ``min_area_um2``
-    are dropped: a marker stroke is large, while red blood cells or a dark nucleus cluster are not.
+    pink), and dark pixels without stain colour (black). When ``um_per_px`` is given, groups of ink
+    pixels smaller than ``min_area_um2`` are dropped: a marker stroke is large, while red blood cells
+    or a dark nucleus cluster are not. Returns a boolean mask [h, w] of an RGB uint8 image [h, w, 3].
     """
     sat, val = saturation_value(rgb)
     black = (val < 50) | ((val < 110) & (sat < 60))

@@ -3,7 +3,8 @@
 Modules, in the order data flows through them:
 
 - :mod:`~wsi_mil.slides.inventory` - every file of a slide folder becomes a slide, or a skipped or
-  failed entry with the reason (DICOM folders grouped, MIRAX data folders, unknown extensions...);
+  failed entry with the reason (DICOM folders grouped via :mod:`~wsi_mil.slides.dicom`, MIRAX data
+  folders, unknown extensions...); slide ids (:mod:`~wsi_mil.slides.ids`) drop ``.ome.tif`` whole;
 - :mod:`~wsi_mil.slides.readers` - :func:`open_slide` picks a reader (OpenSlide, tifffile, Pillow)
   that all offer the same :class:`SlideReader` interface (``read_region`` -> RGB uint8 array);
 - :mod:`~wsi_mil.slides.mpp` - plausibility of every MPP source, overrides and the default;

@@ -28,6 +28,7 @@ from wsi_mil.config import SlidesConfig
 from wsi_mil.errors import SlideError, WsiMilError
 from wsi_mil.slides import dicom
 from wsi_mil.slides.ids import slide_id
+from wsi_mil.slides.info import file_fingerprint
 
 EntryStatus = Literal["slide", "skipped", "failed"]
 
@@ -245,8 +246,6 @@ def locate_slide(
     SlideError
         Naming the id, where it was looked for, and the ``--slides-dir`` fix.
     """
-    from wsi_mil.slides.info import file_fingerprint
-
     if slides_dir is not None:
         found = _index(str(Path(slides_dir).resolve()), cfg.model_dump_json()).get(sid)
         if found is not None:

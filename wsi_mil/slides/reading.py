@@ -70,15 +70,15 @@ def read_patch(reader: SlideReader, x: int, y: int, plan: ReadPlan, out: np.ndar
     ``patch_size``: whole-number reductions average each k x k block (box, exact footprint), other
     factors use Lanczos (antialiased). Pixels outside the slide are white.
     """
-    rgb = reader.read_region((int(x), int(y)), plan.level, (plan.read_size, plan.read_size))
+    image = reader.read_region_image((int(x), int(y)), plan.level, (plan.read_size, plan.read_size))
     method = plan.resample_filter
     if method == "box":
-        rgb = np.asarray(Image.fromarray(rgb).reduce(plan.read_size // plan.patch_size))
+        image = image.reduce(plan.read_size // plan.patch_size)
     elif method == "lanczos":
-        rgb = np.asarray(Image.fromarray(rgb).resize((plan.patch_size, plan.patch_size), Image.Resampling.LANCZOS))
+        image = image.resize((plan.patch_size, plan.patch_size), Image.Resampling.LANCZOS)
     if out is None:
-        return rgb
-    out[...] = rgb
+        return np.asarray(image)
+    out[...] = np.asarray(image)
     return out
 
 

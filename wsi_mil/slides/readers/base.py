@@ -87,6 +87,10 @@ class SlideReader(ABC):
         scanned area) are white. Raises the library's error when the pixels cannot be decoded.
         """
 
+    def read_region_image(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """:meth:`read_region` as an RGB PIL image (readers that decode to PIL override it to skip a copy)."""
+        return Image.fromarray(self.read_region(location, level, size))
+
     def close(self) -> None:  # noqa: B027 - readers without resources keep the default
         """Release the file (the reader is unusable afterwards)."""
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+from PIL import Image
 
 from wsi_mil.slides.readers.base import DeclaredMpp, SlideReader, rgba_to_rgb
 
@@ -27,10 +28,13 @@ class OpenSlideReader(SlideReader):
         self.declared_mpp = _declared_mpp(self.properties, self.vendor)
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return np.asarray(self.read_region_image(location, level, size))
+
+    def read_region_image(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         image = self._slide.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1])))
         if image.getextrema()[3][0] == 255:  # fully opaque: one conversion in PIL
-            return np.asarray(image.convert("RGB"))
-        return rgba_to_rgb(np.asarray(image))
+            return image.convert("RGB")
+        return Image.fromarray(rgba_to_rgb(np.asarray(image)))
 
     def close(self) -> None:
         self._slide.close()
