@@ -96,7 +96,7 @@ def test_tiling_key_changes_with_patch_settings():
     assert tiling_key(base).startswith("mpp0.50_px256_ov0_t")
     assert tiling_key(base.with_overrides({"tiling.patch_size": 224})) != tiling_key(base)
     assert tiling_key(base.with_overrides({"tissue.min_saturation": 30})) != tiling_key(base)
-    assert tiling_key(base.with_overrides({"tiling.tissue_threshold": 0.5})) != tiling_key(base)
+    assert tiling_key(base.with_overrides({"tiling.tissue_threshold": 0.7})) != tiling_key(base)
     # settings that do not change the patches keep the key
     assert tiling_key(base.with_overrides({"training.epochs": 3})) == tiling_key(base)
 

@@ -85,7 +85,7 @@ def test_bags_equal_direct_forward_and_carry_provenance(tmp_path):
     data = make_cohort(tmp_path, cfg)
     report = extract_cohort(tmp_path, cfg)
     assert [r.status for r in report.results] == ["done"] * 3 and report.patches_embedded == 105
-    assert "3 done, 0 skipped, 0 failed" in report.summary()
+    assert "3 done, 0 reused, 0 failed" in report.summary()
     for sid, (patches, coords) in data.items():
         bag = stores.read_bag(bag_path(tmp_path, cfg, sid))
         assert bag.features.dtype == np.float32 and bag.features.shape == (len(patches), 64)
@@ -132,7 +132,7 @@ def test_resume_skips_finished_bags_and_redoes_interrupted_ones(tmp_path):
     leftover = stores.partial_path(lost)
     leftover.write_bytes(b"half-written")
     report = extract_cohort(tmp_path, cfg)
-    assert report.status_of("s0").status == "skipped" and report.status_of("s1").status == "done"
+    assert report.status_of("s0").status == "reused" and report.status_of("s1").status == "done"
     assert done.stat().st_mtime_ns == mtime and not leftover.exists()
     np.testing.assert_allclose(stores.read_bag(lost).features, expected, rtol=1e-5, atol=1e-6)
     # a bag from a different patch store (re-tiled slide) is stale and redone
@@ -140,12 +140,12 @@ def test_resume_skips_finished_bags_and_redoes_interrupted_ones(tmp_path):
     store = Layout(tmp_path).patch_store(tiling_key(cfg), "s0")
     write_store(store, patches, np.zeros((12, 2), np.int64), slide_id="s0")
     report = extract_cohort(tmp_path, cfg)
-    assert report.status_of("s0").status == "done" and report.status_of("s1").status == "skipped"
+    assert report.status_of("s0").status == "done" and report.status_of("s1").status == "reused"
     assert stores.read_bag(done).features.shape == (12, 64)
     # patch stores deleted after embedding to save space: the bags stay valid
     stores.remove_path(Layout(tmp_path).patch_store(tiling_key(cfg), "s1"))
     report = extract_cohort(tmp_path, cfg, slide_ids=["s0", "s1"])
-    assert [r.status for r in report.results] == ["skipped", "skipped"]
+    assert [r.status for r in report.results] == ["reused", "reused"]
 
 
 def test_missing_and_incomplete_stores_fail_clearly_while_others_complete(tmp_path):
@@ -233,7 +233,7 @@ def test_cli_extract(tmp_path, capsys):
             "--batch-size", "8"]
     assert main(args) == 0
     assert "1 done" in capsys.readouterr().out and bag_path(tmp_path, cfg, "s0").is_file()
-    assert main(args) == 0 and "1 skipped" in capsys.readouterr().out
+    assert main(args) == 0 and "1 reused" in capsys.readouterr().out
     assert main(["extract", str(tmp_path), "--encoder", "no_such_net", "--weights", "random"]) == 2
     assert "unknown encoder 'no_such_net'" in capsys.readouterr().err
     assert main(["extract", str(tmp_path / "nowhere")]) == 2

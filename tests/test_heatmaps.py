@@ -23,13 +23,13 @@ from wsi_mil.heatmaps import (
     render_slide_heatmap,
     score_grid,
     scores_geojson,
-    slide_thumbnail,
     top_k_indices,
     top_k_montage,
     write_geojson,
     write_pyramidal_tiff,
 )
 from wsi_mil.mil.metrics import roc_auc
+from wsi_mil.slides import slide_thumbnail
 from wsi_mil.synth import write_slide
 
 METHODS = ["raw", "rank", "percentile"]

@@ -148,7 +148,7 @@ def test_rerun_skips_and_new_setting_gets_new_key(reference, client, slides) -> 
     tiles = Layout(out).tiles_dir(tiling_key(cfg))
     before = {p.name: p.stat().st_mtime_ns for p in tiles.glob("*.zarr/zarr.json")}
     report = tile_cohort(slides.good_dir, out, cfg, client=client)
-    assert [r.status for r in report.results] == ["skipped"] * 3
+    assert [r.status for r in report.results] == ["reused"] * 3
     assert {p.name: p.stat().st_mtime_ns for p in tiles.glob("*.zarr/zarr.json")} == before
     changed = _cfg("tiling.tissue_threshold=0.6", "tiling.export_clam_h5=true")
     assert tiling_key(changed) != tiling_key(cfg)
@@ -171,7 +171,7 @@ def test_export_clam_h5_turned_on_after_tiling_fills_in_missing_files(reference,
     tiles = Layout(copy).tiles_dir(tiling_key(cfg))
     assert not (tiles / "clam_coords").exists()
     report = tile_cohort(slides.good_dir, copy, _cfg("tiling.export_clam_h5=true"), client=client)
-    assert [r.status for r in report.results] == ["skipped"] * 3  # same tiling key: nothing re-tiled
+    assert [r.status for r in report.results] == ["reused"] * 3  # same tiling key: nothing re-tiled
     for sid, (coords, _) in _stores(copy, cfg).items():
         store = open_patch_store(tiles / f"{sid}.zarr")
         with h5py.File(tiles / "clam_coords" / f"{sid}.h5", "r") as f:
@@ -230,10 +230,10 @@ def test_bad_slides_fail_alone(slides, client, tmp_path: Path) -> None:
     status = {r.slide_id: r.status for r in report.results}
     assert status == {"blank": "failed", "good": "done", "notes": "failed", "truncated": "failed"}
     rows = _csv_rows(out)
-    assert "no tissue found" in rows["blank"]["error"]
-    assert "notes.svs" in rows["notes"]["error"] and "not in a format OpenSlide can read" in rows["notes"]["error"]
-    assert "truncated.svs" in rows["truncated"]["error"]
-    assert int(rows["good"]["n_patches"]) > 0 and rows["good"]["error"] == ""
+    assert "no stained tissue found" in rows["blank"]["reason"]
+    assert "notes.svs is not a slide" in rows["notes"]["reason"]
+    assert "truncated.svs" in rows["truncated"]["reason"]
+    assert int(rows["good"]["n_patches"]) > 0 and rows["good"]["reason"] == ""
     assert "3 failed" in report.summary() and "FAILED truncated" in report.summary()
     assert [p.name for p in Layout(out).tiles_dir(tiling_key(cfg)).iterdir()] == ["good.zarr"]
     with pytest.raises(SlideError, match="stopped by --strict"):
@@ -249,7 +249,7 @@ def test_slide_without_mpp(slides, client, tmp_path: Path) -> None:
     report = tile_cohort(src, tmp_path / "a", cfg, client=client)
     by_id = {r.slide_id: r for r in report.results}
     assert by_id["withmpp"].status == "done" and by_id["nompp"].status == "failed"
-    assert "declares no microns-per-pixel" in by_id["nompp"].error and "slides.default_mpp" in by_id["nompp"].error
+    assert "has no usable microns-per-pixel" in by_id["nompp"].error and "slides.default_mpp" in by_id["nompp"].error
     report = tile_cohort(src, tmp_path / "b", _cfg("tiling.max_patches_per_slide=8", "slides.default_mpp=0.25"),
                          client=client)
     assert all(r.status == "done" for r in report.results)
@@ -265,8 +265,9 @@ def test_slide_without_mpp(slides, client, tmp_path: Path) -> None:
 def test_duplicate_ids_and_empty_directory(tmp_path: Path, client) -> None:
     (tmp_path / "x.svs").write_bytes(b"1")
     (tmp_path / "x.tiff").write_bytes(b"2")
-    with pytest.raises(WsiMilError, match="share the id 'x'"):
-        tile_cohort(tmp_path, tmp_path / "out", _cfg(), client=client)
+    report = tile_cohort(tmp_path, tmp_path / "out", _cfg(), client=client)
+    assert [r.status for r in report.results] == ["failed", "failed"]
+    assert all("share the id 'x'" in r.reason for r in report.results)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(WsiMilError, match="no slides found"):

@@ -15,6 +15,7 @@ from wsi_mil.slides import open_slide, read_thumbnail
 from wsi_mil.tissue import (
     TissueParams,
     binary_closing,
+    detect_tissue,
     pen_mask,
     save_qc_images,
     segment_tissue,
@@ -114,3 +115,54 @@ def test_qc_images(tmp_path: Path) -> None:
     grid = np.asarray(Image.open(paths["grid"]))
     assert grid.shape == (40, 60, 3) and tuple(grid[5, 10]) == (0, 160, 0)
     assert (np.asarray(Image.open(paths["mask"])) > 0).sum() == mask.sum()
+
+
+# ------------------------------------------------------------------------------ why nothing was found
+def _params(**overrides) -> TissueParams:
+    return TissueParams.from_config(TissueConfig(median_blur=1, closing_um=0, **overrides))
+
+
+def test_empty_masks_say_why() -> None:
+    glass = np.full((100, 100, 3), 243, np.uint8)
+    specks = glass.copy()
+    specks[10:14, 10:14] = specks[60:65, 70:75] = (200, 120, 190)  # 16 and 25 px of stain
+    dark = np.zeros((100, 100, 3), np.uint8)
+    dark[40:60, 40:60, 2] = 200  # DAPI-like nuclei on a black background
+    ink = glass.copy()
+    ink[20:80, 45:55] = (200, 30, 45)  # a red stroke on clean glass
+    params = _params()
+    assert "only tissue pieces below tissue.min_tissue_area_um2=10000 um^2 were found (2 piece(s), the largest " \
+           "2500 um^2)" in detect_tissue(specks, 10.0, params).empty_reason(params)
+    assert "looks like a fluorescence or dark-field image" in detect_tissue(dark, 10.0, params).empty_reason(params)
+    assert "only marker ink (6.0% of the thumbnail)" in detect_tissue(ink, 10.0, params).empty_reason(params)
+    assert "no stained tissue found" in detect_tissue(glass, 10.0, params).empty_reason(params)
+    assert detect_tissue(specks, 10.0, _params(min_tissue_area_um2=1000)).empty_reason(params) == ""
+
+
+@pytest.mark.parametrize("ink", ["red", "blue", "green", "black"])
+def test_pen_mask_finds_each_ink_colour_and_not_stain(ink: str) -> None:
+    from conftest_inputs import INKS
+
+    rgb = np.full((120, 120, 3), 243, np.uint8)
+    rgb[10:110, 10:50] = (196, 118, 178)  # eosin-pink tissue
+    rgb[30:50, 15:45] = (110, 60, 150)  # hematoxylin
+    rgb[10:110, 70:80] = INKS[ink]
+    mask = pen_mask(rgb, um_per_px=8.0)
+    assert mask[10:110, 70:80].all() and not mask[:, :60].any()
+    speck = np.full((60, 60, 3), 243, np.uint8)
+    speck[30:32, 30:32] = INKS[ink]  # 4 px = 256 um^2: blood or debris, not a stroke
+    assert pen_mask(speck, um_per_px=8.0).sum() == 0 and pen_mask(speck).sum() == 4
+
+
+def test_real_he_slides_have_no_ink() -> None:
+    real = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-slides"
+    if not real.is_dir():
+        pytest.fail(f"the real slide files are missing: expected them at {real}")
+    params = TissueParams.from_config(TissueConfig())
+    for name, mpp in (("CMU-1-Small-Region.svs", 0.499), ("TCGA-CR-7395-01A-01-TS1.svs", 0.25)):
+        reader = open_slide(real / name)
+        w, h = reader.dimensions
+        thumb = read_thumbnail(reader, mpp, 8.0)
+        um = mpp * w / thumb.shape[1]
+        assert pen_mask(thumb, um).sum() == 0, name  # red eosin, blood and dark nuclei are not ink
+        assert 0.3 < detect_tissue(thumb, um, params).mask.mean() < 0.8, name

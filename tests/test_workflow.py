@@ -208,6 +208,34 @@ def test_heatmap_and_predict_commands(finished, cohort, tmp_path, capsys):
     assert "predictions/predictions.csv" in tracker.list_artifacts(run.run_id, "predictions")
 
 
+def test_heatmap_finds_moved_slides_and_predict_uses_this_calls_slide_settings(finished, cohort, tmp_path, capsys):
+    tracker = open_tracker(finished, load_config())
+    run = next(r for r in tracker.find_runs("e2e") if r.tags["wsi_mil.model"].lower().startswith("abmil"))
+    heatmap = ["heatmap", "--run", run.run_id, "--out", str(finished), "--slides", "slide_002"]
+    moved = tmp_path / "moved"
+    cohort.slides_dir.rename(moved)  # bags record the old absolute paths
+    try:
+        assert main(heatmap) == 2
+        assert "slide 'slide_002' is not at" in capsys.readouterr().err
+        assert main([*heatmap, "--slides-dir", str(moved)]) == 0
+    finally:
+        moved.rename(cohort.slides_dir)
+    real = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-slides"
+    tcga = "TCGA-CR-7395-01A-01-TS1"  # a real slide that declares no MPP
+    if not (real / f"{tcga}.svs").is_file():
+        pytest.fail(f"the real slide files are missing: expected {real / (tcga + '.svs')}")
+    new = tmp_path / "no_mpp"
+    new.mkdir()
+    (new / f"{tcga}.svs").symlink_to(real / f"{tcga}.svs")
+    overrides = tmp_path / "mpp.csv"
+    overrides.write_text(f"slide_id,mpp\n{tcga},0.25\n")
+    code = main(["predict", "--slides-dir", str(new), "--run", run.run_id, "--out", str(finished),
+                 "--set", f"slides.mpp_override_csv={overrides}"])
+    assert code == 0, capsys.readouterr().err
+    frame = pd.read_csv(finished / "predictions" / run.run_id / "predictions.csv")
+    assert frame.loc[frame["slide_id"] == tcga, "prob_tumor"].between(0, 1).all()
+
+
 def test_run_against_real_dask_cluster_and_mlflow_server(finished, cohort, tmp_path):
     out = tmp_path / "served"
     with dask_cluster(2, log_dir=tmp_path) as scheduler, mlflow_server(tmp_path / "mlflow") as url:

@@ -144,8 +144,8 @@ def summary_markdown(outcome: CohortOutcome) -> str:
         "# wsi-mil run summary",
         "",
         f"- slides: {sum(r.status == 'done' for r in t.results)} tiled, "
-        f"{sum(r.status == 'skipped' for r in t.results)} reused, {len(t.failed)} failed, {t.n_patches} patches",
-        f"- features: {len(e.done)} embedded, {len(e.skipped)} reused, {len(e.failed)} failed",
+        f"{sum(r.status == 'reused' for r in t.results)} reused, {len(t.failed)} failed, {t.n_patches} patches",
+        f"- features: {len(e.done)} embedded, {len(e.reused)} reused, {len(e.failed)} failed",
     ]
     for r in t.failed:
         lines.append(f"  - tiling failed: {r.slide_id}: {r.error}")

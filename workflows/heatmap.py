@@ -20,14 +20,15 @@ from tqdm.auto import tqdm
 
 from wsi_mil import stores
 from wsi_mil.annotations import load_instance_labels
-from wsi_mil.config import Config, HeatmapConfig
+from wsi_mil.config import Config, HeatmapConfig, SlidesConfig
 from wsi_mil.errors import WsiMilError
-from wsi_mil.heatmaps import SlideHeatmap, render_slide_heatmap, slide_thumbnail
+from wsi_mil.heatmaps import SlideHeatmap, render_slide_heatmap
 from wsi_mil.layout import Layout
 from wsi_mil.mil.base import BagItem
 from wsi_mil.mil.checkpoints import load_fold_method, load_run_splits
 from wsi_mil.mil.metrics import instance_auc
 from wsi_mil.mil.splits import fold_ids
+from wsi_mil.slides import locate_slide, slide_thumbnail
 from wsi_mil.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,16 @@ def score_slide(method: object, bag: stores.Bag, slide_id: str, device: torch.de
 
 
 def draw_slide(slide_id: str, bag: stores.Bag, scores: np.ndarray, out_dir: Path, hcfg: HeatmapConfig, layout: Layout,
-               *, title: str, model_name: str, run_id: str) -> SlideHeatmap:
-    """Render one slide's heatmap files from its bag (coordinates, slide path, patch store) and scores."""
+               *, title: str, model_name: str, run_id: str, slides_dir: Path | None = None,
+               slides_cfg: SlidesConfig | None = None) -> SlideHeatmap:
+    """Render one slide's heatmap files from its bag (coordinates, slide path, patch store) and scores.
+
+    The slide is read where the bag recorded it, or found by id in ``slides_dir`` (slides that moved).
+    """
     attrs = bag.attrs
-    thumb, downsample = slide_thumbnail(Path(attrs["slide_path"]), max_size=hcfg.thumbnail_max_size)
+    slides_cfg = slides_cfg or SlidesConfig()
+    path = locate_slide(slide_id, attrs.get("slide_path"), slides_dir, slides_cfg, attrs.get("slide_fingerprint"))
+    thumb, downsample = slide_thumbnail(path, max_size=hcfg.thumbnail_max_size, cfg=slides_cfg)
     patches = None
     if attrs.get("patch_store") and stores.is_complete_store(Path(attrs["patch_store"])):
         patches = stores.open_patch_store(Path(attrs["patch_store"])).patches
@@ -94,10 +101,11 @@ def draw_slide(slide_id: str, bag: stores.Bag, scores: np.ndarray, out_dir: Path
 
 
 def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str] | None = None,
-                     log_artifacts: bool = True) -> RunHeatmaps:
+                     log_artifacts: bool = True, slides_dir: Path | None = None) -> RunHeatmaps:
     """Draw heatmaps for ``slide_ids`` (default: every fold's test slides) of a `wsi-mil train` run.
 
-    Each slide is scored by the fold model that held it out as test, from its saved bag.
+    Each slide is scored by the fold model that held it out as test, from its saved bag. Slides are
+    read with this call's ``cfg.slides`` settings, and found by id in ``slides_dir`` when given.
 
     Parameters
     ----------
@@ -111,6 +119,8 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
         Slides to draw (default: every fold's test slides).
     log_artifacts : bool
         Attach the files (and the localisation AUC) to the MLflow run.
+    slides_dir : Path, optional
+        Where to find slides that moved since tiling (by id; their fingerprint is checked).
 
     Returns
     -------
@@ -160,7 +170,7 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
         result.slides.append(draw_slide(
             sid, bag, scores, target, hcfg, layout,
             title=f"{sid} - {model_name} (fold {fold.fold}, seed {fold.seed}, {role})", model_name=model_name,
-            run_id=parent,
+            run_id=parent, slides_dir=slides_dir, slides_cfg=cfg.slides,
         ))
         result.scores[sid] = scores
         labels = _instance_labels(run_cfg, sid, bag.coords, float(bag.attrs["patch_size_level0"]), y_of.get(sid))
@@ -176,8 +186,9 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
 
 
 def cli_heatmap(args: argparse.Namespace, cfg: Config) -> int:
-    """`wsi-mil heatmap --run RUN_ID [--slides ID ...]`."""
-    result = heatmaps_for_run(args.run, args.out, cfg, slide_ids=args.slides or None)
+    """`wsi-mil heatmap --run RUN_ID [--slides ID ...] [--slides-dir DIR]`."""
+    result = heatmaps_for_run(args.run, args.out, cfg, slide_ids=args.slides or None,
+                              slides_dir=getattr(args, "slides_dir", None))
     for drawn in result.slides:
         print(f"{drawn.slide_id}: {drawn.png}  {drawn.geojson}")
     if np.isfinite(result.localisation_auc):

@@ -60,7 +60,8 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
     tracker = open_tracker(out, cfg)
     parent = tracker.parent_of(run_id)
     run_cfg = tracker.load_config(parent).with_overrides(
-        {"compute.scheduler": cfg.compute.scheduler, "features.device": cfg.features.device}
+        {"compute.scheduler": cfg.compute.scheduler, "features.device": cfg.features.device,
+         **{f"slides.{k}": v for k, v in cfg.slides.model_dump(mode="json").items()}}  # this call's slide settings
     )
     work = Layout(out).predictions_dir(parent)
     layout = Layout(work)
@@ -73,7 +74,7 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
     features_dir = layout.features_dir(tiling_key(run_cfg), encoder_key(run_cfg.features))
     model_name = tracker.get_run(parent).tags.get("wsi_mil.model", run_cfg.model.name)
     rows = []
-    for result in extraction.done + extraction.skipped:
+    for result in extraction.done + extraction.reused:
         bag = stores.read_bag(features_dir / f"{result.slide_id}.h5")
         item = bag_item(bag, result.slide_id)
         preds = [f.method.predict(item) for f in folds]
@@ -85,7 +86,8 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
             pred = classes[int(np.argmax(probs))]
         drawn = draw_slide(result.slide_id, bag, scores, layout.heatmaps_root, cfg.heatmap, layout,
                            title=f"{result.slide_id} - {model_name}, mean of {len(folds)} fold models",
-                           model_name=model_name, run_id=parent)
+                           model_name=model_name, run_id=parent, slides_dir=Path(slides_dir),
+                           slides_cfg=run_cfg.slides)
         rows.append({"slide_id": result.slide_id, **{f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
                      "pred": pred, "n_patches": len(bag.coords), "heatmap": str(drawn.png)})
     failed = [(r.slide_id, r.error) for r in tiling.failed] + [(r.slide_id, r.error) for r in extraction.failed]
@@ -103,8 +105,11 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
 
 
 def cli_predict(args: argparse.Namespace, cfg: Config) -> int:
-    """`wsi-mil predict --run RUN_ID SLIDES_DIR [--out OUT]`."""
-    frame = predict_slides(args.run, args.slides_dir, args.out, cfg)
+    """`wsi-mil predict --run RUN_ID SLIDES_DIR|--slides-dir SLIDES_DIR [--out OUT]`."""
+    slides_dir = args.slides_dir or getattr(args, "slides_dir_option", None)
+    if slides_dir is None:
+        raise WsiMilError("wsi-mil predict needs the folder of slides to predict: pass SLIDES_DIR or --slides-dir DIR.")
+    frame = predict_slides(args.run, slides_dir, args.out, cfg)
     print(frame.drop(columns=[c for c in ("heatmap",) if c in frame]).to_string(index=False))
     print(f"predictions and heatmaps in {Layout(args.out).predictions_dir(open_tracker(args.out, cfg).parent_of(args.run))}")
     return 1 if "error" in frame and frame["error"].notna().any() else 0

@@ -106,10 +106,12 @@ def _add_heatmap(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slides", nargs="*", help="Slide ids (default: each fold's test slides).")
     p.add_argument("--normalize", choices=["raw", "rank", "percentile"], help="Score normalisation.")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
+    p.add_argument("--slides-dir", type=Path, help="Folder the slides moved to (found there by slide id).")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("slides_dir", type=Path, help="Directory of new slides.")
+    p.add_argument("slides_dir", type=Path, nargs="?", help="Directory of new slides.")
+    p.add_argument("--slides-dir", dest="slides_dir_option", type=Path, help="Directory of new slides (same as SLIDES_DIR).")
     p.add_argument("--run", required=True, help="MLflow run id of a `wsi-mil train` parent run.")
     p.add_argument("--out", type=Path, default=Path("."), help="Output directory of that run.")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")

@@ -33,16 +33,39 @@ class SlidesConfig(Section):
     """How slides are found and how their physical resolution is known."""
 
     extensions: list[str] = Field(
-        default=[".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm"],
-        description="File extensions taken as slides when scanning a directory.",
+        default=[".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm",
+                 ".png", ".jpg", ".jpeg"],
+        description="File extensions taken as slides when scanning a directory (.png/.jpg: image regions of "
+        "interest, which usually need slides.default_mpp or an override).",
     )
     recursive: bool = Field(default=False, description="Scan sub-directories too.")
     mpp_override_csv: Path | None = Field(
         default=None, description="CSV with columns slide_id,mpp overriding the slide's own level-0 MPP."
     )
     default_mpp: float | None = Field(
-        default=None, gt=0, description="Level-0 MPP for slides that declare none (None: such slides fail)."
+        default=None, gt=0,
+        description="Level-0 MPP for slides that declare none or an implausible one (None: such slides fail).",
     )
+    mpp_range: tuple[float, float] = Field(
+        default=(0.05, 20.0),
+        description="Plausible level-0 MPP of a microscope scan (um/px, min and max). A slide's MPP outside it, or "
+        "a writer's default (72/96/300 dpi, 1 px/cm), counts as no MPP; overrides and default_mpp must lie in it.",
+    )
+    reader: Literal["auto", "openslide", "tifffile", "pillow"] = Field(
+        default="auto",
+        description="Slide reader: auto (OpenSlide where it can, tifffile for other TIFF/OME-TIFF, Pillow for "
+        "PNG/JPEG) or one reader for every slide.",
+    )
+
+    @model_validator(mode="after")
+    def _mpp_in_range(self) -> SlidesConfig:
+        low, high = self.mpp_range
+        if not 0 < low < high:
+            raise ValueError(f"slides.mpp_range {list(self.mpp_range)} must be two increasing positive numbers")
+        if self.default_mpp is not None and not low <= self.default_mpp <= high:
+            raise ValueError(f"slides.default_mpp {self.default_mpp} lies outside slides.mpp_range "
+                             f"{list(self.mpp_range)}; give microns per pixel, e.g. 0.25 (40x) or 0.5 (20x)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- tissue
@@ -87,7 +110,7 @@ class TissueConfig(Section):
     min_saturation: float | None = Field(
         default=None, ge=0, le=255, description="Floor under the Otsu threshold (0-255); None = preset."
     )
-    remove_pen: bool | None = Field(default=None, description="Remove blue/green/black pen marks; None = preset.")
+    remove_pen: bool | None = Field(default=None, description="Remove marker ink (red, blue, green, black); None = preset.")
     closing_um: float | None = Field(default=None, ge=0, description="Morphological closing radius (um); None = preset.")
     min_tissue_area_um2: float | None = Field(
         default=None, ge=0, description="Smallest tissue piece kept (um^2); None = preset."
@@ -117,7 +140,9 @@ class TilingConfig(Section):
     patch_size: int = Field(default=256, ge=16, le=4096, description="Patch side in pixels at target_mpp.")
     overlap: int = Field(default=0, ge=0, description="Overlap between neighbouring patches (pixels at target_mpp).")
     tissue_threshold: float = Field(
-        default=0.25, ge=0, le=1, description="Minimum tissue fraction of a patch for it to be kept."
+        default=0.5, ge=0, le=1,
+        description="Minimum tissue fraction of a patch for it to be kept (0.5: ~90% of the tissue covered with "
+        "under 10% of the kept area on glass, see benchmarks/tissue.py; lower it for small or sparse tissue).",
     )
     chunk_patches: int = Field(default=64, ge=1, description="Patches per Zarr chunk and per Dask task.")
     codec: Literal["zstd", "lz4", "blosc-zstd", "none"] = Field(
@@ -135,6 +160,11 @@ class TilingConfig(Section):
     export_clam_h5: bool = Field(default=False, description="Also write CLAM-style coordinate HDF5 files.")
     max_patches_per_slide: int | None = Field(
         default=None, ge=1, description="Keep at most this many patches (evenly spaced); None keeps all."
+    )
+    max_grid_patches: int = Field(
+        default=4_000_000, ge=1,
+        description="Refuse a slide whose patch grid (before tissue selection) has more positions than this: "
+        "it means a wrong MPP or settings, and would take hours and gigabytes.",
     )
     qc_images: bool = Field(default=True, description="Write thumbnail, mask and grid PNGs to OUT/qc/.")
 

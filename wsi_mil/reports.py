@@ -1,8 +1,9 @@
-"""The outcome of one slide in a stage (tiling, embedding): done, skipped or failed, with the reason.
+"""The outcome of one slide in a stage (tiling, embedding): done, reused, skipped or failed, with the reason.
 
-Every slide a stage is asked to handle ends up with one :class:`SlideResult`; ``skipped`` means its
-output was finished by an earlier run with the same settings and was kept, ``failed`` carries one
-sentence naming the file and the fix. The other slides carry on.
+Every slide a stage is asked to handle ends up with one :class:`SlideResult`; ``reused`` means its
+output was finished by an earlier run with the same settings and was kept, ``skipped`` that the entry
+is not a slide (the reason says why), ``failed`` carries one sentence naming the file and the fix.
+The other slides carry on.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Status = Literal["pending", "done", "skipped", "failed"]
+Status = Literal["pending", "done", "reused", "skipped", "failed"]
 
 
 @dataclass
@@ -22,10 +23,10 @@ class SlideResult:
     ----------
     slide_id : str
         The slide's id (file stem).
-    status : {'pending', 'done', 'skipped', 'failed'}
+    status : {'pending', 'done', 'reused', 'skipped', 'failed'}
         ``pending`` only while the stage runs.
-    error : str
-        Why it failed (one sentence naming the file and the fix); empty otherwise.
+    reason : str
+        Why it was skipped or failed (one sentence naming the file and the fix); empty otherwise.
     n_patches : int
         Patches stored (tiling) or embedded (embedding).
     output : Path or None
@@ -36,7 +37,12 @@ class SlideResult:
 
     slide_id: str
     status: Status = "pending"
-    error: str = ""
+    reason: str = ""
     n_patches: int = 0
     output: Path | None = None
     seconds: float = 0.0
+
+    @property
+    def error(self) -> str:
+        """The failure message ("" unless failed)."""
+        return self.reason if self.status == "failed" else ""

@@ -23,28 +23,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import openslide
 import zarr
 from distributed import as_completed
 from tqdm.auto import tqdm
 
 from wsi_mil import __version__
 from wsi_mil.compute import dask_client, total_threads
-from wsi_mil.config import Config, TilingConfig, TissueConfig
+from wsi_mil.config import Config, SlidesConfig, TilingConfig, TissueConfig
 from wsi_mil.errors import SlideError, WsiMilError
 from wsi_mil.layout import Layout, tiling_key
 from wsi_mil.reports import SlideResult
 from wsi_mil.slides import (
+    FolderEntry,
     ReadPlan,
     SlideInfo,
     choose_level,
-    find_slides,
     forget_slide,
     inspect_slide,
+    mpp_overrides,
+    no_slides_message,
     open_slide,
     read_patch,
     read_thumbnail,
-    slide_id,
+    scan_folder,
 )
 from wsi_mil.stores import (
     clean_partials,
@@ -58,7 +59,7 @@ from wsi_mil.stores import (
     write_clam_coords,
     write_text_atomic,
 )
-from wsi_mil.tissue import TissueParams, save_qc_images, segment_tissue, thumbnail_mpp
+from wsi_mil.tissue import TissueParams, detect_tissue, save_qc_images, thumbnail_mpp
 
 if TYPE_CHECKING:
     import distributed
@@ -66,19 +67,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = [
-    "slide_id", "path", "vendor", "width", "height", "levels", "mpp", "mpp_source",
-    "level", "downsample", "read_size", "status", "error", "n_patches", "store",
+    "slide_id", "path", "status", "reason", "reader", "vendor", "width", "height", "levels", "mpp", "mpp_source",
+    "mpp_note", "level", "downsample", "read_size", "n_patches", "store",
 ]
+STATUSES = ("done", "reused", "skipped", "failed")
+MAX_SLIDE_SIDE_MM = 130.0  # longer than any glass slide (5 x 4 inch whole-mount slides included)
 
 
 # ------------------------------------------------------------------------------------------- results
 @dataclass
 class TiledSlide(SlideResult):
-    """A slide's tiling outcome (``output``: its patch store) and its inventory entry: a row of slides.csv."""
+    """A folder entry's tiling outcome (``output``: its patch store) and its inventory data: a row of slides.csv.
+
+    ``status``: ``done`` (tiled now), ``reused`` (a complete store with the same settings exists),
+    ``skipped`` (not a slide: ``reason`` says why) or ``failed`` (``reason`` is the error).
+    """
 
     path: str = ""
+    kind: str = ""  # group of a skipped/failed entry for the summary (e.g. "unknown extension")
     info: SlideInfo | None = None
     plan: ReadPlan | None = None
+
+    @property
+    def error(self) -> str:
+        """The failure message ("" unless failed)."""
+        return self.reason if self.status == "failed" else ""
 
     def row(self) -> dict[str, Any]:
         """The slide's row of ``slides.csv``."""
@@ -86,17 +99,19 @@ class TiledSlide(SlideResult):
         return {
             "slide_id": self.slide_id,
             "path": self.path,
+            "status": self.status,
+            "reason": self.reason,
+            "reader": info.reader if info else "",
             "vendor": info.vendor if info else "",
             "width": info.width if info else "",
             "height": info.height if info else "",
             "levels": info.levels if info else "",
-            "mpp": f"{info.mpp:.6g}" if info else "",
+            "mpp": f"{info.mpp:.6g}" if info and info.mpp is not None else "",
             "mpp_source": info.mpp_source if info else "",
+            "mpp_note": info.mpp_note if info else "",
             "level": plan.level if plan else "",
             "downsample": f"{plan.downsample:.6g}" if plan else "",
             "read_size": plan.read_size if plan else "",
-            "status": self.status,
-            "error": self.error,
             "n_patches": self.n_patches,
             "store": str(self.output) if self.output else "",
         }
@@ -104,31 +119,42 @@ class TiledSlide(SlideResult):
 
 @dataclass
 class TilingReport:
-    """Per-slide results of :func:`tile_cohort` (also written to ``OUT/slides.csv``)."""
+    """Per-entry results of :func:`tile_cohort` (also written to ``OUT/slides.csv``)."""
 
     tiling_key: str
     tiles_dir: Path
     results: list[TiledSlide] = field(default_factory=list)
 
+    def with_status(self, status: str) -> list[TiledSlide]:
+        """The entries with one status."""
+        return [r for r in self.results if r.status == status]
+
     @property
     def failed(self) -> list[TiledSlide]:
-        return [r for r in self.results if r.status == "failed"]
+        return self.with_status("failed")
 
     @property
     def ok(self) -> list[TiledSlide]:
-        return [r for r in self.results if r.status in ("done", "skipped")]
+        """Slides with a complete store (tiled now or reused)."""
+        return [r for r in self.results if r.status in ("done", "reused")]
 
     @property
     def n_patches(self) -> int:
         return sum(r.n_patches for r in self.ok)
 
     def summary(self) -> str:
-        counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
+        """Counts per status (skipped ones by kind) and one line per failure."""
+        counts = {s: len(self.with_status(s)) for s in STATUSES}
+        kinds: dict[str, int] = {}
+        for r in self.with_status("skipped"):
+            kinds[r.kind or "other"] = kinds.get(r.kind or "other", 0) + 1
+        why = f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})" if kinds else ""
         lines = [
-            f"{len(self.results)} slide(s) -> {self.tiles_dir}: {counts['done']} tiled, {counts['skipped']} "
-            f"already done, {counts['failed']} failed; {self.n_patches} patches."
+            f"{len(self.results)} entr{'y' if len(self.results) == 1 else 'ies'} -> {self.tiles_dir}: "
+            f"{counts['done']} tiled, {counts['reused']} already done, {counts['skipped']} skipped{why}, "
+            f"{counts['failed']} failed; {self.n_patches} patches."
         ]
-        lines += [f"  FAILED {r.slide_id}: {r.error}" for r in self.failed]
+        lines += [f"  FAILED {r.slide_id}: {r.reason}" for r in self.failed]
         return "\n".join(lines)
 
     def to_csv(self) -> str:
@@ -159,17 +185,20 @@ def store_attrs(info: SlideInfo, plan: ReadPlan, cfg: Config, key: str) -> dict[
     t = cfg.tiling
     settings = patch_settings(cfg)
     signature_src = {"settings": settings, "fingerprint": info.fingerprint, "mpp_level0": info.mpp,
-                     "level": plan.level, "read_size": plan.read_size, "resample_filter": plan.resample_filter}
+                     "level": plan.level, "read_size": plan.read_size, "resample_filter": plan.resample_filter,
+                     "reader": info.reader}
     signature = hashlib.sha256(json.dumps(signature_src, sort_keys=True).encode()).hexdigest()[:16]
     return {
         "slide_id": info.slide_id,
         "slide_path": info.path,
         "slide_fingerprint": info.fingerprint,
+        "reader": info.reader,
         "vendor": info.vendor,
         "width": info.width,
         "height": info.height,
         "mpp_level0": info.mpp,
         "mpp_source": info.mpp_source,
+        "mpp_note": info.mpp_note,
         "target_mpp": t.target_mpp,
         "patch_size": t.patch_size,
         "patch_size_level0": plan.patch_size_level0,
@@ -204,6 +233,50 @@ def _stored_signature(path: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ the grid
+def grid_shape(width: int, height: int, mpp0: float, tiling: TilingConfig) -> tuple[int, int]:
+    """Patch columns and rows of the full grid over a ``width`` x ``height`` level-0 slide (before tissue)."""
+    size0 = tiling.patch_size * tiling.target_mpp / mpp0
+    step0 = (tiling.patch_size - tiling.overlap) * tiling.target_mpp / mpp0
+    nx = int(np.floor((width - size0) / step0)) + 1 if width >= size0 else 0
+    ny = int(np.floor((height - size0) / step0)) + 1 if height >= size0 else 0
+    return nx, ny
+
+
+def check_plan(info: SlideInfo, tiling: TilingConfig) -> None:
+    """Refuse, before any pixel is read, a slide that cannot give a sensible patch grid.
+
+    Raises
+    ------
+    SlideError
+        The MPP error when the slide has no usable MPP; else one sentence with the numbers when it
+        is smaller than one patch, larger than any glass slide at its MPP (``MAX_SLIDE_SIDE_MM``), or
+        its grid has more than ``tiling.max_grid_patches`` positions.
+    """
+    if info.mpp is None:
+        raise SlideError(info.mpp_error)
+    size_um = tiling.patch_size * tiling.target_mpp
+    w_um, h_um = info.width * info.mpp, info.height * info.mpp
+    at = f"{info.width} x {info.height} px at {info.mpp:.4g} um/px ({info.mpp_source})"
+    if w_um < size_um or h_um < size_um:
+        raise SlideError(
+            f"slide {info.slide_id} ({at} = {w_um:.0f} x {h_um:.0f} um) is smaller than one {tiling.patch_size} px "
+            f"patch at {tiling.target_mpp:g} um/px ({size_um:g} um): nothing to tile; for small images use a smaller "
+            "tiling.patch_size or tiling.target_mpp."
+        )
+    if max(w_um, h_um) > MAX_SLIDE_SIDE_MM * 1000:
+        raise SlideError(
+            f"slide {info.slide_id} ({at}) would measure {w_um / 1000:.0f} x {h_um / 1000:.0f} mm, larger than any "
+            f"glass slide ({MAX_SLIDE_SIDE_MM:g} mm): its MPP is wrong; give the right one in slides.mpp_override_csv."
+        )
+    nx, ny = grid_shape(info.width, info.height, info.mpp, tiling)
+    if nx * ny > tiling.max_grid_patches:
+        raise SlideError(
+            f"slide {info.slide_id} ({at}) would need a grid of {nx} x {ny} = {nx * ny:,} patches of "
+            f"{tiling.patch_size} px at {tiling.target_mpp:g} um/px, more than tiling.max_grid_patches="
+            f"{tiling.max_grid_patches:,}; check its MPP (slides.mpp_override_csv) or raise the cap."
+        )
+
+
 def patch_grid(mask: np.ndarray, width: int, height: int, mpp0: float, tiling: TilingConfig) -> tuple[np.ndarray, np.ndarray]:
     """Level-0 top-left coordinates (int64 [N, 2], row-major) of patches whose tissue fraction passes.
 
@@ -211,8 +284,7 @@ def patch_grid(mask: np.ndarray, width: int, height: int, mpp0: float, tiling: T
     """
     size0 = tiling.patch_size * tiling.target_mpp / mpp0
     step0 = (tiling.patch_size - tiling.overlap) * tiling.target_mpp / mpp0
-    nx = int(np.floor((width - size0) / step0)) + 1 if width >= size0 else 0
-    ny = int(np.floor((height - size0) / step0)) + 1 if height >= size0 else 0
+    nx, ny = grid_shape(width, height, mpp0, tiling)
     if nx <= 0 or ny <= 0:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
     xs = np.round(np.arange(nx) * step0).astype(np.int64)
@@ -254,44 +326,45 @@ def _slide_failure(path: str, exc: BaseException, what: str) -> SlideError:
         return exc
     forget_slide(path)  # an OpenSlide handle stays unusable after a read error
     text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, openslide.OpenSlideError | OSError):
+    if isinstance(exc, OSError) or type(exc).__module__.startswith("openslide"):
         return SlideError(f"slide {path}: {what} failed ({text}); the file may be corrupt or truncated.")
     return SlideError(f"slide {path}: {what} failed ({type(exc).__name__}: {text}).")
 
 
 def find_tissue_task(
-    path: str, mpp0: float, tissue: TissueConfig, tiling: TilingConfig, with_thumbnail: bool
+    path: str, mpp0: float, tissue: TissueConfig, tiling: TilingConfig, with_thumbnail: bool,
+    slides: SlidesConfig | None = None,
 ) -> dict[str, Any]:
-    """Worker task: thumbnail, tissue mask and patch grid of one slide."""
+    """Worker task: thumbnail, tissue mask and patch grid of one slide (and why they are empty, if so)."""
     try:
-        slide = open_slide(path)
+        reader = open_slide(path, slides)
         params = TissueParams.from_config(tissue)
-        width, height = slide.dimensions
-        thumb = read_thumbnail(slide, mpp0, thumbnail_mpp(width, height, mpp0, params))
+        width, height = reader.dimensions
+        thumb = read_thumbnail(reader, mpp0, thumbnail_mpp(width, height, mpp0, params))
         um_per_px = mpp0 * width / thumb.shape[1]
-        mask = segment_tissue(thumb, um_per_px, params)
-        coords, _ = patch_grid(mask, width, height, mpp0, tiling)
+        found = detect_tissue(thumb, um_per_px, params)
+        coords, _ = patch_grid(found.mask, width, height, mpp0, tiling)
     except Exception as exc:
         raise _slide_failure(path, exc, "tissue detection") from None
-    return {"coords": coords, "mask": mask, "thumbnail": thumb if with_thumbnail else None,
-            "tissue_fraction": float(mask.mean())}
+    return {"coords": coords, "mask": found.mask, "thumbnail": thumb if with_thumbnail else None,
+            "tissue_area_um2": found.area_um2, "empty_reason": found.empty_reason(params)}
 
 
-def read_patches(path: str, coords: np.ndarray, plan: ReadPlan) -> np.ndarray:
-    """Patches [n, P, P, 3] uint8 at ``coords`` of the slide at ``path`` (cached handle)."""
-    slide = open_slide(path)
+def read_patches(path: str, coords: np.ndarray, plan: ReadPlan, slides: SlidesConfig | None = None) -> np.ndarray:
+    """Patches [n, P, P, 3] uint8 at level-0 ``coords`` [n, 2] of the slide at ``path`` (cached reader)."""
+    reader = open_slide(path, slides)
     out = np.empty((len(coords), plan.patch_size, plan.patch_size, 3), dtype=np.uint8)
     for i, (x, y) in enumerate(coords):
-        read_patch(slide, int(x), int(y), plan, out=out[i])
+        read_patch(reader, int(x), int(y), plan, out=out[i])
     return out
 
 
 def extract_chunk_task(
-    path: str, coords: np.ndarray, plan: ReadPlan, store: str | None, start: int
+    path: str, coords: np.ndarray, plan: ReadPlan, store: str | None, start: int, slides: SlidesConfig | None = None,
 ) -> np.ndarray | int:
     """Worker task: read one chunk of patches; write it into ``store`` (returns the count) or return it."""
     try:
-        patches = read_patches(path, coords, plan)
+        patches = read_patches(path, coords, plan, slides)
     except Exception as exc:
         raise _slide_failure(path, exc, f"reading patches {start}-{start + len(coords) - 1}") from None
     if store is None:
@@ -340,10 +413,10 @@ class _CohortRun:
 
     def fail(self, job: _Job | None, result: TiledSlide, exc: BaseException) -> None:
         result.status = "failed"
-        result.error = str(exc) if isinstance(exc, WsiMilError) else f"{type(exc).__name__}: {exc}"
+        result.reason = str(exc) if isinstance(exc, WsiMilError) else f"{type(exc).__name__}: {exc}"
         result.output = None
         result.n_patches = 0
-        log.warning("slide %s failed: %s", result.slide_id, result.error)
+        log.warning("slide %s failed: %s", result.slide_id, result.reason)
         if job is not None:
             for fut in job.futures:
                 fut.cancel()
@@ -351,7 +424,7 @@ class _CohortRun:
                 remove_path(job.partial)
         if self.strict:
             self.write_csv()
-            raise SlideError(f"{result.error} (stopped by --strict)")
+            raise SlideError(f"{result.reason} (stopped by --strict)")
 
     def clam_coords_path(self, slide_id: str) -> Path:
         return self.layout.clam_coords(self.key, slide_id)
@@ -367,24 +440,32 @@ class _CohortRun:
         )
 
     # -- stages
-    def inventory(self, paths: Iterable[Path]) -> list[_Job]:
+    def inventory(self, entries: Iterable[FolderEntry]) -> list[_Job]:
+        """A row for every folder entry; open and check each slide; jobs for those not tiled yet."""
         jobs: list[_Job] = []
-        for index, path in enumerate(paths):
-            result = TiledSlide(slide_id=slide_id(path), path=str(Path(path).resolve()))
+        for index, entry in enumerate(entries):
+            result = TiledSlide(slide_id=entry.slide_id, path=str(entry.path.resolve()), kind=entry.kind)
             self.report.results.append(result)
+            if entry.status == "skipped":
+                result.status, result.reason = "skipped", entry.reason
+                continue
+            if entry.status == "failed":
+                self.fail(None, result, SlideError(entry.reason))
+                continue
             try:
-                info = inspect_slide(path, self.cfg.slides)
-                result.slide_id = info.slide_id
+                info = inspect_slide(entry.path, self.cfg.slides)
                 result.info = info
+                check_plan(info, self.cfg.tiling)
                 result.plan = choose_level(info.downsamples, info.mpp, self.cfg.tiling.target_mpp,
                                            self.cfg.tiling.patch_size)
             except Exception as exc:
-                self.fail(None, result, exc if isinstance(exc, SlideError) else _slide_failure(str(path), exc, "opening"))
+                self.fail(None, result, exc if isinstance(exc, SlideError) else
+                          _slide_failure(str(entry.path), exc, "opening"))
                 continue
             final = self.layout.patch_store(self.key, info.slide_id)
             attrs = store_attrs(info, result.plan, self.cfg, self.key)
             if _stored_signature(final) == attrs["signature"]:
-                result.status = "skipped"
+                result.status = "reused"
                 result.output = final.resolve()
                 result.n_patches = int(zarr.open_group(str(final), mode="r").attrs.get("n_patches", 0))
                 if self.cfg.tiling.export_clam_h5 and not self.clam_coords_path(info.slide_id).is_file():
@@ -407,10 +488,12 @@ class _CohortRun:
             boxes = grid_boxes(coords, plan.patch_size_level0, info.width, info.height, found["mask"].shape)
             save_qc_images(self.layout.qc_images(info.slide_id), found["thumbnail"], found["mask"], boxes)
         if len(coords) == 0:
-            raise SlideError(
-                f"slide {info.path}: no tissue found (tissue fraction {found['tissue_fraction']:.3f} of the "
-                "thumbnail); check qc/ images, try tissue.preset=faint or a lower tiling.tissue_threshold."
+            why = found["empty_reason"] or (
+                f"tissue covers {found['tissue_area_um2'] / 1e6:.3g} mm^2 but no {t.patch_size} px patch at "
+                f"{t.target_mpp:g} um/px reaches tiling.tissue_threshold={t.tissue_threshold:g}; lower that key "
+                "for small or sparse tissue"
             )
+            raise SlideError(f"slide {info.path}: no patch to tile: {why} (see qc/{info.slide_id}_mask.png).")
         job.coords = coords
         job.attrs["n_patches"] = len(coords)
         job.attrs["thumbnail_shape"] = list(found["mask"].shape)
@@ -425,7 +508,7 @@ class _CohortRun:
         futures = []
         for start in range(0, len(coords), step):
             fut = self.client.submit(extract_chunk_task, info.path, coords[start : start + step], plan, store, start,
-                                     pure=False, priority=1_000_000 - job.index)
+                                     self.cfg.slides, pure=False, priority=1_000_000 - job.index)
             futures.append(fut)
         job.futures = futures
         job.remaining = len(futures)
@@ -478,7 +561,7 @@ class _CohortRun:
             assert job.result.info is not None
             fut = self.client.submit(find_tissue_task, job.result.info.path, job.result.info.mpp,
                                      self.cfg.tissue, self.cfg.tiling, self.cfg.tiling.qc_images,
-                                     pure=False, priority=-job.index)
+                                     self.cfg.slides, pure=False, priority=-job.index)
             self.kinds[fut.key] = ("tissue", job, 0)
             self.completed.add(fut)
 
@@ -555,25 +638,23 @@ def tile_cohort(
     Returns
     -------
     TilingReport
-        One :class:`TiledSlide` per slide file (done, skipped or failed with the reason), also
+        One :class:`TiledSlide` per folder entry (done, reused, skipped or failed with the reason), also
         written to ``OUT/slides.csv``; patch coordinates are level-0 px.
 
     Raises
     ------
     WsiMilError
-        When ``slides_dir`` holds no slide.
+        When ``slides_dir`` holds no slide (naming ``slides.recursive`` when sub-folders hold some).
     SlideError
         With ``strict``, at the first slide that fails.
     """
-    paths = find_slides(Path(slides_dir), cfg.slides)
-    if not paths:
-        raise WsiMilError(
-            f"no slides found in {slides_dir} (extensions {', '.join(cfg.slides.extensions)}); "
-            "check the directory or slides.extensions."
-        )
+    mpp_overrides(cfg.slides)  # a bad override file is the user's error for the whole run, before any slide
+    inventory = scan_folder(Path(slides_dir), cfg.slides)
     run = _CohortRun(cfg, Path(out), client, strict)  # type: ignore[arg-type]
-    jobs = run.inventory(paths)
+    jobs = run.inventory(inventory.entries)
     run.write_csv()
+    if all(e.status == "skipped" for e in inventory.entries):
+        raise WsiMilError(no_slides_message(inventory, cfg.slides))
     if jobs:
         if client is not None:
             run.run(jobs)

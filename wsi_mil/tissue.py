@@ -2,9 +2,11 @@
 
 The mask comes from the HSV saturation of the thumbnail (stained tissue is coloured, glass is grey or
 white): median blur, a per-slide Otsu threshold (scaled, floored by a minimum saturation), weak-pixel
-hysteresis so faint tissue attached to clear tissue is kept, pen-mark removal by hue/value rules,
-morphological closing, hole filling and small-piece removal by physical area. Every size is given in
-microns and converted with the thumbnail's resolution, so results do not depend on the scanner.
+hysteresis so faint tissue attached to clear tissue is kept, removal of marker ink of any usual colour
+(red, blue, green, black) by hue/saturation/value rules, morphological closing, hole filling and
+small-piece removal by physical area. Every size is given in microns and converted with the
+thumbnail's resolution, so results do not depend on the scanner. An empty result comes with its
+reason (dark fluorescence scan, only pieces below the minimum area, only ink, no stain at all).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from skimage.filters.rank import median
 from wsi_mil.config import TissueConfig
 
 log = logging.getLogger(__name__)
+
+PEN_MIN_AREA_UM2 = 2_500.0  # smaller ink-coloured pieces are not marker strokes (blood, debris)
+PEN_GROUP_UM = 16.0  # ink fragments closer than this count as one stroke
+DARK_BACKGROUND = 80  # median thumbnail brightness (0-255) below which a scan is dark-field / fluorescence
+THUMBNAIL_MAX_PIXELS = 40_000_000  # segmentation thumbnails never exceed this (memory bound)
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,14 @@ class TissueParams:
 
 
 def thumbnail_mpp(width: int, height: int, mpp0: float, params: TissueParams) -> float:
-    """Resolution of the segmentation thumbnail: ``thumbnail_mpp``, finer for small slides, never finer than level 0."""
+    """Resolution of the segmentation thumbnail (um/px).
+
+    ``thumbnail_mpp``, finer for small slides (so the longer side has ``thumbnail_min_size`` px), never
+    finer than level 0, and coarser where needed to stay under ``THUMBNAIL_MAX_PIXELS``.
+    """
     fine_enough = max(width, height) * mpp0 / params.thumbnail_min_size
-    return max(mpp0, min(params.thumbnail_mpp, fine_enough))
+    bounded = mpp0 * float(np.sqrt(float(width) * float(height) / THUMBNAIL_MAX_PIXELS))
+    return max(mpp0, min(params.thumbnail_mpp, fine_enough), bounded)
 
 
 def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,18 +85,41 @@ def hue_degrees(rgb: np.ndarray) -> np.ndarray:
     return np.where(delta > 0, hue * 60.0, 0.0).astype(np.float32)
 
 
-def pen_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pixels of blue, green or black marker ink (hues and darkness H&E stain never has)."""
+def pen_mask(rgb: np.ndarray, um_per_px: float | None = None, min_area_um2: float = PEN_MIN_AREA_UM2) -> np.ndarray:
+    """Pixels of marker ink of any usual colour: red, blue, green or black.
+
+    Each ink has a colour H&E never has: bright saturated blue (hematoxylin is purple, or blue only
+    where dark), green, pure red far more saturated than eosin (whose hue sits at 300-340 degrees,
+    pink), and dark pixels without stain colour (black). When ``um_per_px`` is given, groups of ink
+    pixels smaller than ``min_area_um2`` are dropped: a marker stroke is large, while red blood cells
+    or a dark nucleus cluster are not. Returns a boolean mask [h, w] of an RGB uint8 image [h, w, 3].
+    """
     sat, val = saturation_value(rgb)
-    black = val < 45
+    black = (val < 50) | ((val < 110) & (sat < 60))
     candidates = (sat > 40) & ~black
     hue = hue_degrees(rgb[candidates])
-    s = sat[candidates]
-    blue = (hue >= 180) & (hue <= 238) & (s > 80)  # blue with green >= red: hematoxylin has red >= green
+    s, v = sat[candidates], val[candidates]
+    blue = (hue >= 180) & (hue <= 238) & (s > 80) & (v >= 100)  # dark blue-grey is dense hematoxylin
     green = (hue >= 75) & (hue < 180)
+    red = ((hue >= 345) | (hue <= 20)) & (s >= 150)
     ink = black.copy()
-    ink[candidates] = blue | green
+    ink[candidates] = blue | green | red
+    if um_per_px is not None and ink.any():
+        ink = _drop_small_groups(ink, min_area_um2 / (um_per_px * um_per_px), PEN_GROUP_UM / um_per_px)
     return ink
+
+
+def _drop_small_groups(mask: np.ndarray, min_px: float, gap_px: float) -> np.ndarray:
+    """``mask`` without the groups of pieces (pieces closer than ``gap_px`` form a group) under ``min_px`` pixels.
+
+    A stroke crossing tissue breaks into fragments; grouping keeps them together while isolated
+    specks of the same colour go.
+    """
+    groups, n = ndimage.label(ndimage.binary_dilation(mask, iterations=max(1, int(round(gap_px)))))
+    area = np.bincount(groups[mask], minlength=n + 1)
+    keep = area >= min_px
+    keep[0] = False
+    return mask & keep[groups]
 
 
 def binary_closing(mask: np.ndarray, radius: float) -> np.ndarray:
@@ -125,13 +160,61 @@ def _fill_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
     return mask | fill[labels]
 
 
-def segment_tissue(rgb: np.ndarray, um_per_px: float, params: TissueParams) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail whose pixels are ``um_per_px`` microns wide."""
-    sat, _ = saturation_value(rgb)
+@dataclass
+class TissueResult:
+    """A tissue mask and what segmentation saw, to explain an empty result.
+
+    ``mask`` is boolean [h, w] on the thumbnail; areas are in um^2.
+    """
+
+    mask: np.ndarray
+    um_per_px: float
+    threshold: float
+    brightness: float  # median thumbnail value (0-255)
+    ink_fraction: float  # share of the thumbnail that is marker ink
+    pieces_removed: int  # tissue pieces below min_tissue_area_um2
+    largest_removed_um2: float
+    max_saturation: float
+
+    @property
+    def area_um2(self) -> float:
+        return float(self.mask.sum()) * self.um_per_px * self.um_per_px
+
+    def empty_reason(self, params: TissueParams) -> str:
+        """Why the mask is empty, in one clause ("" when it is not)."""
+        if self.mask.any():
+            return ""
+        if self.brightness < DARK_BACKGROUND:
+            return (f"the scan is dark (median brightness {self.brightness:.0f}/255): it looks like a fluorescence or "
+                    "dark-field image, and tissue detection is made for brightfield stains (H&E, IHC), so no "
+                    "tissue was found")
+        if self.pieces_removed:
+            return (f"only tissue pieces below tissue.min_tissue_area_um2={params.min_tissue_area_um2:g} um^2 were "
+                    f"found ({self.pieces_removed} piece(s), the largest {self.largest_removed_um2:.0f} um^2); lower "
+                    "that key if they are real tissue")
+        if self.ink_fraction > 0.001:
+            return f"only marker ink ({100 * self.ink_fraction:.1f}% of the thumbnail) and no stained tissue was found"
+        return (f"no stained tissue found (highest saturation {self.max_saturation:.0f}/255 against a threshold of "
+                f"{self.threshold:.0f}); check the qc/ images, or try tissue.preset=faint for pale stains")
+
+
+def detect_tissue(rgb: np.ndarray, um_per_px: float, params: TissueParams) -> TissueResult:
+    """Tissue of an RGB uint8 thumbnail [h, w, 3] whose pixels are ``um_per_px`` microns wide.
+
+    HSV saturation, median blur, per-slide Otsu threshold (scaled, floored) with weak-pixel hysteresis,
+    marker ink removed (:func:`pen_mask`), closing, hole filling and small-piece removal in microns.
+    A dark scan (fluorescence) gives an empty mask with the reason in :meth:`TissueResult.empty_reason`.
+    """
+    sat, val = saturation_value(rgb)
+    brightness = float(np.median(val)) if val.size else 255.0
     k = max(1, int(params.median_blur) | 1)
     if k > 1:
         sat = median(sat, footprint=np.ones((k, k), dtype=bool))
-    pens = pen_mask(rgb) if params.remove_pen else np.zeros(sat.shape, dtype=bool)
+    empty = np.zeros(sat.shape, dtype=bool)
+    if brightness < DARK_BACKGROUND:
+        return TissueResult(empty, um_per_px, 255.0, brightness, 0.0, 0, 0.0, float(sat.max(initial=0)))
+    pens = pen_mask(rgb, um_per_px) if params.remove_pen else empty
+    ink_fraction = float(pens.mean()) if pens.size else 0.0
     if params.remove_pen and pens.any():
         pens = ndimage.binary_dilation(pens, iterations=2)
     if params.saturation_threshold is not None:
@@ -149,9 +232,17 @@ def segment_tissue(rgb: np.ndarray, um_per_px: float, params: TissueParams) -> n
     mask = binary_closing(mask, params.closing_um / um_per_px)
     px_area = um_per_px * um_per_px
     mask = _fill_holes(mask, int(params.max_hole_area_um2 / px_area))
-    mask = _remove_small(mask, int(np.ceil(params.min_tissue_area_um2 / px_area)))
-    log.debug("tissue: threshold %.1f (low %.1f), %.1f%% tissue", high, low, 100.0 * mask.mean())
-    return mask
+    kept = _remove_small(mask, int(np.ceil(params.min_tissue_area_um2 / px_area)))
+    removed, n_removed = ndimage.label(mask & ~kept)
+    largest = float(np.bincount(removed.ravel())[1:].max(initial=0)) * px_area if n_removed else 0.0
+    log.debug("tissue: threshold %.1f (low %.1f), %.1f%% tissue", high, low, 100.0 * kept.mean())
+    return TissueResult(kept, um_per_px, high, brightness, ink_fraction, int(n_removed), largest,
+                        float(sat.max(initial=0)))
+
+
+def segment_tissue(rgb: np.ndarray, um_per_px: float, params: TissueParams) -> np.ndarray:
+    """Boolean tissue mask [h, w] of an RGB thumbnail whose pixels are ``um_per_px`` microns wide."""
+    return detect_tissue(rgb, um_per_px, params).mask
 
 
 # ---------------------------------------------------------------------------------------- QC images

@@ -15,7 +15,7 @@ Pipeline on one device (:func:`extract_cohort` without a scheduler)
 
 Resume
     A bag whose attributes match (same encoder key, same patch store signature, same precision, same
-    patch count) is skipped; leftovers of interrupted writes are deleted; anything else is redone.
+    patch count) is reused; leftovers of interrupted writes are deleted; anything else is redone.
 
 Scale-out (``--scheduler tcp://HOST:PORT`` / ``compute.scheduler``)
     One Dask task per slide through :func:`wsi_mil.compute.dask_client`. When the cluster's workers

@@ -44,9 +44,9 @@ class ExtractReport:
         return self._with("done")
 
     @property
-    def skipped(self) -> list[SlideResult]:
+    def reused(self) -> list[SlideResult]:
         """Slides whose bags were finished before and kept."""
-        return self._with("skipped")
+        return self._with("reused")
 
     @property
     def failed(self) -> list[SlideResult]:
@@ -69,7 +69,7 @@ class ExtractReport:
         """A short human-readable summary, one extra line per failed slide."""
         rate = self.patches_embedded / self.seconds if self.seconds > 0 else 0.0
         lines = [f"extract {self.tiling}/{self.encoder_key} on {self.device}: {len(self.done)} done, "
-                 f"{len(self.skipped)} skipped, {len(self.failed)} failed; {self.patches_embedded} patches "
+                 f"{len(self.reused)} reused, {len(self.failed)} failed; {self.patches_embedded} patches "
                  f"in {self.seconds:.1f} s ({rate:.1f} patches/s); bags in {self.features_dir}"]
         lines += [f"  failed {r.slide_id}: {r.error}" for r in self.failed]
         return "\n".join(lines)
@@ -80,7 +80,7 @@ def extract_cohort(out: Path, cfg: Config, *, tiling: str | None = None, strict:
                    slide_ids: list[str] | None = None, progress: bool = True) -> ExtractReport:
     """Embed every patch store of ``OUT/tiles/<tiling>/`` (or only ``slide_ids``) into HDF5 bags.
 
-    Finished, matching bags are skipped; slides that fail (missing/incomplete store, unreadable chunk,
+    Finished, matching bags are reused; slides that fail (missing/incomplete store, unreadable chunk,
     NaN/inf features, out of memory at batch 1) are recorded with their error while the others carry
     on. With ``cfg.compute.scheduler`` set, slides are spread over that Dask cluster (see
     :mod:`wsi_mil.extract`).

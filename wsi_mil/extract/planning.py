@@ -1,7 +1,7 @@
 """What to embed: finished bags are kept (resume), leftovers removed, everything else becomes a job.
 
 A bag whose attributes match (same encoder key, same patch store signature, same precision, same
-patch count) is skipped; a bag whose patch store was deleted after embedding is kept; anything else is
+patch count) is reused; a bag whose patch store was deleted after embedding is kept; anything else is
 redone. The bag's attributes copy the patch store's (tiling settings, exact MPPs, slide fingerprint)
 and add ours and CLAM's (``patch_size``, ``patch_level``).
 """
@@ -142,7 +142,7 @@ def plan_slides(layout: Layout, tiling: str, cfg: Config, slide_ids: list[str]) 
         store_path = layout.patch_store(tiling, slide_id)
         if not store_path.exists() and finished_bag(bag, key, tiling):
             # patch stores are often deleted to save space once embedded: the bag is still valid
-            results.append(SlideResult(slide_id, "skipped", output=bag))
+            results.append(SlideResult(slide_id, "reused", output=bag))
             continue
         try:
             store = open_patch_store(store_path)
@@ -157,7 +157,7 @@ def plan_slides(layout: Layout, tiling: str, cfg: Config, slide_ids: list[str]) 
         if bag_is_current(bag, attrs):
             if cfg.features.export_pt and not pt_path(bag).is_file():
                 write_pt(bag, read_bag(bag).features)
-            results.append(SlideResult(slide_id, "skipped", n_patches=len(store), output=bag))
+            results.append(SlideResult(slide_id, "reused", n_patches=len(store), output=bag))
             continue
         jobs.append(Job(slide_id, store.path, bag, len(store), int(store.patches.chunks[0]), attrs))
     return jobs, results

@@ -24,7 +24,7 @@ from wsi_mil.heatmaps.montage import top_k_indices, top_k_montage
 from wsi_mil.heatmaps.normalise import NORMALIZE_METHODS, normalize_scores
 from wsi_mil.heatmaps.rasterise import patch_pixel_bounds, score_grid
 from wsi_mil.heatmaps.render import overlay_rgb, render_overlay
-from wsi_mil.heatmaps.slide import SlideHeatmap, render_slide_heatmap, slide_thumbnail
+from wsi_mil.heatmaps.slide import SlideHeatmap, render_slide_heatmap
 from wsi_mil.heatmaps.tiff import pyramid_levels, write_pyramidal_tiff
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "render_slide_heatmap",
     "score_grid",
     "scores_geojson",
-    "slide_thumbnail",
     "top_k_indices",
     "top_k_montage",
     "write_geojson",

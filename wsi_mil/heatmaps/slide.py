@@ -11,61 +11,16 @@ from typing import Any
 import numpy as np
 
 from wsi_mil.config import HeatmapConfig
-from wsi_mil.errors import SlideError, WsiMilError
+from wsi_mil.errors import WsiMilError
 from wsi_mil.heatmaps.geojson import scores_geojson, write_geojson
 from wsi_mil.heatmaps.montage import top_k_montage
 from wsi_mil.heatmaps.normalise import normalize_scores
 from wsi_mil.heatmaps.rasterise import check_coords, score_grid
 from wsi_mil.heatmaps.render import as_rgb, overlay_rgb, render_overlay
 from wsi_mil.heatmaps.tiff import write_pyramidal_tiff
-from wsi_mil.slides import forget_slide, open_slide, read_thumbnail
 
 log = logging.getLogger(__name__)
 
-
-def slide_thumbnail(
-    slide_path: Path, *, max_size: int = 2048, target_downsample: float | None = None
-) -> tuple[np.ndarray, float]:
-    """Read a slide thumbnail and its downsample relative to level 0.
-
-    Parameters
-    ----------
-    slide_path : Path
-        The slide file (opened through :func:`wsi_mil.slides.open_slide`).
-    max_size : int
-        The thumbnail's longest side, in pixels (about: it is ``ceil(level-0 side / downsample)``).
-    target_downsample : float, optional
-        Level-0 pixels per thumbnail pixel instead of ``max_size``. Never below 1 (level 0).
-
-    Returns
-    -------
-    thumbnail, downsample
-        uint8 [H, W, 3] RGB, read by :func:`wsi_mil.slides.read_thumbnail`, and exactly
-        ``level0_width / thumbnail_width`` (the vertical factor differs from it by under one thumbnail
-        pixel over the whole height).
-
-    Raises
-    ------
-    SlideError
-        Naming the file when it is missing or cannot be opened or read.
-    ValueError
-        When ``target_downsample`` is not positive.
-    """
-    if target_downsample is not None and not target_downsample > 0:
-        raise ValueError(f"target_downsample must be positive, got {target_downsample}")
-    slide = open_slide(Path(slide_path))
-    width0, height0 = slide.dimensions
-    if target_downsample is not None:
-        scale = max(1.0, float(target_downsample))
-    else:
-        scale = max(1.0, max(width0, height0) / float(max_size))
-    try:  # in level-0 pixel units: "1 um/px" at level 0, `scale` in the thumbnail
-        thumb = read_thumbnail(slide, 1.0, scale)
-    except Exception as exc:  # an OpenSlide handle stays unusable after a read error
-        forget_slide(slide_path)
-        raise SlideError(f"slide {slide_path} cannot be read for a thumbnail ({exc.__class__.__name__}: {exc}); "
-                         "check the file is a complete slide that OpenSlide supports.") from None
-    return thumb, width0 / thumb.shape[1]
 
 
 @dataclass

@@ -18,6 +18,8 @@ from wsi_mil.synth.noise import smooth_noise
 
 TUMOUR_KINDS = ("micro", "small", "large")
 ARTEFACTS = ("pen", "blur", "fold")
+# optical density (natural log) per R, G, B channel of the marker inks: blue, red, green, black
+PEN_INKS = ((1.05, 0.62, 0.12), (0.08, 1.9, 1.6), (0.95, 0.22, 0.80), (2.5, 2.5, 2.3))
 
 
 def mask_downsample(width: int, height: int) -> int:
@@ -197,7 +199,7 @@ def make_fields(width: int, height: int, seed: int, mpp: float, tumour: str | No
     zeros = np.zeros((mh, mw), np.float32)
     art_rng = np.random.default_rng([int(seed), 0xA27E])
     pen = _pen(art_rng, (mh, mw)) if "pen" in artefacts else zeros
-    pen_od = ((1.05, 0.62, 0.12) if art_rng.random() < 0.5 else (0.95, 0.22, 0.80))
+    pen_od = PEN_INKS[min(len(PEN_INKS) - 1, int(art_rng.random() * len(PEN_INKS)))]
     blur = _blur(art_rng, tissue_mask) if "blur" in artefacts else zeros
     fold = _fold(art_rng, tissue_mask) if "fold" in artefacts else zeros
     return SlideFields(
