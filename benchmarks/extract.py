@@ -38,26 +38,41 @@ from wsi_mil.extract import Embedder, extract_cohort
 from wsi_mil.layout import Layout, tiling_key
 
 
-def write_stores(out: Path, cfg: Config, n_total: int, n_slides: int, patch: int = 256, seed: int = 0) -> None:
-    """Patch stores with smooth random texture (compresses like tissue, not like noise)."""
+def texture_patches(rng: np.random.Generator, n: int, patch: int = 256) -> np.ndarray:
+    """``n`` patches [n, P, P, 3] uint8 of smooth random texture (compresses like tissue, not like noise)."""
+    coarse = rng.integers(90, 230, (n, patch // 8, patch // 8, 3), dtype=np.uint8)
+    block = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
+    return np.clip(block.astype(np.int16) + rng.integers(-12, 12, block.shape), 0, 255).astype(np.uint8)
+
+
+def write_stores(out: Path, cfg: Config, n_total: int, n_slides: int, patch: int = 256, seed: int = 0) -> list[str]:
+    """Patch stores of texture patches, split over ``n_slides`` stores; returns their slide ids.
+
+    Patches are drawn at random from a pool of (at most) 256 distinct ones, so that writing a large
+    cohort costs the Zarr compression only; each chunk still holds different patches.
+    """
     rng = np.random.default_rng(seed)
+    pool = texture_patches(rng, min(n_total, 256), patch)
     layout, tiling = Layout(out), tiling_key(cfg)
     layout.tiles_dir(tiling).mkdir(parents=True, exist_ok=True)
     sizes = [n_total // n_slides + (1 if i < n_total % n_slides else 0) for i in range(n_slides)]
+    slab = cfg.tiling.chunk_patches * 16  # several chunks per write: Zarr compresses them concurrently
+    ids = []
     for i, n in enumerate(sizes):
-        final = layout.patch_store(tiling, f"slide{i}")
+        slide_id = f"slide{i}"
+        final = layout.patch_store(tiling, slide_id)
         tmp = stores.partial_path(final)
         group = stores.create_patch_store(tmp, n_patches=n, patch_size=patch, chunk_patches=cfg.tiling.chunk_patches,
-                                          attrs={"slide_id": f"slide{i}", "target_mpp": 0.5, "mpp_level0": 0.25})
-        for start in range(0, n, 64):
-            stop = min(n, start + 64)
-            coarse = rng.integers(90, 230, (stop - start, patch // 8, patch // 8, 3), dtype=np.uint8)
-            block = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
-            block = np.clip(block.astype(np.int16) + rng.integers(-12, 12, block.shape), 0, 255).astype(np.uint8)
-            group["patches"][start:stop] = block
+                                          codec=cfg.tiling.codec, level=cfg.tiling.compression_level,
+                                          attrs={"slide_id": slide_id, "target_mpp": 0.5, "mpp_level0": 0.25})
+        for start in range(0, n, slab):
+            stop = min(n, start + slab)
+            group["patches"][start:stop] = pool[rng.integers(0, len(pool), stop - start)]
         group["coords"][:] = np.stack([np.arange(n) * 512, np.full(n, i)], axis=1)
         stores.mark_complete(tmp)
         stores.commit(tmp, final)
+        ids.append(slide_id)
+    return ids
 
 
 def forward_only(embedder: Embedder, n: int, batch: int) -> float:
