@@ -169,3 +169,12 @@ def test_bad_weights_files_are_clear_errors(tmp_path):
     torch.save(resized.state_dict(), wrong_shape)
     with pytest.raises(WsiMilError, match="do not fit encoder tiny_cnn.*size mismatch"):
         build_encoder(FeaturesConfig(encoder="tiny_cnn", weights=str(wrong_shape)))
+
+
+def test_timm_vit_built_with_img_size_is_fed_that_size():
+    cfg = FeaturesConfig(encoder="test_vit", weights="random", encoder_kwargs={"img_size": 64})
+    encoder = build_encoder(cfg)
+    assert encoder.input_size == 64
+    patches = np.random.default_rng(0).integers(0, 255, size=(2, 96, 96, 3), dtype=np.uint8)
+    features = embed_patches(encoder, patches, batch_size=2)
+    assert features.shape == (2, encoder.dim)

@@ -547,6 +547,9 @@ def _build_timm(name: str, cfg: FeaturesConfig, mode: str, key: str) -> Encoder:
                           "check the name and features.encoder_kwargs.") from None
     data_cfg = resolve_data_config({}, model=model)
     size = tuple(data_cfg["input_size"][-2:])
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed is not None and tuple(fixed) != size:  # e.g. encoder_kwargs img_size: the model's own size wins
+        size = tuple(int(v) for v in fixed)
     sha: str | None = None
     pcfg = getattr(model, "pretrained_cfg", {}) or {}
     if mode == "file":
