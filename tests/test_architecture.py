@@ -155,6 +155,19 @@ def test_one_installed_top_level_package_holding_every_subpackage():
     assert not (ROOT / "workflows" / "__init__.py").read_text().count("import workflows")
 
 
+def test_nothing_imports_the_workflows_folder_as_a_top_level_package():
+    """`workflows` is installed as `wsi_mil.workflows`; `import workflows` only works from the repo root."""
+    offenders = []
+    for folder in ("wsi_mil", "workflows", "tests", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                if any(n == "workflows" or n.startswith("workflows.") for n in names):
+                    offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
 STAGE_ENTRY_POINTS = [
     "wsi_mil.config:load_config", "wsi_mil.tiling:tile_cohort", "wsi_mil.encoders:build_encoder",
     "wsi_mil.extract:extract_cohort", "wsi_mil.mil.models:build_model", "wsi_mil.mil.methods:build_method",
