@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ from wsi_mil.config import Config, SlidesConfig
 from wsi_mil.errors import ConfigError, SlideError, WsiMilError
 from wsi_mil.layout import Layout, path_component, slide_file
 from wsi_mil.mil.data import read_labels
-from wsi_mil.redaction import redact
+from wsi_mil.redaction import RedactingFormatter, redact
 from wsi_mil.slides.mpp import mpp_overrides
 from wsi_mil.synth import generate_cohort
 from wsi_mil.tracking import Tracker, open_tracker
@@ -251,6 +252,28 @@ def test_tracker_masks_credentials_in_params_tags_text_run_names_and_errors(tmp_
     with pytest.raises(WsiMilError, match=r"MLflow at http://alice:\*\*\*@127.0.0.1:9 failed") as caught:
         Tracker(uri).experiment("e")
     assert "s3cret-pw" not in str(caught.value)
+
+
+def test_log_lines_are_masked_message_arguments_and_traceback(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-0123456789")
+    formatter = RedactingFormatter("%(levelname)s %(message)s")
+    try:
+        raise OSError("cannot reach http://alice:s3cret-pw@h:5000")
+    except OSError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "store %s with %s", ("http://bob:pw-42@h", "tok-0123456789"),
+                                   sys.exc_info())
+    line = formatter.format(record)
+    assert "http://bob:***@h with ***" in line and "http://alice:***@h:5000" in line
+    assert "s3cret-pw" not in line and "pw-42" not in line and "tok-0123456789" not in line
+
+
+def test_cli_error_messages_mask_the_tracking_uri(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    uri = "http://alice:s3cret-pw@127.0.0.1:9"  # nothing listens: the error names the store
+    assert main(["heatmap", "--run", "0" * 32, "--out", str(tmp_path), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "MLflow at http://alice:***@127.0.0.1:9 failed" in err and "s3cret-pw" not in err
 
 
 def test_config_show_masks_credentials(capsys):
