@@ -3,12 +3,11 @@ when asked for."""
 
 from __future__ import annotations
 
-import contextlib
 import urllib.error
 import urllib.request
 
-import psutil
 import pytest
+from helpers.servers import listening
 
 from wsi_mil.compute import dask_client
 from wsi_mil.config import ComputeConfig
@@ -34,30 +33,19 @@ def test_dashboard_only_when_asked(dashboard):
             assert _status(bound[0][1]) == 404  # no dashboard pages
 
 
-def _listening() -> set[tuple[str, int]]:
-    """(address, port) of every listening TCP socket of this process and its descendants."""
-    me = psutil.Process()
-    found = set()
-    for proc in (me, *me.children(recursive=True)):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
-                      if c.status == psutil.CONN_LISTEN}
-    return found
-
-
 @pytest.mark.parametrize(("processes", "dashboard"), [(False, False), (False, True), (True, False), (True, True)])
 def test_every_socket_of_the_local_cluster_listens_on_loopback_only(processes, dashboard):
-    before = _listening()
+    before = listening()
     with dask_client(ComputeConfig(processes=processes, dashboard=dashboard, workers=2 if processes else 1)) as client:
         assert client.submit(sum, [1, 2]).result() == 3
-        opened = _listening() - before
+        opened = listening() - before
     # scheduler, workers, nannies and every HTTP endpoint: a scheduler and a worker endpoint at least
     assert len(opened) >= (2 + 2 * 2 if processes else 2), opened
     assert {address for address, _ in opened} == {"127.0.0.1"}, opened
 
 
 def test_compute_host_exposes_the_cluster_on_purpose():
-    before = _listening()
+    before = listening()
     with dask_client(ComputeConfig(host="0.0.0.0")):
-        opened = _listening() - before
+        opened = listening() - before
     assert opened and {address for address, _ in opened} == {"0.0.0.0"}, opened

@@ -24,9 +24,8 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
-from helpers.servers import free_port, mlflow_server, rest
+from helpers.servers import free_port, listening, mlflow_server, rest
 
 from wsi_mil.cli import main
 from wsi_mil.config import Config, SlidesConfig
@@ -63,21 +62,6 @@ def listing(root: Path, out: Path) -> set[str]:
             stat = path.lstat()
             seen.add(f"{path.relative_to(root)} {stat.st_size} {stat.st_mtime_ns}")
     return seen
-
-
-def listening(pid: int) -> set[tuple[str, int]]:
-    """(address, port) of every listening TCP socket of ``pid`` and its descendants."""
-    found = set()
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return found
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
-                      if c.status == psutil.CONN_LISTEN}
-    return found
 
 
 def run_sampling_sockets(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, set[tuple[str, int]]]:

@@ -34,6 +34,7 @@ from wsi_mil.config import Config
 from wsi_mil.errors import SlideError, WsiMilError
 
 QCImage = Literal["thumb", "mask", "grid"]
+PLAIN_NAMES = "no '/', '\\', '..', absolute paths or control characters"
 
 
 def unsafe_name_reason(name: str) -> str | None:
@@ -83,7 +84,7 @@ def path_component(name: str, what: str = "slide id") -> str:
         return name
     error = SlideError if what == "slide id" else WsiMilError
     raise error(f"{what} {name!r} cannot name a file: {reason}; {what}s must be plain names such as 'S01' "
-                "(no '/', '\\', '..', absolute paths or control characters).")
+                f"({PLAIN_NAMES}).")
 
 
 def slide_file(directory: Path | str, slide_id: str, suffix: str) -> Path:

@@ -34,7 +34,7 @@ import torch
 from wsi_mil.config import Config, TrainingConfig
 from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
-from wsi_mil.layout import Layout, tiling_key, unsafe_name_reason
+from wsi_mil.layout import PLAIN_NAMES, Layout, tiling_key, unsafe_name_reason
 from wsi_mil.mil.base import BagItem
 from wsi_mil.stores import PARTIAL_TAG, read_bag, read_bag_attrs
 
@@ -183,7 +183,7 @@ def read_labels(path: Path, classes: list[str] | None = None, *, merge_variants:
               if (why := unsafe_name_reason(s)) is not None]
     if unsafe:
         problems.append(f"slide_id(s) that cannot name a file: {_show(unsafe)} (ids are slide file names without "
-                        "extension: no '/', '\\', '..', absolute paths or control characters)")
+                        f"extension: {PLAIN_NAMES})")
     dup = sorted(df.loc[df["slide_id"].duplicated(keep=False) & (df["slide_id"] != ""), "slide_id"].unique())
     if dup:
         problems.append(f"duplicate slide_id(s): {_show(dup)}")
