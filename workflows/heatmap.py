@@ -23,7 +23,7 @@ from wsi_mil.annotations import load_instance_labels
 from wsi_mil.config import Config, HeatmapConfig, SlidesConfig
 from wsi_mil.errors import WsiMilError
 from wsi_mil.heatmaps import SlideHeatmap, render_slide_heatmap
-from wsi_mil.layout import Layout
+from wsi_mil.layout import Layout, path_component, slide_file
 from wsi_mil.mil.base import BagItem
 from wsi_mil.mil.checkpoints import load_fold_method, load_run_splits
 from wsi_mil.mil.metrics import instance_auc
@@ -131,8 +131,11 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     Raises
     ------
     WsiMilError
-        When the run, its checkpoints, its features directory or a bag cannot be read.
+        When the run, its checkpoints, its features directory or a bag cannot be read, or a slide id
+        cannot name a file (:func:`wsi_mil.layout.path_component`; checked before anything is read).
     """
+    for sid in slide_ids or []:
+        path_component(sid)
     out = Path(out)
     layout = Layout(out)
     tracker = open_tracker(out, cfg)
@@ -164,7 +167,7 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
         fold = owner.get(sid, folds[0])
         if fold.run_id not in loaded:
             loaded[fold.run_id] = load_fold_method(tracker, fold.run_id, device="cpu", config=run_cfg).method
-        bag = stores.read_bag(features_dir / f"{sid}.h5")
+        bag = stores.read_bag(slide_file(features_dir, sid, ".h5"))
         scores = score_slide(loaded[fold.run_id], bag, sid, device)
         role = "test fold" if sid in owner else "not in any test fold"
         result.slides.append(draw_slide(

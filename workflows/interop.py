@@ -34,7 +34,7 @@ import numpy as np
 from wsi_mil.annotations import UNCLASSIFIED, read_annotations
 from wsi_mil.config import Config
 from wsi_mil.errors import WsiMilError
-from wsi_mil.layout import Layout
+from wsi_mil.layout import Layout, path_component, slide_file
 from wsi_mil.mil.data import list_bags, resolve_features_dir
 from wsi_mil.stores import (
     atomic_output,
@@ -202,15 +202,16 @@ def _export_clam(bags: dict[str, Path], report: ExportReport) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         report.folders.append(folder)
     for sid, bag in bags.items():
-        _tally(report, _link(bag, h5_dir / f"{sid}.h5"), "linked")
+        _tally(report, _link(bag, slide_file(h5_dir, sid, ".h5")), "linked")
         pt = bag.with_suffix(".pt")
+        pt_file = slide_file(pt_dir, sid, ".pt")
         if pt.is_file():
-            _tally(report, _link(pt, pt_dir / f"{sid}.pt"), "linked")
-        elif _up_to_date(pt_dir / f"{sid}.pt", bag):
+            _tally(report, _link(pt, pt_file), "linked")
+        elif _up_to_date(pt_file, bag):
             report.unchanged += 1
         else:
             features = np.asarray(read_bag(bag).features, dtype=np.float32)
-            with atomic_output(pt_dir / f"{sid}.pt") as tmp, open(tmp, "wb") as fh:
+            with atomic_output(pt_file) as tmp, open(tmp, "wb") as fh:
                 torch.save(torch.from_numpy(features), fh)
             report.written += 1
 
@@ -219,20 +220,21 @@ def _export_trident(bags: dict[str, Path], report: ExportReport, encoder_name: s
     first = read_bag_attrs(next(iter(bags.values())))
     config_dir = report.dest / trident_config_dir(first)
     patches_dir = config_dir / "patches"
-    features_dir = config_dir / f"features_{encoder_name or first.get('encoder_key') or first.get('encoder')}"
+    name = path_component(encoder_name or first.get("encoder_key") or first.get("encoder"), "encoder name")
+    features_dir = config_dir / f"features_{name}"
     for folder in (patches_dir, features_dir):
         folder.mkdir(parents=True, exist_ok=True)
         report.folders.append(folder)
     crowded = {}
     for sid, bag in bags.items():
         coords, attrs = read_bag_coords(bag), read_bag_attrs(bag)
-        coords_file = patches_dir / f"{sid}_patches.h5"
+        coords_file = slide_file(patches_dir, sid, "_patches.h5")
         if _up_to_date(coords_file, bag):
             report.unchanged += 1
         else:
             write_trident_coords(coords_file, coords, attrs)
             report.written += 1
-        _tally(report, _link(bag, features_dir / f"{sid}.h5"), "linked")
+        _tally(report, _link(bag, slide_file(features_dir, sid, ".h5")), "linked")
         shared = titan_grid_collisions(coords, peer_coords_attrs(attrs)["patch_size_level0"])
         if shared:
             crowded[sid] = (shared, len(coords))

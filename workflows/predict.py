@@ -22,7 +22,7 @@ from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
 from wsi_mil.extract import extract_cohort
-from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.layout import Layout, slide_file, tiling_key
 from wsi_mil.mil.checkpoints import load_fold_method
 from wsi_mil.tiling import tile_cohort
 from wsi_mil.tracking import open_tracker
@@ -75,7 +75,7 @@ def predict_slides(run_id: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
     model_name = tracker.get_run(parent).tags.get("wsi_mil.model", run_cfg.model.name)
     rows = []
     for result in extraction.done + extraction.reused:
-        bag = stores.read_bag(features_dir / f"{result.slide_id}.h5")
+        bag = stores.read_bag(slide_file(features_dir, result.slide_id, ".h5"))
         item = bag_item(bag, result.slide_id)
         preds = [f.method.predict(item) for f in folds]
         probs = np.mean([p.probs for p in preds], axis=0)

@@ -1,8 +1,13 @@
-"""`wsi-mil ui OUT`: the MLflow UI over an output directory's embedded store, on 127.0.0.1."""
+"""`wsi-mil ui OUT`: the MLflow UI over an output directory's embedded store, on 127.0.0.1.
+
+``--host`` exposes it on purpose (``--host 0.0.0.0``: every interface); the UI has no login, so
+anyone who can reach the port can read and change the runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -11,15 +16,18 @@ from wsi_mil.config import Config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.layout import Layout
 
+log = logging.getLogger(__name__)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-def ui_command(layout: Layout, port: int) -> list[str]:
-    """The `mlflow ui` command line that serves ``layout``'s store (also shown to the user)."""
+
+def ui_command(layout: Layout, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The `mlflow ui` command line that serves ``layout``'s store on ``host:port`` (also shown to the user)."""
     mlflow = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
     return [
         mlflow, "ui",
         "--backend-store-uri", layout.tracking_uri,
         "--default-artifact-root", str(layout.mlflow_artifacts.resolve()),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--host", host, "--port", str(port), "--workers", "1",
     ]
 
 
@@ -28,8 +36,13 @@ def cli_ui(args: argparse.Namespace, cfg: Config) -> int:
     layout = Layout(args.out)
     if not layout.mlflow_db.is_file():
         raise WsiMilError(f"{layout.mlflow_db} does not exist; run `wsi-mil train` or `wsi-mil run` with --out {args.out} first.")
-    command = ui_command(layout, args.port)
-    print(f"MLflow UI on http://127.0.0.1:{args.port}  (Ctrl-C to stop)\n  {' '.join(command)}", flush=True)
+    host = getattr(args, "host", "127.0.0.1")
+    command = ui_command(layout, args.port, host)
+    if host not in LOOPBACK:
+        log.warning("the MLflow UI listens on %s: anyone who can reach port %d can read and change these runs "
+                    "(the UI has no login)", host, args.port)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"MLflow UI on http://{shown}:{args.port}  (Ctrl-C to stop)\n  {' '.join(command)}", flush=True)
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(command[0], command)
     return 0  # pragma: no cover - execv does not return

@@ -40,6 +40,7 @@ import numpy as np
 
 from wsi_mil.config import AnnotationsConfig
 from wsi_mil.errors import WsiMilError
+from wsi_mil.layout import slide_file
 
 logger = logging.getLogger(__name__)
 
@@ -481,13 +482,10 @@ def read_mask_png(png: Path, meta_json: Path | None) -> TumourRaster:
 # --------------------------------------------------------------------------------------------- detection
 def find_annotation(annotations_dir: Path, slide_id: str) -> tuple[str, Path] | None:
     """The annotation source for a slide: ('mask' | 'geojson' | 'asap', path), or None."""
-    d = Path(annotations_dir)
-    candidates = [
-        ("mask", d / f"{slide_id}_tumour.png"), ("mask", d / f"{slide_id}_tumor.png"),
-        ("geojson", d / f"{slide_id}_tumour.geojson"), ("geojson", d / f"{slide_id}_tumor.geojson"),
-        ("geojson", d / f"{slide_id}.geojson"),
-        ("asap", d / f"{slide_id}.xml"),
-    ]
+    candidates = [(kind, slide_file(annotations_dir, slide_id, suffix)) for kind, suffix in (
+        ("mask", "_tumour.png"), ("mask", "_tumor.png"), ("geojson", "_tumour.geojson"), ("geojson", "_tumor.geojson"),
+        ("geojson", ".geojson"), ("asap", ".xml"),
+    )]
     for kind, path in candidates:
         if path.is_file():
             return kind, path
@@ -510,7 +508,7 @@ def patch_tumour_fractions(
     kind, path = found
     coords = np.asarray(coords).reshape(-1, 2)
     if kind == "mask":
-        raster = read_mask_png(path, Path(annotations_dir) / f"{slide_id}.json")
+        raster = read_mask_png(path, slide_file(annotations_dir, slide_id, ".json"))
         return raster_fractions(raster, coords, patch_size_level0)
     read = read_geojson(path, rules) if kind == "geojson" else read_asap_xml(path, rules)
     if read.ignored:

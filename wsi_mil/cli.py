@@ -16,6 +16,7 @@ from pathlib import Path
 from wsi_mil import __version__
 from wsi_mil.config import Config, describe_config, dump_config, load_config
 from wsi_mil.errors import WsiMilError
+from wsi_mil.redaction import RedactingFormatter, redact
 from wsi_mil.workflows.cohort import cli_run
 from wsi_mil.workflows.demo import cli_demo
 from wsi_mil.workflows.extract import cli_extract
@@ -134,7 +135,10 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 def _add_ui(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="Output directory whose MLflow store to open.")
-    p.add_argument("--port", type=int, default=5000, help="Port on 127.0.0.1.")
+    p.add_argument("--port", type=int, default=5000, help="Port to listen on.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="Interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the UI, "
+                        "without authentication, to the network).")
 
 
 def _add_annotations(p: argparse.ArgumentParser) -> None:
@@ -159,8 +163,8 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def cli_config(args: argparse.Namespace, cfg: Config) -> int:
-    """`wsi-mil config show [--describe]`: print the resolved config as YAML, or every key described."""
-    sys.stdout.write(describe_config(cfg) if getattr(args, "describe", False) else dump_config(cfg))
+    """`wsi-mil config show [--describe]`: print the resolved config as YAML (credentials masked), or every key described."""
+    sys.stdout.write(redact(describe_config(cfg) if getattr(args, "describe", False) else dump_config(cfg)))
     return 0
 
 
@@ -203,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    """Plain, timestamped log lines on stderr."""
+    """Plain, timestamped log lines on stderr, credentials masked (:func:`wsi_mil.redaction.redact`)."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])  # a no-op when logging is configured already
     for noisy in ("distributed", "mlflow", "alembic", "urllib3", "matplotlib", "PIL", "numcodecs", "h5py"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         return int(COMMANDS[args.command][2](args, cfg) or 0)
     except WsiMilError as exc:
-        print(f"wsi-mil {args.command}: error: {exc}", file=sys.stderr)
+        print(f"wsi-mil {args.command}: error: {redact(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"wsi-mil {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)

@@ -5,8 +5,11 @@ Zarr codecs release the GIL, so threads read in parallel without pickling patche
 processes (measured faster than separate processes on 2 cores: ``benchmarks/tiling.py``). With
 ``compute.scheduler`` (``--scheduler tcp://HOST:PORT``) the same code runs on a real cluster.
 
-The local cluster serves its dashboard only with ``compute.dashboard``; without it the scheduler's
-bare HTTP endpoint (health, metrics) listens on a random loopback port instead of 0.0.0.0:8787.
+Every socket of the local cluster (scheduler, workers, nannies, their HTTP endpoints) listens on
+``compute.host`` (127.0.0.1 unless the user asks otherwise); the scheduler serves its dashboard only
+with ``compute.dashboard``, else a bare HTTP endpoint (health, metrics) like each worker's; all on
+random ports, so that commands running side by side never collide. Left to themselves, distributed's
+dashboard and in-process workers listen on every interface.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import distributed
 
 from wsi_mil.config import ComputeConfig
 from wsi_mil.errors import WsiMilError
+from wsi_mil.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +34,30 @@ def _quiet_distributed() -> None:
     logging.getLogger("distributed").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
+def _address(host: str, port: int) -> str:
+    """``host:port`` as distributed parses it (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @contextlib.contextmanager
 def dask_client(cfg: ComputeConfig) -> Iterator[distributed.Client]:
-    """A connected :class:`distributed.Client`; a local cluster it started is shut down on exit."""
+    """A connected :class:`distributed.Client`; a local cluster it started is shut down on exit.
+
+    The local cluster listens on ``cfg.host`` only (see the module docstring).
+
+    Raises
+    ------
+    WsiMilError
+        When the scheduler of ``cfg.scheduler`` cannot be reached or has no workers.
+    """
     _quiet_distributed()
     if cfg.scheduler:
+        shown = redact(cfg.scheduler)
         try:
             client = distributed.Client(cfg.scheduler, timeout=cfg.connect_timeout, set_as_default=False)
         except (OSError, TimeoutError) as exc:
             raise WsiMilError(
-                f"cannot reach the Dask scheduler at {cfg.scheduler} ({exc.__class__.__name__}); start it "
+                f"cannot reach the Dask scheduler at {shown} ({exc.__class__.__name__}); start it "
                 "(`dask scheduler`) or drop --scheduler to use a local cluster."
             ) from None
         try:
@@ -47,10 +65,10 @@ def dask_client(cfg: ComputeConfig) -> Iterator[distributed.Client]:
         except (TimeoutError, OSError):
             client.close()
             raise WsiMilError(
-                f"the Dask scheduler at {cfg.scheduler} has no workers after {cfg.connect_timeout:.0f} s; "
-                "start some with `dask worker " + cfg.scheduler + "`."
+                f"the Dask scheduler at {shown} has no workers after {cfg.connect_timeout:.0f} s; "
+                f"start some with `dask worker {shown}`."
             ) from None
-        log.info("using Dask cluster %s (%d workers)", cfg.scheduler, len(client.nthreads()))
+        log.info("using Dask cluster %s (%d workers)", shown, len(client.nthreads()))
         try:
             yield client
         finally:
@@ -63,15 +81,17 @@ def dask_client(cfg: ComputeConfig) -> Iterator[distributed.Client]:
             threads_per_worker=cfg.threads_per_worker,
             processes=cfg.processes,
             memory_limit=cfg.memory_limit,
-            # distributed binds 0.0.0.0:8787 when given None: a random loopback port serves no one
-            dashboard_address=":0" if cfg.dashboard else "127.0.0.1:0",
+            # every HTTP server gets an explicit host: distributed binds ":8787" and the in-process
+            # workers' endpoints to all interfaces otherwise
+            dashboard_address=_address(cfg.host, 0),
             scheduler_kwargs={"dashboard": bool(cfg.dashboard)},
-            **({"host": "127.0.0.1"} if cfg.processes else {}),
+            worker_dashboard_address=_address(cfg.host, 0),
+            **({"host": cfg.host} if cfg.processes else {}),  # in-process workers talk over no socket
             silence_logs=logging.ERROR,
         )
     client = distributed.Client(cluster, set_as_default=False)
-    if cfg.dashboard:
-        log.info("Dask dashboard: %s", client.dashboard_link)
+    if cfg.dashboard:  # client.dashboard_link names the machine's address, not the one listened on
+        log.info("Dask dashboard: http://%s/status", _address(cfg.host, cluster.scheduler.http_server.port))
     log.debug("local Dask cluster: %d worker(s) x %d thread(s), processes=%s",
               cfg.workers, cfg.threads_per_worker, cfg.processes)
     try:

@@ -515,9 +515,14 @@ class ComputeConfig(Section):
         "(faster for OpenSlide reads on few cores, no pickling of patches).",
     )
     memory_limit: str = Field(default="auto", description="Per-worker memory limit of the local cluster.")
+    host: str = Field(
+        default="127.0.0.1", min_length=1,
+        description="Interface every socket of the local cluster listens on (scheduler, workers, HTTP endpoints, "
+        "dashboard); 127.0.0.1 keeps them on this machine, 0.0.0.0 or an address exposes them on purpose.",
+    )
     dashboard: bool = Field(
-        default=False, description="Serve the Dask dashboard of the local cluster (its address is logged); False "
-        "serves no dashboard and binds no public port.",
+        default=False, description="Serve the Dask dashboard of the local cluster on compute.host, a random port "
+        "(its address is logged); False serves no dashboard.",
     )
     connect_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for an external scheduler.")
 

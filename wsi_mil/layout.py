@@ -15,18 +15,84 @@ OUT/predictions/<run_id>/                        new slides of `wsi-mil predict`
 OUT/summary.md                                   `wsi-mil run` summary table
 OUT/export/clam|trident/                         bags linked into CLAM's / TRIDENT's layout
 ```
+
+Every name that comes from outside (a slide id from a file name, a labels or override CSV or the
+command line; a run id; a settings key) becomes a path component through :func:`path_component`,
+which refuses anything that could leave its directory; :func:`slide_file` is that check for the
+files named after a slide anywhere else (heatmaps, annotations, exports).
 """
 
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
 from wsi_mil.config import Config
+from wsi_mil.errors import SlideError, WsiMilError
 
 QCImage = Literal["thumb", "mask", "grid"]
+PLAIN_NAMES = "no '/', '\\', '..', absolute paths or control characters"
+
+
+def unsafe_name_reason(name: str) -> str | None:
+    r"""Why ``name`` cannot be one path component, or None when it can.
+
+    Refused: the empty name, ``.`` and ``..``, path separators (``/`` and ``\``), absolute or
+    drive paths (``/etc/x``, ``C:x``), NUL and other control characters.
+    """
+    if not name.strip():
+        return "it is empty"
+    if name in (".", ".."):
+        return f"'{name}' names a directory, not a file"
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        return "it contains a control character"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive:
+        return "it is an absolute or drive path"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    return None
+
+
+def path_component(name: str, what: str = "slide id") -> str:
+    """``name`` unchanged, once checked to be one path component that stays inside its directory.
+
+    Parameters
+    ----------
+    name : str
+        A slide id (from a file name, a labels or override CSV, ``--slides``...), a run id or a key.
+    what : str
+        What the name is, for the error message.
+
+    Returns
+    -------
+    str
+        ``name`` itself.
+
+    Raises
+    ------
+    SlideError
+        For a slide id that could leave its directory (see :func:`unsafe_name_reason`).
+    WsiMilError
+        For any other name that could.
+    """
+    name = str(name)
+    reason = unsafe_name_reason(name)
+    if reason is None:
+        return name
+    error = SlideError if what == "slide id" else WsiMilError
+    raise error(f"{what} {name!r} cannot name a file: {reason}; {what}s must be plain names such as 'S01' "
+                f"({PLAIN_NAMES}).")
+
+
+def slide_file(directory: Path | str, slide_id: str, suffix: str) -> Path:
+    """``directory / (slide_id + suffix)``, the slide id checked by :func:`path_component`.
+
+    ``suffix`` is a constant of the caller (``".png"``, ``"_topk.png"``); the result stays in ``directory``.
+    """
+    return Path(directory) / f"{path_component(slide_id)}{suffix}"
 
 
 def tiling_key(cfg: Config) -> str:
@@ -63,7 +129,7 @@ class Layout:
 
     def qc_image(self, slide_id: str, kind: QCImage) -> Path:
         """One QC image of a slide: its thumbnail, tissue mask or patch grid."""
-        return self.qc_dir / f"{slide_id}_{kind}.png"
+        return slide_file(self.qc_dir, slide_id, f"_{kind}.png")
 
     def qc_images(self, slide_id: str) -> dict[str, Path]:
         """The three QC images of a slide, by kind."""
@@ -71,24 +137,24 @@ class Layout:
 
     def tiles_dir(self, tiling: str) -> Path:
         """Patch stores of one tiling key."""
-        return self.root / "tiles" / tiling
+        return self.root / "tiles" / path_component(tiling, "tiling key")
 
     def patch_store(self, tiling: str, slide_id: str) -> Path:
         """The Zarr patch store of a slide."""
-        return self.tiles_dir(tiling) / f"{slide_id}.zarr"
+        return slide_file(self.tiles_dir(tiling), slide_id, ".zarr")
 
     def clam_coords(self, tiling: str, slide_id: str) -> Path:
         """CLAM-style coordinate HDF5 file of a slide."""
-        return self.tiles_dir(tiling) / "clam_coords" / f"{slide_id}.h5"
+        return slide_file(self.tiles_dir(tiling) / "clam_coords", slide_id, ".h5")
 
     # ------------------------------------------------------------------------------ features
     def features_dir(self, tiling: str, encoder: str) -> Path:
         """HDF5 bags of one tiling key and encoder key."""
-        return self.root / "features" / tiling / encoder
+        return self.root / "features" / path_component(tiling, "tiling key") / path_component(encoder, "encoder key")
 
     def bag(self, tiling: str, encoder: str, slide_id: str) -> Path:
         """The HDF5 bag of a slide."""
-        return self.features_dir(tiling, encoder) / f"{slide_id}.h5"
+        return slide_file(self.features_dir(tiling, encoder), slide_id, ".h5")
 
     def extract_status(self, tiling: str, encoder: str) -> Path:
         """Per-slide status of the last embedding run into a features directory."""
@@ -118,11 +184,11 @@ class Layout:
 
     def heatmaps_dir(self, run_id: str) -> Path:
         """Heatmaps of one training run."""
-        return self.heatmaps_root / run_id
+        return self.heatmaps_root / path_component(run_id, "run id")
 
     def predictions_dir(self, run_id: str) -> Path:
         """Output directory of `wsi-mil predict` with one run (itself laid out like OUT)."""
-        return self.root / "predictions" / run_id
+        return self.root / "predictions" / path_component(run_id, "run id")
 
     @property
     def predictions_csv(self) -> Path:
@@ -131,7 +197,7 @@ class Layout:
 
     def export_dir(self, tool: str) -> Path:
         """Bags linked into another tool's folder layout (``wsi-mil export clam|trident``)."""
-        return self.root / "export" / tool
+        return self.root / "export" / path_component(tool, "export layout")
 
     @property
     def summary_md(self) -> Path:

@@ -15,6 +15,8 @@ Layout of a ``wsi-mil train`` command in MLflow:
 
 Embedded default: a SQLite store ``OUT/mlflow.db`` with artifacts under ``OUT/mlartifacts/``; any
 other URI (``http://host:5000``) is used as given. Telemetry is switched off before import.
+Credentials stay in the process: params, tags, text artifacts and the error messages of this module
+go through :func:`wsi_mil.redaction.redact` (``http://user:***@host``).
 
 This module stores and reads runs, params, metrics, tags and artifact files; it knows nothing of
 models. Checkpoints are written and rebuilt by :mod:`wsi_mil.mil.checkpoints`. A run id that the
@@ -44,6 +46,7 @@ from wsi_mil import __version__
 from wsi_mil.config import Config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.layout import Layout
+from wsi_mil.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +57,14 @@ ROLE_TAG, FOLD_TAG, SEED_TAG, PARENT_TAG = "wsi_mil.role", "wsi_mil.fold", "wsi_
 
 
 def quiet_mlflow() -> None:
-    """No telemetry or network calls and no chatty INFO logs from MLflow, alembic or git."""
+    """No telemetry or network calls, no chatty INFO logs from MLflow, alembic or git, no printed run URLs."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at: <tracking URI>" for every run it ends, password included
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     for name in ("mlflow", "alembic", "sqlalchemy", "git", "urllib3"):
         logger = logging.getLogger(name)
         if logger.getEffectiveLevel() < logging.WARNING or logger.level < logging.WARNING:
@@ -135,7 +140,8 @@ class FoldRun:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    text = redact(str(exc)).strip()
+    text = text.splitlines()[0][:300] if text else ""
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
@@ -147,8 +153,13 @@ class Tracker:
         self.artifact_root = Path(artifact_root) if artifact_root is not None else None
         self.client = _client(uri)
 
+    @property
+    def shown_uri(self) -> str:
+        """The tracking URI as logs and messages show it (password masked)."""
+        return redact(self.uri)
+
     def _unreachable(self, exc: BaseException, what: str) -> WsiMilError:
-        return WsiMilError(f"MLflow at {self.uri} failed while {what} ({_short(exc)}); check that the tracking "
+        return WsiMilError(f"MLflow at {self.shown_uri} failed while {what} ({_short(exc)}); check that the tracking "
                            "server is running and reachable (--tracking-uri) or that the store is readable.")
 
     @contextlib.contextmanager
@@ -160,7 +171,7 @@ class Tracker:
             raise
         except Exception as exc:
             if getattr(exc, "error_code", None) in NOT_FOUND_CODES:
-                raise WsiMilError(missing or f"MLflow run {run_id} not found in {self.uri}; check the run id and "
+                raise WsiMilError(missing or f"MLflow run {run_id} not found in {self.shown_uri}; check the run id and "
                                   "--out / --tracking-uri.") from None
             raise self._unreachable(exc, what) from None
 
@@ -190,17 +201,17 @@ class Tracker:
     def start_run(self, experiment_id: str, name: str, *, parent_id: str | None = None,
                   tags: dict[str, Any] | None = None) -> str:
         """Create a run (nested under ``parent_id`` when given); returns its id."""
-        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        all_tags = {k: redact(v) for k, v in (tags or {}).items()}
         if parent_id:
             all_tags[PARENT_TAG] = parent_id
-        return self.client.create_run(experiment_id, tags=all_tags, run_name=name).info.run_id
+        return self.client.create_run(experiment_id, tags=all_tags, run_name=redact(name)).info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark a run FINISHED / FAILED / KILLED."""
         self.client.set_terminated(run_id, status=status)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        """Log params in batches (values as strings, cut to MLflow's 6000-character limit)."""
+        """Log params in batches (values as redacted strings, cut to MLflow's 6000-character limit)."""
         from mlflow.entities import Param
 
         items = [Param(str(k), _param_value(v)) for k, v in params.items()]
@@ -218,10 +229,10 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[start:start + 1000], synchronous=True)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        """Set several tags."""
+        """Set several tags (values redacted)."""
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(str(k), str(v)[:PARAM_MAX]) for k, v in tags.items()],
+        self.client.log_batch(run_id, tags=[RunTag(str(k), redact(v)[:PARAM_MAX]) for k, v in tags.items()],
                               synchronous=True)
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
@@ -233,8 +244,8 @@ class Tracker:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        """Store a text artifact."""
-        self.client.log_text(run_id, text, artifact_file)
+        """Store a text artifact (redacted: ``config.yaml`` holds the tracking URI)."""
+        self.client.log_text(run_id, redact(text), artifact_file)
 
     def log_dataframe(self, run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
         """Store a DataFrame as a CSV artifact."""
@@ -315,7 +326,7 @@ class Tracker:
         WsiMilError
             When the run has no such artifact, or when the store cannot be reached or read.
         """
-        missing = f"MLflow run {run_id} in {self.uri} has no artifact '{artifact_path}' (or no such run)."
+        missing = f"MLflow run {run_id} in {self.shown_uri} has no artifact '{artifact_path}' (or no such run)."
         with self._reading_run(run_id, f"downloading {artifact_path} of run {run_id}", missing):
             return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
 
@@ -339,7 +350,7 @@ class Tracker:
 
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text[:PARAM_MAX]
+    return redact(text)[:PARAM_MAX]
 
 
 def _record(run: Any) -> RunRecord:

@@ -1,4 +1,5 @@
-"""Real servers on 127.0.0.1 for end-to-end tests: a Dask scheduler with workers, an MLflow server."""
+"""Real servers on 127.0.0.1 for end-to-end tests: a Dask scheduler with workers, an MLflow server; the
+listening sockets of a process tree."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 BIN = Path(sys.executable).parent
 
 
@@ -21,6 +24,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def listening(pid: int | None = None) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket of process ``pid`` (default: this one) and its descendants."""
+    found: set[tuple[str, int]] = set()
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return found
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+    return found
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

@@ -51,13 +51,14 @@ def extract_slide_task(out: str, cfg: Config, tiling: str, slide_id: str) -> Sli
 def run_on_cluster(out: Path, cfg: Config, tiling: str, jobs: list[Job], strict: bool) -> list[SlideResult]:
     """Embed ``jobs`` on the Dask cluster of ``cfg.compute``, one task per slide; results as they finish."""
     results: list[SlideResult] = []
+    task_cfg = cfg.with_overrides({"tracking.uri": None})  # workers need no MLflow credentials
     with dask_client(cfg.compute) as client:
         workers = client.scheduler_info().get("workers", {}).values()
         gpu = any((w.get("resources") or {}).get("GPU") for w in workers)
         resources = {"GPU": 1} if gpu else None
         log.info("extracting %d slides on Dask cluster %s%s", len(jobs), cfg.compute.scheduler,
                  " (one GPU per task)" if gpu else "")
-        futures = {client.submit(extract_slide_task, str(out), cfg, tiling, job.slide_id, resources=resources,
+        futures = {client.submit(extract_slide_task, str(out), task_cfg, tiling, job.slide_id, resources=resources,
                                  pure=False, key=f"extract-{job.slide_id}-{time.time_ns()}"): job.slide_id
                    for job in jobs}
         for future in tqdm(distributed.as_completed(futures, loop=client.loop), total=len(futures), unit="slide", desc="extract",

@@ -21,7 +21,7 @@ import torch
 from wsi_mil.config import Config, FeaturesConfig
 from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
-from wsi_mil.layout import Layout
+from wsi_mil.layout import Layout, path_component
 from wsi_mil.reports import SlideResult
 from wsi_mil.stores import (
     FORMAT_VERSION,
@@ -120,9 +120,15 @@ def write_pt(bag: Path, features: np.ndarray) -> None:
 
 
 def discover_slides(layout: Layout, tiling: str, slide_ids: list[str] | None) -> list[str]:
-    """``slide_ids`` (deduplicated), or every finished patch store of the tiling; a clear error when none."""
+    """``slide_ids`` (deduplicated, each checked to name a file), or every finished patch store of the tiling.
+
+    Raises
+    ------
+    WsiMilError
+        When there is none, or a given id cannot name a file (:func:`wsi_mil.layout.path_component`).
+    """
     if slide_ids is not None:
-        return list(dict.fromkeys(slide_ids))
+        return [path_component(sid) for sid in dict.fromkeys(slide_ids)]
     tiles = layout.tiles_dir(tiling)
     found = sorted(p.name[: -len(".zarr")] for p in tiles.glob("*.zarr")
                    if PARTIAL_TAG not in p.name and ".old-" not in p.name) if tiles.is_dir() else []

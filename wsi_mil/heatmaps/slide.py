@@ -18,6 +18,7 @@ from wsi_mil.heatmaps.normalise import normalize_scores
 from wsi_mil.heatmaps.rasterise import check_coords, score_grid
 from wsi_mil.heatmaps.render import as_rgb, overlay_rgb, render_overlay
 from wsi_mil.heatmaps.tiff import write_pyramidal_tiff
+from wsi_mil.layout import slide_file
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def render_slide_heatmap(
         label = f"{score_label} ({cfg.normalize}-normalised)"
     png = render_overlay(
         thumbnail, grid, tissue_mask=tissue_mask, cmap=cfg.colormap, alpha=cfg.alpha,
-        title=title or slide_id, out_png=out_dir / f"{slide_id}.png", score_label=label, value_range=value_range,
+        title=title or slide_id, out_png=slide_file(out_dir, slide_id, ".png"), score_label=label, value_range=value_range,
     )
 
     meta = {"normalize": cfg.normalize, "score_label": score_label}
@@ -141,11 +142,11 @@ def render_slide_heatmap(
         measurements={f"score_{cfg.normalize}": norm}, object_type=cfg.geojson_object_type,
         classification=score_label, bin_by=f"score_{cfg.normalize}", colormap=cfg.colormap,
     )
-    geojson = write_geojson(out_dir / f"{slide_id}.geojson", collection)
+    geojson = write_geojson(slide_file(out_dir, slide_id, ".geojson"), collection)
 
     montage = None
     if patches is not None and cfg.top_k > 0:
-        montage = top_k_montage(patches, raw, cfg.top_k, out_dir / f"{slide_id}_topk.png",
+        montage = top_k_montage(patches, raw, cfg.top_k, slide_file(out_dir, slide_id, "_topk.png"),
                                 title=f"{slide_id}: top {cfg.top_k} by {score_label}")
 
     tiff = None
@@ -157,7 +158,7 @@ def render_slide_heatmap(
         alpha = cfg.alpha if cfg.tiff_overlay else 1.0
         rgb = overlay_rgb(background, big_grid, cmap=cfg.colormap, alpha=alpha)
         mpp = mpp_level0 * downsample / scale if mpp_level0 else None
-        tiff = write_pyramidal_tiff(out_dir / f"{slide_id}_heatmap.tif", rgb, mpp=mpp,
+        tiff = write_pyramidal_tiff(slide_file(out_dir, slide_id, "_heatmap.tif"), rgb, mpp=mpp,
                                     compression=cfg.tiff_compression,
                                     description=f"wsi-mil heatmap {slide_id} ({score_label}, {cfg.normalize})")
     log.info("heatmap %s: %d patches -> %s", slide_id, raw.size, out_dir)

@@ -328,7 +328,7 @@ def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> Trai
     parent = tracker.start_run(experiment_id, cfg.tracking.run_name or f"{label} cv",
                                tags={**tags, "wsi_mil.role": "cv"})
     log.info("training %s on %d slides (%d classes, %d-d features) -> MLflow run %s (%s)", label,
-             len(data.labels.df), data.labels.n_classes, data.store.dim, parent, tracker.uri)
+             len(data.labels.df), data.labels.n_classes, data.store.dim, parent, tracker.shown_uri)
     with run_guard(tracker, parent):
         tracker.log_params(parent, {**cfg.flat(), "n_slides": len(data.labels.df),
                                     "n_patients": data.labels.df["patient_id"].nunique(), "in_dim": data.store.dim})

@@ -34,7 +34,7 @@ import torch
 from wsi_mil.config import Config, TrainingConfig
 from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
-from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.layout import PLAIN_NAMES, Layout, tiling_key, unsafe_name_reason
 from wsi_mil.mil.base import BagItem
 from wsi_mil.stores import PARTIAL_TAG, read_bag, read_bag_attrs
 
@@ -143,7 +143,8 @@ def read_labels(path: Path, classes: list[str] | None = None, *, merge_variants:
     Raises
     ------
     WsiMilError
-        Missing or unreadable file, missing columns, blank or duplicate slide ids, blank labels,
+        Missing or unreadable file, missing columns, blank, duplicate or unsafe slide ids (path
+        separators, ``..``, absolute paths, control characters), blank labels,
         label spelling variants (unless merged), labels outside ``classes``, unknown split values,
         or a single class.
     """
@@ -178,6 +179,11 @@ def read_labels(path: Path, classes: list[str] | None = None, *, merge_variants:
     blank_ids = (df["slide_id"] == "").sum()
     if blank_ids:
         problems.append(f"{blank_ids} row(s) without slide_id")
+    unsafe = [f"{s!r} ({why})" for s in df.loc[df["slide_id"] != "", "slide_id"]
+              if (why := unsafe_name_reason(s)) is not None]
+    if unsafe:
+        problems.append(f"slide_id(s) that cannot name a file: {_show(unsafe)} (ids are slide file names without "
+                        f"extension: {PLAIN_NAMES})")
     dup = sorted(df.loc[df["slide_id"].duplicated(keep=False) & (df["slide_id"] != ""), "slide_id"].unique())
     if dup:
         problems.append(f"duplicate slide_id(s): {_show(dup)}")

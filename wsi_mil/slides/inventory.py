@@ -1,4 +1,4 @@
-"""What is in a slide folder: every file becomes a slide, or is skipped or failed with the reason.
+r"""What is in a slide folder: every file becomes a slide, or is skipped or failed with the reason.
 
 Rules, applied per folder:
 
@@ -12,7 +12,9 @@ Rules, applied per folder:
 - sub-folders are scanned with ``slides.recursive``; without it a sub-folder that holds DICOM files is
   still read (a DICOM slide *is* a folder), any other one gets a row saying how many slide files it
   holds and which key includes them;
-- slides sharing an id fail together (labels and outputs would be ambiguous).
+- slides sharing an id fail together (labels and outputs would be ambiguous);
+- a slide whose id cannot name an output file (a ``\`` or a control character in its file name) fails
+  with the reason (:func:`wsi_mil.layout.unsafe_name_reason`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Literal
 
 from wsi_mil.config import SlidesConfig
 from wsi_mil.errors import SlideError, WsiMilError
+from wsi_mil.layout import unsafe_name_reason
 from wsi_mil.slides.dicom import WSI_SOP_CLASS, describe_sop_class, sop_class_uid
 from wsi_mil.slides.ids import slide_id
 from wsi_mil.slides.info import file_fingerprint
@@ -191,6 +194,17 @@ def _fail_duplicates(entries: list[FolderEntry]) -> list[FolderEntry]:
     return out
 
 
+def _fail_unsafe_ids(entries: list[FolderEntry]) -> list[FolderEntry]:
+    out = []
+    for e in entries:
+        reason = unsafe_name_reason(e.slide_id) if e.status == "slide" else None
+        if reason is not None:
+            e = FolderEntry(e.path, e.slide_id, "failed", f"slide {str(e.path)!r}: its id {e.slide_id!r} cannot name an "
+                            f"output file ({reason}); rename the file.", "unsafe id")
+        out.append(e)
+    return out
+
+
 def scan_folder(slides_dir: Path, cfg: SlidesConfig) -> Inventory:
     """Sort every file of ``slides_dir`` into slides, skipped and failed entries (see the module docstring).
 
@@ -202,7 +216,7 @@ def scan_folder(slides_dir: Path, cfg: SlidesConfig) -> Inventory:
     slides_dir = Path(slides_dir).resolve()
     if not slides_dir.is_dir():
         raise WsiMilError(f"slide directory {slides_dir} does not exist; pass a directory of slide files.")
-    entries = _fail_duplicates(_scan(slides_dir, cfg, _extensions(cfg), top=True))
+    entries = _fail_unsafe_ids(_fail_duplicates(_scan(slides_dir, cfg, _extensions(cfg), top=True)))
     return Inventory(root=slides_dir, entries=sorted(entries, key=lambda e: str(e.path)))
 
 

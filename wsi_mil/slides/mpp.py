@@ -19,6 +19,7 @@ from pathlib import Path
 
 from wsi_mil.config import SlidesConfig
 from wsi_mil.errors import ConfigError, SlideError
+from wsi_mil.layout import unsafe_name_reason
 from wsi_mil.slides.ids import id_from_text
 from wsi_mil.slides.readers import DeclaredMpp, SlideReader
 
@@ -101,7 +102,11 @@ def _read_overrides(csv_path: str, mtime_ns: int, extensions: tuple[str, ...], l
                     f"{where} line {line}: mpp {value:g} um/px lies outside slides.mpp_range [{low}, {high}]; give "
                     "microns per pixel, e.g. 0.25 (40x) or 0.5 (20x)."
                 )
-            sid = id_from_text(row["slide_id"], extensions)
+            sid = id_from_text(row["slide_id"] or "", extensions)
+            unsafe = unsafe_name_reason(sid)
+            if unsafe is not None:
+                raise ConfigError(f"{where} line {line}: slide_id {sid!r} cannot name a slide file ({unsafe}); give "
+                                  "the slide file's name without extension, e.g. S01.")
             if sid in overrides and overrides[sid] != value:
                 raise ConfigError(f"{where} line {line}: slide {sid!r} is listed twice with different MPPs.")
             overrides[sid] = value
@@ -113,7 +118,8 @@ def mpp_overrides(cfg: SlidesConfig) -> dict[str, float]:
 
     Ids are matched as slide ids: ``S1``, ``S1.svs`` and ``S1.ome.tif`` in the CSV all mean slide ``S1``.
     Raises :class:`ConfigError` naming the file and line for a missing file, bad columns, a value that
-    is not a number or lies outside ``slides.mpp_range``, or one id with two values.
+    is not a number or lies outside ``slides.mpp_range``, a slide id that cannot name a file (path
+    separators, ``..``, absolute paths, control characters), or one id with two values.
     """
     if cfg.mpp_override_csv is None:
         return {}
