@@ -141,6 +141,7 @@ def test_slides_without_usable_mpp_work_with_the_fixes_their_errors_name(fixed) 
 @pytest.mark.slow
 def test_tiled_real_slides_embed_and_draw_heatmaps(tiled, fixed, tmp_path: Path) -> None:
     from wsi_mil.workflows.heatmap import draw_slide
+
     from wsi_mil.config import HeatmapConfig
 
     settings = ["--encoder", "tiny_cnn", "--weights", "random", "--device", "cpu", "--set", "features.num_workers=0"]
