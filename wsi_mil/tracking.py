@@ -166,7 +166,6 @@ class LoadedModel:
     uri: str
     predictor: Any
     run_id: str | None  # the run that logged it
-    model_id: str | None
 
 
 @dataclass
@@ -567,13 +566,13 @@ class Tracker:
         Returns
         -------
         LoadedModel
-            The predictor built by the model's loader, the run that logged the model and its id.
+            The predictor built by the model's loader and the run that logged the model.
 
         Raises
         ------
         WsiMilError
-            When the store holds no such model, the model is not one wsi-mil logged, or the store
-            cannot be reached.
+            When the store holds no such model, the model is not one wsi-mil logged or does not load,
+            or the store cannot be reached.
         """
         import mlflow.artifacts
         import mlflow.pyfunc
@@ -584,14 +583,18 @@ class Tracker:
             with self._reading_run(uri, f"downloading model {uri}", missing), self._as_global_uri():
                 local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=self.uri,
                                                             registry_uri=self.uri)
-            model = mlflow.pyfunc.load_model(local)
+            try:
+                model = mlflow.pyfunc.load_model(local)
+            except Exception as exc:
+                raise WsiMilError(f"MLflow model {uri} does not load ({_short(exc)}); install the wsi-mil version in "
+                                  "its requirements.txt.") from None
             try:
                 predictor = getattr(model.unwrap_python_model(), "predictor", None)
             except Exception:  # another flavour
                 predictor = None
         if predictor is None:
             raise WsiMilError(f"MLflow model {uri} was not logged by wsi-mil (no wsi-mil predictor in it).")
-        return LoadedModel(uri, predictor, model.metadata.run_id, getattr(model.metadata, "model_id", None))
+        return LoadedModel(uri, predictor, model.metadata.run_id)
 
 
 def _model_code(loader: Callable[..., Any]) -> str:
