@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from helpers import servers
 from helpers.milcore import write_cohort
 from wsi_mil.workflows.heatmap import heatmap_artifact_name
@@ -32,14 +31,6 @@ from wsi_mil.mil.fit import epoch_metric_name
 from wsi_mil.tracking import DESCRIPTION_TAG, RunRecord, Tracker
 
 NAME = "wsimil-test"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------ names
@@ -234,7 +225,7 @@ def test_cli_train_registers_a_run_once_and_a_forced_retrain_as_the_next_version
     out = tmp_path / "out"
     args = ["-q", "train", str(out), "--labels", str(labels), "--model", "mean", "--folds", "2", "--epochs", "2",
             "--set", f"training.features_dir={bags}", "--set", "training.bootstrap=0", "--set", "model.hidden_dim=16",
-            "--set", "tracking.register_as=cli-model"]
+            "--set", "training.threads=1", "--set", "tracking.register_as=cli-model"]
     assert cli.main(args) == 0
     first = capsys.readouterr().out
     run_id = re.search(r"MLflow parent run: ([0-9a-f]{32})", first).group(1)
