@@ -141,13 +141,13 @@ def check_fold_protocol(record: FoldRecord, roles: dict[str, set[str]], metrics:
         assert len(preds) == len(val), "each epoch is scored on the whole validation split"
         y, probs = np.array([y for y, _ in preds]), np.stack([p for _, p in preds])
         per_epoch.append((M.compute_metrics(y, probs)["auc"], M.nll(y, probs)))
-    assert metrics["best_epoch"] == _expected_best_epoch(per_epoch)
+    assert metrics["fit/best_epoch"] == _expected_best_epoch(per_epoch)
     # the threshold: chosen on the validation predictions of that checkpoint, made before the test fold
     chosen = [(y, p) for kind, key, y, p in ev[fit_end:first_test] if kind == "predict" and key in val]
     assert len(chosen) == len(val)
     y_val, p_val = np.array([y for y, _ in chosen]), np.stack([p for _, p in chosen])
     threshold = M.choose_threshold(y_val, p_val[:, 1], "youden")
-    assert metrics["threshold"] == pytest.approx(threshold, abs=1e-12)
+    assert metrics["fit/threshold"] == pytest.approx(threshold, abs=1e-12)
     test_preds = [(key, y, p) for kind, key, y, p in ev if kind == "predict" and key in test]
     return {"per_epoch": per_epoch, "threshold": threshold, "test": test_preds}
 
@@ -164,7 +164,7 @@ def check_run_protocol(result: TrainResult, out: Path, recorder: Recorder, n_fol
         metrics = tracker.get_run(run_id).metrics
         measured.append(check_fold_protocol(record, _roles(tracker, run_id), metrics))
         logged = pd.read_csv(io.StringIO(tracker.read_text(run_id, "predictions.csv")), dtype={"slide_id": str})
-        assert (logged["threshold"] == metrics["threshold"]).all()
+        assert (logged["threshold"] == metrics["fit/threshold"]).all()
         assert sorted(logged["slide_id"]) == sorted(key for key, _, _ in measured[-1]["test"])
     return measured
 
@@ -258,7 +258,7 @@ def test_no_test_slide_reaches_training_early_stopping_checkpoint_or_threshold(t
         if model == "mhim":
             # the in-fold baseline trains on the fold's training bags and stops early on its validation bags
             assert in_setup == roles["train"] | roles["val"]
-            assert tracker.get_run(runs[(record.seed, record.fold)]).metrics["baseline_best_epoch"] >= 0
+            assert tracker.get_run(runs[(record.seed, record.fold)]).metrics["baseline/fit/best_epoch"] >= 0
         else:
             assert in_setup <= roles["train"]
         in_epochs = {key for kind, key, _, _ in ev[end:] if kind == "read"} - roles["test"]

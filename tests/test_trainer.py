@@ -87,9 +87,9 @@ def test_early_stopping_keeps_best_and_stops_on_plateau(min_epochs, patience, ru
     assert result.epochs_run == runs and result.stopped_early
     assert result.best_epoch == 3 and method.epoch == 3  # best checkpoint reloaded
     assert result.best_val_auc == 1.0
-    assert result.history["val_auc"][:4] == [0.5, 0.75, 1.0, 1.0]
+    assert result.history["val/auc"][:4] == [0.5, 0.75, 1.0, 1.0]
     assert [s for s, _ in logged] == list(range(runs))
-    assert set(logged[0][1]) == {"train_loss", "train_mask_ratio", "val_auc", "val_loss"}
+    assert set(logged[0][1]) == {"train/loss", "train/mask_ratio", "val/auc", "val/loss"}
 
 
 # ------------------------------------------------------------------------------------ full training
@@ -127,20 +127,22 @@ def _check_logged_runs(client: Any, experiment_name: str, parent_id: str, n_fold
                 "wsi_mil.model"):
         assert tags.get(key), key
     assert tags["wsi_mil.encoder"] == "synthetic"
-    for key in ("test_auc_mean", "test_auc_std", "test_accuracy_mean", "test_f1_mean", "test_balanced_accuracy_std"):
+    for key in ("test/auc_mean", "test/auc_std", "test/accuracy_mean", "test/f1_mean", "test/balanced_accuracy_std",
+                "fit/val_auc_mean"):
         assert key in parent.data.metrics
     assert {a.path for a in client.list_artifacts(parent_id)} >= PARENT_ARTIFACTS
     seen_test: set[str] = set()
     for child in children:
         m = child.data.metrics
-        for key in ("test_auc", "test_auc_ci_low", "test_auc_ci_high", "test_accuracy", "test_f1",
-                    "test_balanced_accuracy", "threshold", "best_epoch", "val_best_auc"):
+        for key in ("test/auc", "test/auc_ci_low", "test/auc_ci_high", "test/accuracy", "test/f1",
+                    "test/balanced_accuracy", "fit/threshold", "fit/best_epoch", "fit/val_auc"):
             assert key in m, key
-        assert m["test_auc_ci_low"] <= m["test_auc"] <= m["test_auc_ci_high"]
-        history = client.get_metric_history(child.info.run_id, "val_auc")
-        n_epochs = int(m["epochs_run"])
+            assert [h.step for h in client.get_metric_history(child.info.run_id, key)] == [0], key  # a bar, not a dot
+        assert m["test/auc_ci_low"] <= m["test/auc"] <= m["test/auc_ci_high"]
+        history = client.get_metric_history(child.info.run_id, "val/auc")
+        n_epochs = int(m["fit/epochs_run"])
         assert sorted(h.step for h in history) == list(range(n_epochs))
-        assert len(client.get_metric_history(child.info.run_id, "train_loss")) == n_epochs
+        assert len(client.get_metric_history(child.info.run_id, "train/loss")) == n_epochs
         assert {a.path for a in client.list_artifacts(child.info.run_id)} >= FOLD_ARTIFACTS
         assert child.data.params["fold"] == child.data.tags["wsi_mil.fold"]
         local = client.download_artifacts(child.info.run_id, "split.csv")
@@ -182,7 +184,7 @@ def test_train_and_evaluate_embedded_sqlite(tmp_path, capsys):
     pd.testing.assert_frame_equal(
         ev.predictions.sort_values("slide_id").reset_index(drop=True)[["slide_id", "prob_1", "pred"]],
         preds.sort_values("slide_id").reset_index(drop=True)[["slide_id", "prob_1", "pred"]], atol=1e-6)
-    assert "eval_test_auc_mean" in client.get_run(result.parent_run_id).data.metrics
+    assert "evaluate/test_auc_mean" in client.get_run(result.parent_run_id).data.metrics
 
     # the CLI prints the same table
     code = cli.main(["-q", "evaluate", "--run", result.parent_run_id, "--out", str(out)])
@@ -313,8 +315,8 @@ def test_baseline_hooks_train_and_reload(tmp_path):
     tracker = Tracker(f"sqlite:///{out / 'mlflow.db'}")
     fold_runs = tracker.fold_runs(first.parent_run_id)
     run0 = tracker.get_run(fold_runs[0].run_id)
-    assert "baseline_best_epoch" in run0.metrics and "baseline_source_trained" in run0.metrics
-    assert [s for s, _ in tracker.metric_history(run0.run_id, "baseline_val_auc")] == [0, 1, 2, 3]
+    assert "baseline/fit/best_epoch" in run0.metrics and "baseline_source_trained" in run0.metrics
+    assert [s for s, _ in tracker.metric_history(run0.run_id, "baseline/val/auc")] == [0, 1, 2, 3]
     assert "baseline/checkpoint.pt" in tracker.list_artifacts(run0.run_id)
     base = load_checkpoint(tracker, run0.run_id, "baseline/checkpoint.pt")
     assert base["method"] == "bag" and base["model_name"] == "mean"

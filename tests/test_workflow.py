@@ -85,7 +85,8 @@ def heatmap_scores(tracker, run_id: str) -> dict[str, tuple[np.ndarray, np.ndarr
             collection = json.loads(tracker.read_text(run_id, name))
             corners = [f["geometry"]["coordinates"][0][0] for f in collection["features"]]
             scores = [f["properties"]["score"] for f in collection["features"]]
-            out[Path(name).stem] = (np.asarray(scores), np.asarray(corners), collection["properties"]["patch_size_level0"])
+            out[collection["properties"]["slide_id"]] = (np.asarray(scores), np.asarray(corners),
+                                                          collection["properties"]["patch_size_level0"])
     return out
 
 
@@ -135,20 +136,29 @@ def test_run_produces_every_output(finished, cohort):
     tracker = open_tracker(finished, load_config())
     runs = tracker.find_runs("e2e")
     assert sorted(r.tags["wsi_mil.model"].split("(")[0].lower() for r in runs) == ["abmil", "ins", "mhim"]
+    labels = pd.read_csv(cohort.labels_csv).set_index("slide_id")["label"]
     for run in runs:
-        assert "test_auc_mean" in run.metrics
-        # every slide was a test slide once: one heatmap each, logged to the run
+        assert "test/auc_mean" in run.metrics
+        assert tracker.run_model_id(run.run_id) is not None  # the Models column of the runs table
+        predictions = pd.read_csv(io.StringIO(tracker.read_text(run.run_id, "predictions.csv")))
+        # every slide was a test slide once: one heatmap each, logged to the run as <label>/<slide>__p<prob>.png
+        prob = predictions.set_index("slide_id")["prob_tumor"]
         maps = tracker.list_artifacts(run.run_id, "heatmaps")
-        assert sum(a.endswith(".png") and not a.endswith("_topk.png") for a in maps) == len(cohort.slide_ids)
+        pngs = sorted(a for a in maps if a.endswith(".png") and not a.endswith("_topk.png"))
+        assert pngs == sorted(f"heatmaps/{labels[s]}/{s}__p{prob[s]:.2f}.png" for s in cohort.slide_ids)
         assert sum(a.endswith(".geojson") for a in maps) == len(cohort.slide_ids)
         # ground truth exists: the logged localisation AUCs are those of the heatmap scores against the masks
         heatmap_auc, fold_mean = oracle_instance_aucs(tracker, run.run_id, cohort)
-        assert run.metrics["heatmap_localisation_auc"] == pytest.approx(heatmap_auc, rel=1e-6)
-        assert run.metrics["test_instance_auc_mean"] == pytest.approx(fold_mean, rel=1e-6)
-        predictions = pd.read_csv(io.StringIO(tracker.read_text(run.run_id, "predictions.csv")))
-        assert run.metrics["test_auc_mean"] == pytest.approx(oracle_test_auc_mean(predictions), rel=1e-6)
+        assert run.metrics["heatmap/localisation_auc"] == pytest.approx(heatmap_auc, rel=1e-6)
+        assert run.metrics["test/instance_auc_mean"] == pytest.approx(fold_mean, rel=1e-6)
+        assert run.metrics["test/auc_mean"] == pytest.approx(oracle_test_auc_mean(predictions), rel=1e-6)
     summaries = tracker.find_runs("e2e", role="summary")
     assert len(summaries) == 1 and "summary.md" in tracker.list_artifacts(summaries[0].run_id)
+    summary = summaries[0]
+    assert summary.tags["mlflow.note.content"].startswith("# wsi-mil run summary")
+    assert summary.metrics and all(k.startswith("workflow/") for k in summary.metrics)  # after the test/ section
+    auc = {r.tags["wsi_mil.model"]: r.metrics["test/auc_mean"] for r in runs}
+    assert summary.metrics["workflow/abmil_auc_mean"] == pytest.approx(auc["abmil"])
 
 
 def test_rerun_does_no_stage_twice(finished, cohort, capsys):
@@ -183,7 +193,7 @@ def test_killed_run_resumes_to_the_same_result(finished, cohort, tmp_path):
 
 def _metric_table(out: Path) -> pd.DataFrame:
     tracker = open_tracker(out, load_config())
-    rows = [{"model": r.tags["wsi_mil.model"], "auc": r.metrics.get("test_auc_mean")} for r in tracker.find_runs("e2e")]
+    rows = [{"model": r.tags["wsi_mil.model"], "auc": r.metrics.get("test/auc_mean")} for r in tracker.find_runs("e2e")]
     return pd.DataFrame(rows).sort_values("model").reset_index(drop=True)
 
 
@@ -236,6 +246,52 @@ def test_heatmap_finds_moved_slides_and_predict_uses_this_calls_slide_settings(f
     assert frame.loc[frame["slide_id"] == tcga, "prob_tumor"].between(0, 1).all()
 
 
+def _fixed_split_labels(cohort, dst: Path) -> Path:
+    """The cohort's labels with a split column: per class one single-class patient to test, one to val."""
+    frame = pd.read_csv(cohort.labels_csv)
+    classes = frame.groupby("patient_id")["label"].agg(frozenset)
+    split: dict[str, str] = {}
+    for label in ("tumor", "normal"):
+        for role in ("test", "val"):
+            split[next(p for p, held in classes.items() if held == {label} and p not in split)] = role
+    frame["split"] = frame["patient_id"].map(split).fillna("train")
+    assert set(frame.loc[frame["split"] == "train", "label"]) == {"tumor", "normal"}
+    frame.to_csv(dst, index=False)
+    return dst
+
+
+def test_predict_with_a_registered_model_reproduces_its_test_fold_probabilities_from_slides(finished, cohort, tmp_path,
+                                                                                           capsys):
+    # fixed splits, two seeds: each test slide is scored by both seeds' models, as the registered ensemble scores it
+    labels = _fixed_split_labels(cohort, tmp_path / "fixed.csv")
+    train = ["train", str(finished), "--labels", str(labels), "--model", "abmil", *fast_settings(cohort.truth_dir),
+             "--set", "training.fixed_splits=true", "--set", "training.seeds=[0,1]",
+             "--set", "tracking.experiment=e2e-registry", "--set", "tracking.register_as=e2e-abmil"]
+    assert main(train) == 0
+    printed = capsys.readouterr().out
+    assert "registered model: models:/e2e-abmil/1" in printed
+    run_id = printed.split("MLflow parent run: ")[1].split()[0]
+    tracker = open_tracker(finished, load_config())
+    trained = pd.read_csv(io.StringIO(tracker.read_text(run_id, "predictions.csv")))
+    test_ids = sorted(trained["slide_id"].unique())
+    assert len(test_ids) == 2 and sorted(trained["seed"].unique()) == [0, 1]
+    expected = trained.groupby("slide_id")["prob_tumor"].mean()
+    new = tmp_path / "new_slides"
+    new.mkdir()
+    for sid in test_ids:
+        shutil.copy(cohort.slides_dir / f"{sid}.svs", new / f"new_{sid}.svs")
+    assert main(["predict", str(new), "--model", "models:/e2e-abmil/1", "--out", str(finished)]) == 0
+    assert "predictions/e2e-abmil_1" in capsys.readouterr().out
+    frame = pd.read_csv(Layout(Layout(finished).predictions_dir("e2e-abmil_1")).predictions_csv).set_index("slide_id")
+    threshold = float(np.median(pd.read_csv(io.StringIO(tracker.read_text(run_id, "per_fold.csv")))["threshold"]))
+    logged = tracker.list_artifacts(run_id, "predictions")
+    for sid in test_ids:  # tiled and embedded anew with the model's own settings: the same probabilities
+        assert frame.loc[f"new_{sid}", "prob_tumor"] == pytest.approx(expected[sid], abs=1e-5)
+        label = "tumor" if expected[sid] >= threshold else "normal"
+        assert frame.loc[f"new_{sid}", "pred"] == label
+        assert f"predictions/heatmaps/{label}/new_{sid}__p{expected[sid]:.2f}.png" in logged
+
+
 def test_run_against_real_dask_cluster_and_mlflow_server(finished, cohort, tmp_path):
     out = tmp_path / "served"
     with dask_cluster(2, log_dir=tmp_path) as scheduler, mlflow_server(tmp_path / "mlflow") as url:
@@ -258,14 +314,16 @@ def test_run_against_real_dask_cluster_and_mlflow_server(finished, cohort, tmp_p
             run_id = run["info"]["run_id"]
             predictions = pd.read_csv(io.BytesIO(rest(url, f"/get-artifact?path=predictions.csv&run_uuid={run_id}",
                                                       raw=True)))
-            assert metrics["test_auc_mean"] == pytest.approx(oracle_test_auc_mean(predictions), rel=1e-6)
-            assert "heatmap_localisation_auc" in metrics
-            listing = rest(url, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=heatmaps")["files"]
-            names = [f["path"] for f in listing]
-            assert "heatmaps/slide_000.png" in names and "heatmaps/slide_000.geojson" in names
-            png = rest(url, f"/get-artifact?path=heatmaps/slide_000.png&run_uuid={run_id}", raw=True)
+            assert metrics["test/auc_mean"] == pytest.approx(oracle_test_auc_mean(predictions), rel=1e-6)
+            assert "heatmap/localisation_auc" in metrics
+            label = predictions.set_index("slide_id").loc["slide_000"]
+            stem = f"heatmaps/{label['label_name']}/slide_000__p{label['prob_tumor']:.2f}"
+            listing = rest(url, f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=heatmaps/{label['label_name']}")
+            names = [f["path"] for f in listing["files"]]
+            assert f"{stem}.png" in names and f"{stem}.geojson" in names
+            png = rest(url, f"/get-artifact?path={stem}.png&run_uuid={run_id}", raw=True)
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
-            geo = json.loads(rest(url, f"/get-artifact?path=heatmaps/slide_000.geojson&run_uuid={run_id}", raw=True))
+            geo = json.loads(rest(url, f"/get-artifact?path={stem}.geojson&run_uuid={run_id}", raw=True))
             assert geo["type"] == "FeatureCollection" and "score" in geo["features"][0]["properties"]
     # ... and wrote what the local run wrote
     assert_same_stores(finished, out, cohort)

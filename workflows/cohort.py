@@ -30,6 +30,7 @@ from wsi_mil.extract import ExtractReport, extract_cohort
 from wsi_mil.layout import Layout
 from wsi_mil.mil.cv import train_cohort
 from wsi_mil.mil.data import LabelTable, load_labels, match_slides, resolve_features_dir
+from wsi_mil.mil.ensemble import register_run_model
 from wsi_mil.mil.splits import make_splits
 from wsi_mil.slides import find_slides, slide_id
 from wsi_mil.stores import write_text_atomic
@@ -85,8 +86,8 @@ def model_config(cfg: Config, name: str, trained: dict[str, str]) -> Config:
 
 
 def _summary_of(tracker: Tracker, run_id: str) -> dict[str, tuple[float, float]]:
-    metrics = tracker.get_run(run_id).metrics
-    return {m: (metrics.get(f"test_{m}_mean", math.nan), metrics.get(f"test_{m}_std", math.nan)) for m in SUMMARY_METRICS}
+    run = tracker.get_run(run_id)
+    return {m: (run.metric(f"test/{m}_mean"), run.metric(f"test/{m}_std")) for m in SUMMARY_METRICS}
 
 
 def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[ModelOutcome]:
@@ -105,6 +106,8 @@ def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[Model
             run_id = train_cohort(out, mcfg).parent_run_id
         else:
             log.info("%s: reusing finished MLflow run %s (same settings and bags)", name, run_id)
+            if mcfg.tracking.register_as:
+                register_run_model(tracker, run_id, mcfg.tracking.register_as)
         trained[name] = run_id
         outcome = ModelOutcome(name, run_id, reused, _summary_of(tracker, run_id))
         has_maps = bool(tracker.list_artifacts(run_id, "heatmaps"))
@@ -112,7 +115,7 @@ def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[Model
             drawn = heatmaps_for_run(run_id, out, mcfg)
             outcome.heatmaps, outcome.localisation_auc = len(drawn.slides), drawn.localisation_auc
         else:
-            outcome.localisation_auc = tracker.get_run(run_id).metrics.get("heatmap_localisation_auc", math.nan)
+            outcome.localisation_auc = tracker.get_run(run_id).metric("heatmap/localisation_auc")
         if not reused:  # tagged last: a run interrupted before its heatmaps is redone
             tracker.set_tags(run_id, {WORKFLOW_TAG: key})
         outcomes.append(outcome)
@@ -123,15 +126,17 @@ def _log_summary(out: Path, cfg: Config, outcome: CohortOutcome, markdown: str) 
     tracker = open_tracker(out, cfg)
     experiment = tracker.experiment(experiment_name(cfg))
     run_id = tracker.start_run(experiment, "workflow summary", tags={"wsi_mil.role": "summary"})
+    # one "workflow" chart section, after the train runs' test/ and val/ sections
     metrics = {}
     for m in outcome.models:
         for metric, (mean, _) in m.summary.items():
             if not math.isnan(mean):
-                metrics[f"{m.name}_{metric}_mean"] = mean
+                metrics[f"workflow/{m.name}_{metric}_mean"] = mean
         if not math.isnan(m.localisation_auc):
-            metrics[f"{m.name}_localisation_auc"] = m.localisation_auc
+            metrics[f"workflow/{m.name}_localisation_auc"] = m.localisation_auc
     tracker.log_metrics(run_id, metrics)
     tracker.set_tags(run_id, {f"wsi_mil.run.{m.name}": m.run_id for m in outcome.models})
+    tracker.set_description(run_id, markdown)
     tracker.log_text(run_id, markdown, "summary.md")
     tracker.end_run(run_id)
     return run_id

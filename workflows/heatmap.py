@@ -2,14 +2,20 @@
 
 Scores come from the fold model that held the slide out as test (attention of ABMIL/TransMIL/DSMIL/
 MHIM students, instance probabilities of INS); nothing is re-extracted. Outputs per slide go to
-``OUT/heatmaps/<run>/`` and are attached to the MLflow run under ``heatmaps/``. When instance ground
-truth exists (``training.annotations_dir``), the localisation AUC of the scores is logged too.
+``OUT/heatmaps/<run>/`` and are attached to the MLflow run as
+``heatmaps/<label>/<slide>__p<probability>.png`` (and ``.geojson``, ``_topk.png``, ``_heatmap.tif``):
+the slide's true class, and that fold model's probability of the positive class (binary) or of the
+slide's class. When instance ground truth exists (``training.annotations_dir``), the localisation AUC
+of the scores is logged too (``heatmap/localisation_auc``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +31,7 @@ from wsi_mil.errors import WsiMilError
 from wsi_mil.heatmaps import SlideHeatmap, render_slide_heatmap
 from wsi_mil.layout import Layout, path_component, slide_file
 from wsi_mil.mil.base import BagItem
-from wsi_mil.mil.checkpoints import load_fold_method, load_run_splits
+from wsi_mil.mil.checkpoints import LoadedFold, load_fold_method, load_run_splits
 from wsi_mil.mil.metrics import instance_auc
 from wsi_mil.mil.splits import fold_ids
 from wsi_mil.slides import locate_slide, slide_thumbnail
@@ -72,9 +78,33 @@ def bag_item(bag: stores.Bag, slide_id: str, device: torch.device | str = "cpu")
     return BagItem(slide_id, torch.as_tensor(bag.features, dtype=torch.float32, device=device), -1, bag.coords)
 
 
-def score_slide(method: object, bag: stores.Bag, slide_id: str, device: torch.device) -> np.ndarray:
-    """Per-patch scores of one bag from a trained method (attention or instance probability)."""
-    return np.asarray(method.predict(bag_item(bag, slide_id, device)).instance_scores, dtype=np.float64).reshape(-1)
+def heatmap_artifact_name(slide_id: str, label: str, prob: float, file: Path) -> str:
+    """The MLflow artifact name of one heatmap file.
+
+    ``<label>/<slide>__p<prob>`` and what follows the slide id in the file's name (``.png``,
+    ``.geojson``, ``_topk.png``, ``_heatmap.tif``); ``prob`` with two decimals.
+    """
+    name = Path(file).name
+    rest = name[len(slide_id):] if name.startswith(slide_id) else Path(file).suffix
+    folder = re.sub(r"[^\w.-]+", "_", label) or "unlabelled"
+    return f"{folder}/{slide_id}__p{prob:.2f}{rest}"
+
+
+def log_heatmaps(tracker: Tracker, run_id: str, drawn: list[tuple[SlideHeatmap, str, float]], artifact_dir: str) -> None:
+    """Attach each slide's heatmap files to ``run_id`` under ``artifact_dir/<label>/<slide>__p<prob>...``.
+
+    ``drawn`` holds (files, label, probability) per slide.
+    """
+    if not drawn:
+        return
+    with tempfile.TemporaryDirectory(prefix="wsi-mil-heatmaps-") as tmp:
+        for files, label, prob in drawn:
+            for path in (files.png, files.geojson, files.montage, files.tiff):
+                if path is not None and Path(path).is_file():
+                    target = Path(tmp) / heatmap_artifact_name(files.slide_id, label, prob, Path(path))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+        tracker.log_artifact(run_id, Path(tmp), artifact_dir)
 
 
 def draw_slide(slide_id: str, bag: stores.Bag, scores: np.ndarray, out_dir: Path, hcfg: HeatmapConfig, layout: Layout,
@@ -160,21 +190,28 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     result = RunHeatmaps(parent)
     target = layout.heatmaps_dir(parent)
     device = torch.device("cpu")
-    loaded: dict[str, object] = {}
+    loaded: dict[str, LoadedFold] = {}
     model_name = tracker.get_run(parent).tags.get("wsi_mil.model", run_cfg.model.name)
     features_dir = _features_dir(tracker, parent)
+    named: list[tuple[SlideHeatmap, str, float]] = []
     for sid in tqdm(wanted, desc="heatmaps", unit="slide", leave=False):
         fold = owner.get(sid, folds[0])
         if fold.run_id not in loaded:
-            loaded[fold.run_id] = load_fold_method(tracker, fold.run_id, device="cpu", config=run_cfg).method
+            loaded[fold.run_id] = load_fold_method(tracker, fold.run_id, device="cpu", config=run_cfg)
+        model = loaded[fold.run_id]
         bag = stores.read_bag(slide_file(features_dir, sid, ".h5"))
-        scores = score_slide(loaded[fold.run_id], bag, sid, device)
+        pred = model.method.predict(bag_item(bag, sid, device))
+        scores = np.asarray(pred.instance_scores, dtype=np.float64).reshape(-1)
         role = "test fold" if sid in owner else "not in any test fold"
         result.slides.append(draw_slide(
             sid, bag, scores, target, hcfg, layout,
             title=f"{sid} - {model_name} (fold {fold.fold}, seed {fold.seed}, {role})", model_name=model_name,
             run_id=parent, slides_dir=slides_dir, slides_cfg=cfg.slides,
         ))
+        y = y_of.get(sid)
+        probs = np.asarray(pred.probs, dtype=np.float64).reshape(-1)
+        shown = probs[1] if len(probs) == 2 else (probs[y] if y is not None else probs.max())
+        named.append((result.slides[-1], model.classes[y] if y is not None else "unlabelled", float(shown)))
         result.scores[sid] = scores
         labels = _instance_labels(run_cfg, sid, bag.coords, float(bag.attrs["patch_size_level0"]), y_of.get(sid))
         if labels is not None:
@@ -182,9 +219,9 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     if result.labels:
         result.localisation_auc = instance_auc(result.scores, result.labels)
     if log_artifacts and result.slides:
-        tracker.log_artifact(parent, target, "heatmaps")
+        log_heatmaps(tracker, parent, named, "heatmaps")
         if np.isfinite(result.localisation_auc):
-            tracker.log_metrics(parent, {"heatmap_localisation_auc": result.localisation_auc})
+            tracker.log_metrics(parent, {"heatmap/localisation_auc": result.localisation_auc})
     return result
 
 

@@ -22,6 +22,7 @@ from wsi_mil.encoders import encoder_key
 from wsi_mil.layout import tiling_key
 from wsi_mil.mil.cv import train_cohort
 from wsi_mil.mil.data import resolve_features_dir
+from wsi_mil.mil.ensemble import model_uri, register_run_model
 from wsi_mil.mil.evaluation import evaluate_run
 from wsi_mil.mil.metrics import format_summary
 from wsi_mil.tracking import Tracker, experiment_name, open_tracker
@@ -69,13 +70,20 @@ def cli_train(args: argparse.Namespace, cfg: Config) -> int:
             per_fold = pd.read_csv(tracker.download(run_id, "per_fold.csv", Path(tmp)))
             summary = pd.read_csv(tracker.download(run_id, "summary.csv", Path(tmp))).set_index("metric")
         out.write(f"reusing finished MLflow run {run_id} (same settings, labels and bags; --force trains again)\n")
+        if cfg.tracking.register_as:
+            version = register_run_model(tracker, run_id, cfg.tracking.register_as)
+            out.write(f"registered model: models:/{cfg.tracking.register_as}/{version}\n")
     else:
         result = train_cohort(args.out, cfg)
         tracker.set_tags(result.parent_run_id, {WORKFLOW_TAG: key})
         run_id, per_fold, summary = result.parent_run_id, result.per_fold, result.summary
+        if result.model_version is not None:
+            out.write(f"registered model: models:/{cfg.tracking.register_as}/{result.model_version}\n")
     out.write(_table(per_fold, PER_FOLD_COLUMNS) + "\n")
     out.write(f"test metrics over {len(per_fold)} fold(s) (mean +- std):\n{format_summary(summary)}\n")
     out.write(f"MLflow parent run: {run_id}\n")
+    if tracker.run_model_id(run_id) is not None:
+        out.write(f"model: {model_uri(run_id)}\n")
     return 0
 
 

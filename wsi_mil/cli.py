@@ -113,7 +113,10 @@ def _add_heatmap(p: argparse.ArgumentParser) -> None:
 def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("slides_dir", type=Path, nargs="?", help="Directory of new slides.")
     p.add_argument("--slides-dir", dest="slides_dir_option", type=Path, help="Directory of new slides (same as SLIDES_DIR).")
-    p.add_argument("--run", required=True, help="MLflow run id of a `wsi-mil train` parent run.")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", help="MLflow run id of a `wsi-mil train` parent run.")
+    model.add_argument("--model", dest="model_uri", metavar="URI",
+                       help="MLflow model: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model.")
     p.add_argument("--out", type=Path, default=Path("."), help="Output directory of that run.")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
 
@@ -178,7 +181,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "train": ("Cross-validate a MIL model on feature bags; log to MLflow.", _add_train, cli_train),
     "evaluate": ("Re-score a trained run's checkpoints on their test folds.", _add_evaluate, cli_evaluate),
     "heatmap": ("Draw per-slide heatmaps from a trained run.", _add_heatmap, cli_heatmap),
-    "predict": ("Predict new slides with a trained run.", _add_predict, cli_predict),
+    "predict": ("Predict new slides with a trained run or a registered model.", _add_predict, cli_predict),
     "run": ("Whole workflow: tile, extract, train, evaluate, heatmaps.", _add_run, cli_run),
     "demo": ("Synthesise a cohort and run the whole workflow offline.", _add_demo, cli_demo),
     "ui": ("Open the MLflow UI over an output directory.", _add_ui, cli_ui),

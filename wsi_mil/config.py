@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -500,6 +501,27 @@ class TrackingConfig(Section):
     experiment: str | None = Field(default=None, description="Experiment name; None = derived from the labels file.")
     run_name: str | None = Field(default=None, description="Name of the parent run; None = '<model> cv'.")
     log_checkpoints: bool = Field(default=True, description="Store each fold's best checkpoint as an artifact.")
+    log_model: bool = Field(
+        default=True, description="Log the fold models of a train as one MLflow Model (pyfunc) on its parent run "
+        "(runs:/<run>/model; wsi-mil predict --model, mlflow.pyfunc.load_model).",
+    )
+    register_as: str | None = Field(
+        default=None, description="Register each trained model as a new version of this MLflow registered model "
+        "(models:/<name>/<version>); None = no registration.",
+    )
+
+    @field_validator("register_as")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("tracking.register_as must be letters, digits, '_', '.' or '-' (it becomes models:/<name>/<v>)")
+        return value
+
+    @model_validator(mode="after")
+    def _registering_needs_a_model(self) -> TrackingConfig:
+        if self.register_as is not None and not self.log_model:
+            raise ValueError("tracking.register_as needs tracking.log_model=true (the registered version is that model)")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- compute

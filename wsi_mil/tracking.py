@@ -1,31 +1,42 @@
 """MLflow tracking: the one module of wsi-mil that imports ``mlflow``.
 
-Layout of a ``wsi-mil train`` command in MLflow:
+Layout of a ``wsi-mil train`` command in MLflow. Metric names carry ``/`` prefixes: the MLflow UI
+draws one chart section per prefix (the part before the last ``/``) and names each chart by the rest.
 
 - experiment: ``tracking.experiment`` or the labels file's stem (one per cohort/task);
 - parent run (tag ``wsi_mil.role=cv``): params = the whole flattened config; tags = model, encoder,
-  tiling key, data fingerprint, code version; artifacts ``config.yaml``, ``splits.csv``, ``labels.csv``,
-  ``predictions.csv`` (all folds), ``summary.csv``, ``per_fold.csv``, pooled ROC/confusion plots;
-  metrics ``test_<metric>_mean`` / ``_std``;
+  tiling key, data fingerprint, code version; a description (MLflow's note: cohort, model, folds x
+  seeds, the test metrics table); the labels as a dataset input; artifacts ``config.yaml``,
+  ``splits.csv``, ``labels.csv``, ``predictions.csv`` (all folds, also as the MLflow table
+  ``predictions.json``), ``summary.csv``, ``per_fold.csv``, pooled ROC/confusion plots; metrics
+  ``test/<metric>_mean`` / ``_std``, ``fit/val_auc_mean``, later ``evaluate/test_<metric>_mean`` and
+  ``heatmap/localisation_auc``; the MLflow Model ``model`` (pyfunc, ``runs:/<run>/model``), optionally
+  registered;
 - one nested run per (seed, fold) (tags ``wsi_mil.role=fold``, ``wsi_mil.fold``, ``wsi_mil.seed``,
-  ``mlflow.parentRunId``): per-epoch metrics (``train_loss``, ``val_auc``, ``val_loss``, ``train_lr``
-  and whatever the method reports), final ``test_*`` metrics with ``_ci_low``/``_ci_high``,
-  artifacts ``checkpoint.pt``, ``config.yaml``, ``split.csv``, ``predictions.csv``,
-  ``val_predictions.csv``, ``roc.png``, ``confusion_matrix.png``, ``training_curves.png``.
+  ``mlflow.parentRunId``): per-epoch curves ``train/loss``, ``train/lr`` (and ``train/<what the method
+  reports>``), ``val/auc``, ``val/loss``; MHIM's baseline under ``baseline/``; single values (step 0)
+  ``fit/best_epoch``, ``fit/epochs_run``, ``fit/stopped_early``, ``fit/threshold``, ``fit/val_<metric>``
+  and ``test/<metric>`` with ``_ci_low``/``_ci_high``; a description (split counts, best epoch); artifacts
+  ``checkpoint.pt``, ``config.yaml``, ``split.csv``, ``predictions.csv``, ``val_predictions.csv``,
+  ``roc.png``, ``confusion_matrix.png``, ``training_curves.png``.
 
 Embedded default: a SQLite store ``OUT/mlflow.db`` with artifacts under ``OUT/mlartifacts/``; any
 other URI (``http://host:5000``) is used as given. Telemetry is switched off before import.
 Credentials stay in the process: params, tags, text artifacts and the error messages of this module
 go through :func:`wsi_mil.redaction.redact` (``http://user:***@host``).
 
-This module stores and reads runs, params, metrics, tags and artifact files; it knows nothing of
-models. Checkpoints are written and rebuilt by :mod:`wsi_mil.mil.checkpoints`. A run id that the
-store does not hold and a store that cannot be reached give different errors.
+This module stores and reads runs, params, metrics, tags, artifact files, datasets and MLflow Models;
+it knows nothing of MIL. A logged model is a pyfunc whose code is the installed ``wsi_mil`` package:
+:func:`pyfunc_model` wraps a *predictor* that a caller-named loader builds from the model's artifact
+files (:mod:`wsi_mil.mil.ensemble` supplies it). Checkpoints are written and rebuilt by
+:mod:`wsi_mil.mil.checkpoints`. A run id that the store does not hold and a store that cannot be
+reached give different errors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -34,11 +45,13 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -51,9 +64,12 @@ from wsi_mil.redaction import redact
 log = logging.getLogger(__name__)
 
 PARAM_MAX = 6000  # MLflow's limit on a param value
+TAG_MAX = 8000  # MLflow's limit on a run tag's value
 BATCH = 100  # MLflow accepts at most 100 params per batch
 NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's codes for an unknown run id
 ROLE_TAG, FOLD_TAG, SEED_TAG, PARENT_TAG = "wsi_mil.role", "wsi_mil.fold", "wsi_mil.seed", "mlflow.parentRunId"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run description the MLflow UI shows and edits
+MODEL_NAME = "model"  # the MLflow Model of a train parent run: runs:/<run>/model
 
 
 def quiet_mlflow() -> None:
@@ -76,7 +92,7 @@ def _client(uri: str):
     from mlflow import MlflowClient
 
     quiet_mlflow()  # mlflow sets its own logger levels on import
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def default_uri(out: Path, cfg: Config) -> str:
@@ -129,6 +145,15 @@ class RunRecord:
         """The run this one is nested under, if any."""
         return self.tags.get(PARENT_TAG)
 
+    def metric(self, key: str, default: float = math.nan) -> float:
+        """The latest value of metric ``key`` (e.g. ``test/auc_mean``), or ``default``.
+
+        Runs logged before metric names carried ``/`` prefixes (``test_auc_mean``) are read too.
+        """
+        if key in self.metrics:
+            return self.metrics[key]
+        return self.metrics.get(key.replace("/", "_"), default)
+
 
 @dataclass
 class FoldRun:
@@ -137,6 +162,32 @@ class FoldRun:
     run_id: str
     fold: int
     seed: int
+
+
+@dataclass
+class LoadedModel:
+    """An MLflow Model logged by wsi-mil, loaded: the predictor its loader built, and where it came from."""
+
+    uri: str
+    predictor: Any
+    run_id: str | None  # the run that logged it
+
+
+@dataclass
+class ModelVersion:
+    """One version of a registered model."""
+
+    name: str
+    version: int
+    run_id: str | None
+    tags: dict[str, str]
+
+
+class Predictor(Protocol):
+    """What a pyfunc model's loader returns (see :func:`pyfunc_model`)."""
+
+    def predict_pyfunc(self, features: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+        """The model's answer for one input (params as the signature declares them)."""
 
 
 def _short(exc: BaseException) -> str:
@@ -174,6 +225,18 @@ class Tracker:
                 raise WsiMilError(missing or f"MLflow run {run_id} not found in {self.shown_uri}; check the run id and "
                                   "--out / --tracking-uri.") from None
             raise self._unreachable(exc, what) from None
+
+    @contextlib.contextmanager
+    def _as_global_uri(self) -> Iterator[None]:
+        """Make this store MLflow's global tracking (and default registry) URI for a while.
+
+        Some MLflow code paths (the SQL registry finding a logged model, resolving ``models:/`` and
+        ``runs:/`` URIs) read the global URI whatever the client says; the previous one is restored.
+        """
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(self.uri):
+            yield
 
     # ---------------------------------------------------------------------------------- writing
     def experiment(self, name: str) -> str:
@@ -250,6 +313,34 @@ class Tracker:
     def log_dataframe(self, run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
         """Store a DataFrame as a CSV artifact."""
         self.client.log_text(run_id, frame.to_csv(index=False), artifact_file)
+
+    def log_table(self, run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
+        """Store a DataFrame as an MLflow table (``artifact_file`` ends with ``.json``; the UI shows it as a table)."""
+        clean = frame.astype(object).where(frame.notna(), None)  # JSON has no NaN
+        self.client.log_table(run_id, clean, artifact_file)
+
+    def set_description(self, run_id: str, markdown: str) -> None:
+        """Set the run's description (MLflow's note, Markdown), cut to MLflow's tag length."""
+        if len(markdown) > TAG_MAX:
+            markdown = markdown[: TAG_MAX - 40].rsplit("\n", 1)[0] + "\n\n(cut to MLflow's 8000 characters)"
+        self.client.set_tag(run_id, DESCRIPTION_TAG, markdown)
+
+    def log_dataset(self, run_id: str, frame: pd.DataFrame, *, name: str, source: str, targets: str | None = None,
+                    context: str = "training") -> None:
+        """Record ``frame`` (e.g. the labels table) as the run's dataset input (the UI's *Dataset* column).
+
+        MLflow stores the table's schema, profile and digest, not the rows; ``source`` says where it
+        came from (a file path or URI).
+        """
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        quiet_mlflow()
+        with warnings.catch_warnings():  # hints on source kinds and integer columns, for model signatures
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets=targets)
+            entity = dataset._to_mlflow_entity()  # what mlflow.log_input logs, without the global active run
+        self.client.log_inputs(run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
 
     # ---------------------------------------------------------------------------------- reading
     def get_run(self, run_id: str) -> RunRecord:
@@ -346,6 +437,224 @@ class Tracker:
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` pairs of one metric."""
         return [(m.step, m.value) for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+    # ---------------------------------------------------------------------------------- models
+    def log_pyfunc_model(self, run_id: str, *, loader: Callable[[dict[str, str]], Predictor],
+                         artifacts: dict[str, Path], input_example: np.ndarray, output_example: np.ndarray,
+                         params: dict[str, Any], metadata: dict[str, Any], tags: dict[str, Any] | None = None,
+                         metrics: dict[str, float] | None = None, name: str = MODEL_NAME) -> str:
+        """Log an MLflow Model (pyfunc flavour) as an output of ``run_id``; returns its model id.
+
+        The model is *models-from-code*: its code file imports :func:`pyfunc_model` and ``loader`` from
+        the installed ``wsi_mil`` package (nothing is pickled), and ``loader(artifacts)`` builds the
+        predictor from the model's copies of the ``artifacts`` files when MLflow loads it. It loads as
+        ``runs:/<run_id>/<name>`` or ``models:/<model id>``.
+
+        Parameters
+        ----------
+        run_id : str
+            The run that produced the model.
+        loader : callable
+            A module-level function or class method of ``wsi_mil`` taking ``{artifact name: local path}``
+            and returning a :class:`Predictor`.
+        artifacts : dict of str to Path
+            Files copied into the model (name -> file).
+        input_example, output_example : numpy.ndarray
+            Shapes and dtypes of one input and one output; the signature is inferred from them (the
+            first input axis becomes variable).
+        params : dict
+            The inference parameters and their defaults (part of the signature).
+        metadata : dict
+            Plain values stored in the model's ``MLmodel`` file.
+        tags : dict, optional
+            Tags of the logged model.
+        metrics : dict, optional
+            Metrics logged on the run linked to the model (the UI's model page lists them).
+        name : str
+            The model's name within the run.
+
+        Returns
+        -------
+        str
+            The logged model's id.
+
+        Raises
+        ------
+        WsiMilError
+            When the store cannot be written.
+        """
+        with warnings.catch_warnings():  # MLflow's import-time hints on schemas of its own chat types
+            warnings.simplefilter("ignore", UserWarning)
+            import mlflow.pyfunc
+            from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+            from mlflow.models import Model, infer_signature
+
+        experiment_id = self.get_run(run_id).experiment_id
+        signature = infer_signature(input_example, output_example, params=params)
+        try:
+            model = self.client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="wsi-mil",
+                                                    tags={k: str(v) for k, v in (tags or {}).items()})
+        except Exception as exc:
+            raise self._unreachable(exc, f"creating the model of run {run_id}") from None
+        try:
+            with tempfile.TemporaryDirectory(prefix="wsi-mil-model-") as tmp:
+                code = Path(tmp) / "wsi_mil_model.py"
+                code.write_text(_model_code(loader))
+                local = Path(tmp) / "model"
+                mlmodel = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
+                                model_id=model.model_id)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "no input example": the signature says it all
+                    mlflow.pyfunc.save_model(str(local), python_model=str(code), mlflow_model=mlmodel,
+                                             artifacts={k: str(v) for k, v in artifacts.items()}, signature=signature,
+                                             pip_requirements=[f"wsi-mil=={__version__}"], metadata=metadata)
+                self.client.log_model_artifacts(model.model_id, str(local))
+            self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+            now = int(time.time() * 1000)
+            linked = [Metric(k, float(v), now, 0, model_id=model.model_id) for k, v in (metrics or {}).items()
+                      if v is not None and math.isfinite(float(v))]
+            if linked:
+                self.client.log_batch(run_id, metrics=linked, synchronous=True)
+        except BaseException:
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        return model.model_id
+
+    def run_model_id(self, run_id: str, name: str = MODEL_NAME) -> str | None:
+        """The id of the model ``name`` that ``run_id`` logged, or None."""
+        with self._reading_run(run_id, f"reading run {run_id}"):
+            outputs = self.client.get_run(run_id).outputs
+            for output in (outputs.model_outputs if outputs is not None else []):
+                model = self.client.get_logged_model(output.model_id)
+                if model.name == name and str(model.status) == "READY":
+                    return model.model_id
+        return None
+
+    def register_model(self, name: str, model_id: str, *, run_id: str, tags: dict[str, Any] | None = None,
+                       description: str | None = None) -> int:
+        """Register a logged model as a new version of ``name`` (created when missing); returns the version.
+
+        Raises
+        ------
+        WsiMilError
+            When the registry cannot be written.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with self._as_global_uri():
+                try:
+                    self.client.create_registered_model(name)
+                except MlflowException as exc:
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                version = self.client.create_model_version(
+                    name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id, description=description,
+                    tags={k: str(v) for k, v in (tags or {}).items()})
+        except Exception as exc:
+            raise self._unreachable(exc, f"registering model {name!r}") from None
+        return int(version.version)
+
+    def model_versions(self, name: str) -> list[ModelVersion]:
+        """Every version of the registered model ``name``, oldest first (none when it is not registered)."""
+        quoted = name.replace("'", "\\'")
+        try:
+            found = self.client.search_model_versions(f"name = '{quoted}'")
+        except Exception as exc:
+            raise self._unreachable(exc, f"searching versions of model {name!r}") from None
+        out = [ModelVersion(v.name, int(v.version), v.run_id or None, dict(v.tags)) for v in found]
+        return sorted(out, key=lambda v: v.version)
+
+    def load_model(self, uri: str) -> LoadedModel:
+        """Load an MLflow Model that wsi-mil logged, from this store.
+
+        Parameters
+        ----------
+        uri : str
+            ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model`` or ``models:/MODEL_ID``.
+
+        Returns
+        -------
+        LoadedModel
+            The predictor built by the model's loader and the run that logged the model.
+
+        Raises
+        ------
+        WsiMilError
+            When the store holds no such model, the model is not one wsi-mil logged or does not load,
+            or the store cannot be reached.
+        """
+        import mlflow.artifacts
+        import mlflow.pyfunc
+
+        missing = (f"MLflow model {uri} not found in {self.uri}; give models:/NAME/VERSION, models:/NAME@ALIAS or "
+                   "runs:/RUN_ID/model of a `wsi-mil train` run (and --out / --tracking-uri of its store).")
+        with tempfile.TemporaryDirectory(prefix="wsi-mil-model-") as tmp:
+            with self._reading_run(uri, f"downloading model {uri}", missing), self._as_global_uri():
+                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=self.uri,
+                                                            registry_uri=self.uri)
+            try:
+                model = mlflow.pyfunc.load_model(local)
+            except Exception as exc:
+                raise WsiMilError(f"MLflow model {uri} does not load ({_short(exc)}); install the wsi-mil version in "
+                                  "its requirements.txt.") from None
+            try:
+                predictor = getattr(model.unwrap_python_model(), "predictor", None)
+            except Exception:  # another flavour
+                predictor = None
+        if predictor is None:
+            raise WsiMilError(f"MLflow model {uri} was not logged by wsi-mil (no wsi-mil predictor in it).")
+        return LoadedModel(uri, predictor, model.metadata.run_id)
+
+
+def _model_code(loader: Callable[..., Any]) -> str:
+    """The code file of a models-from-code pyfunc whose predictor ``loader`` builds (imports only)."""
+    module, qualname = loader.__module__, loader.__qualname__
+    if not module.startswith("wsi_mil.") or "<" in qualname:
+        raise ValueError(f"a model loader must be a module-level name of wsi_mil, not {module}.{qualname}")
+    return (
+        '"""Entry point of a wsi-mil MLflow Model (models-from-code): its code is the installed wsi_mil package."""\n\n'
+        "import mlflow\n\n"
+        "from wsi_mil.tracking import pyfunc_model\n"
+        f"from {module} import {qualname.split('.')[0]}\n\n"
+        f"mlflow.models.set_model(pyfunc_model({qualname}))\n"
+    )
+
+
+@functools.cache
+def _pyfunc_class() -> type:
+    """The pyfunc model class (made on first use so that importing this module does not import mlflow)."""
+    quiet_mlflow()
+    from mlflow.pyfunc import PythonModel
+
+    class WsiMilModel(PythonModel):
+        """An MLflow pyfunc model answering with the predictor its loader builds from the model's artifacts."""
+
+        def __init__(self, loader: Callable[[dict[str, str]], Predictor]) -> None:
+            self.loader = loader
+            self.predictor: Predictor | None = None
+
+        def load_context(self, context: Any) -> None:
+            """Build the predictor from the model's artifact files."""
+            self.predictor = self.loader(dict(context.artifacts))
+
+        def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
+            """The predictor's answer for ``model_input`` (see the model's signature)."""
+            if self.predictor is None:
+                raise RuntimeError("load the model with mlflow.pyfunc.load_model")
+            return self.predictor.predict_pyfunc(np.asarray(model_input), dict(params or {}))
+
+    return WsiMilModel
+
+
+def pyfunc_model(loader: Callable[[dict[str, str]], Predictor]) -> Any:
+    """An MLflow ``PythonModel`` answering with the predictor that ``loader`` builds.
+
+    Its ``load_context`` calls ``loader(artifacts)``; its ``predict`` hands the input and params to the
+    result's ``predict_pyfunc`` (see :meth:`Tracker.log_pyfunc_model`).
+    """
+    return _pyfunc_class()(loader)
 
 
 def _param_value(value: Any) -> str:

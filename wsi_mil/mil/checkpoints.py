@@ -93,15 +93,27 @@ def load_checkpoint(tracker: Tracker, run_id: str, artifact_file: str = CHECKPOI
     """
     with tempfile.TemporaryDirectory(prefix="wsi-mil-ckpt-") as tmp:
         local = tracker.download(run_id, artifact_file, Path(tmp))
-        try:
-            ckpt = torch.load(local, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise WsiMilError(
-                f"MLflow run {run_id}: {artifact_file} cannot be loaded as plain weights ({exc.__class__.__name__}); "
-                "only checkpoints written by wsi-mil (tensors and plain values) are accepted."
-            ) from None
+        return read_checkpoint(local, f"MLflow run {run_id}: {artifact_file}")
+
+
+def read_checkpoint(path: Path, what: str | None = None) -> dict[str, Any]:
+    """A checkpoint file read with ``torch.load(weights_only=True)``; ``what`` names it in errors.
+
+    Raises
+    ------
+    WsiMilError
+        When the file is not plain weights (a foreign pickle) or is not a wsi-mil checkpoint.
+    """
+    what = what or str(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WsiMilError(
+            f"{what} cannot be loaded as plain weights ({exc.__class__.__name__}); "
+            "only checkpoints written by wsi-mil (tensors and plain values) are accepted."
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise WsiMilError(f"MLflow run {run_id}: {artifact_file} is not a wsi-mil checkpoint.")
+        raise WsiMilError(f"{what} is not a wsi-mil checkpoint.")
     return ckpt
 
 
@@ -164,7 +176,12 @@ def load_fold_method(tracker: Tracker, run_id: str, *, device: str = "cpu", fact
         When the run, its checkpoint or its config cannot be read.
     """
     ckpt = load_checkpoint(tracker, run_id)
-    cfg = config or tracker.load_config(run_id)
+    return method_from_checkpoint(ckpt, config or tracker.load_config(run_id), device=device, factory=factory)
+
+
+def method_from_checkpoint(ckpt: dict[str, Any], cfg: Config, *, device: str = "cpu",
+                           factory: MethodFactory | None = None) -> LoadedFold:
+    """Rebuild the trained method (in eval use) of a checkpoint dict with the run's config ``cfg``."""
     ctx = FoldContext(int(ckpt["fold"]), int(ckpt["seed"]), [], [], int(ckpt["n_classes"]), int(ckpt["in_dim"]),
                       resolve_device(device), extras=FoldExtras(config=cfg))
     method = (factory or build_method)(cfg, ctx)

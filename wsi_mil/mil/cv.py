@@ -4,7 +4,9 @@ Per (seed, fold): the method trains on the fold's training bags with early stopp
 validation bags (:func:`wsi_mil.mil.fit.fit`); the binary decision threshold is chosen on the
 validation predictions of the kept checkpoint. Only then are the test bags scored, once. Everything
 goes to MLflow (see :mod:`wsi_mil.tracking` for the layout of a run): params, per-epoch curves, test
-metrics with bootstrap CIs, predictions, plots and the checkpoint (:mod:`wsi_mil.mil.checkpoints`).
+metrics with bootstrap CIs, predictions, plots, the checkpoint (:mod:`wsi_mil.mil.checkpoints`), run
+descriptions (:mod:`wsi_mil.mil.notes`), the labels as a dataset input, and at the end the fold models
+as one MLflow Model (:mod:`wsi_mil.mil.ensemble`), registered when ``tracking.register_as`` is set.
 
 Methods get the fold's bags in a :class:`~wsi_mil.mil.base.FoldContext` and what else the trainer
 offers (settings, bag files, baseline training/loading, metric logging) in its
@@ -48,10 +50,12 @@ from wsi_mil.mil.data import (
     match_bags,
     resolve_features_dir,
 )
+from wsi_mil.mil.ensemble import FoldEnsemble, log_ensemble, model_uri, register_run_model
 from wsi_mil.mil.evaluation import boot_seed, instance_auc_of, prediction_frame, score_bags
 from wsi_mil.mil.fit import FitResult, fit
 from wsi_mil.mil.methods import BagMethod, build_method, method_label, seed_everything
 from wsi_mil.mil.models import build_model
+from wsi_mil.mil.notes import cohort_note, fold_note, single_class_note, summary_note
 from wsi_mil.mil.splits import fold_ids, make_splits, split_counts
 from wsi_mil.tracking import FoldRun, Tracker, code_version, experiment_name, open_tracker, run_guard
 
@@ -73,6 +77,7 @@ class FoldResult:
     test_metrics: dict[str, float]
     predictions: pd.DataFrame
     history: dict[str, list[float]]
+    single_class: str | None = None  # why the fold has no validation AUC, if it has none
 
 
 @dataclass
@@ -86,6 +91,8 @@ class TrainResult:
     per_fold: pd.DataFrame
     predictions: pd.DataFrame
     classes: list[str]
+    model_id: str | None = None  # the logged MLflow Model (runs:/<parent>/model), if any
+    model_version: int | None = None  # its version of tracking.register_as, if registered
 
 
 def per_fold_frame(results: list[FoldResult]) -> pd.DataFrame:
@@ -143,6 +150,12 @@ class _FoldRunner:
         self.experiment_id, self.parent_id, self.factory = experiment_id, parent_id, factory
         self.device, self.tags = device, tags
         self._baseline_folds: list[FoldRun] | None = None
+        self.checkpoints: list[dict[str, Any]] = []  # each fold's kept model, for the run's MLflow Model
+        # a logged model rebuilds its methods from the registry: a caller's own factory cannot be logged
+        self.log_model = cfg.tracking.log_model and factory is build_method
+        if cfg.tracking.log_model and not self.log_model:
+            log.warning("training with a custom method factory: no MLflow Model is logged (loading one rebuilds "
+                        "methods from the model registry)")
 
     def run(self, seed: int, fold: int) -> FoldResult:
         cfg, data, tracker = self.cfg, self.data, self.tracker
@@ -169,6 +182,7 @@ class _FoldRunner:
             result = fit(method, ctx, cfg.training, desc=name, progress=cfg.training.progress,
                          log_epoch=lambda row, step: tracker.log_metrics(run_id, row, step))
             y_val, p_val = score_bags(method, bags["val"])
+            single_class = single_class_note(y_val, classes)
             threshold = None
             if data.labels.n_classes == 2:
                 threshold = M.choose_threshold(y_val, p_val[:, 1], cfg.training.threshold) if len(y_val) else 0.5
@@ -184,21 +198,31 @@ class _FoldRunner:
                 test_metrics["instance_auc"] = localisation
             preds = prediction_frame(ids["test"], patients, y_test, p_test, classes, threshold, seed, fold, "test")
             val_preds = prediction_frame(ids["val"], patients, y_val, p_val, classes, threshold, seed, fold, "val")
-            final = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                     "stopped_early": float(result.stopped_early)}
+            final = {"fit/best_epoch": result.best_epoch, "fit/epochs_run": result.epochs_run,
+                     "fit/stopped_early": float(result.stopped_early)}
             if threshold is not None:
-                final["threshold"] = threshold
-            final.update({f"val_best_{k}": v for k, v in val_metrics.items()})
-            final.update({f"test_{k}": v for k, v in test_metrics.items()})
-            tracker.log_metrics(run_id, final, step=result.epochs_run)
-            if cfg.tracking.log_checkpoints:
-                log_checkpoint(tracker, run_id, make_checkpoint(method, cfg, ctx, classes, threshold=threshold,
-                                                               best_epoch=result.best_epoch))
+                final["fit/threshold"] = threshold
+            final.update({f"fit/val_{k}": v for k, v in val_metrics.items()})
+            final.update({f"test/{k}": v for k, v in test_metrics.items()})
+            tracker.log_metrics(run_id, final, step=0)  # single values: bars in the UI, not one-dot curves
+            if cfg.tracking.log_checkpoints or self.log_model:
+                checkpoint = make_checkpoint(method, cfg, ctx, classes, threshold=threshold, best_epoch=result.best_epoch)
+                if cfg.tracking.log_checkpoints:
+                    log_checkpoint(tracker, run_id, checkpoint)
+                if self.log_model:
+                    self.checkpoints.append(checkpoint)
+            counts = split_counts(split, classes).iloc[0].to_dict()
+            tracker.set_description(run_id, fold_note(
+                name, counts, classes, best_epoch=result.best_epoch, epochs_run=result.epochs_run,
+                stopped_early=result.stopped_early, threshold=threshold, threshold_rule=cfg.training.threshold,
+                val_auc=val_metrics.get("auc"), test=test_metrics, single_class=single_class))
+            if single_class:
+                tracker.set_tags(run_id, {"wsi_mil.val_auc": f"undefined: {single_class}"})
             tracker.log_dataframe(run_id, preds, "predictions.csv")
             tracker.log_dataframe(run_id, val_preds, "val_predictions.csv")
             self._log_plots(run_id, y_test, p_test, preds["pred"].to_numpy(), result, name)
         return FoldResult(seed, fold, run_id, result.best_epoch, result.epochs_run, threshold, val_metrics,
-                          test_metrics, preds, result.history)
+                          test_metrics, preds, result.history, single_class)
 
     def _log_plots(self, run_id: str, y: np.ndarray, probs: np.ndarray, pred: np.ndarray, result: FitResult,
                    name: str) -> None:
@@ -235,9 +259,9 @@ class _FoldRunner:
         result = fit(method, bctx, cfg.training, desc=f"baseline {model_name} s{ctx.seed}f{ctx.fold}",
                      progress=cfg.training.progress,
                      log_epoch=lambda row, step: self.tracker.log_metrics(
-                         run_id, {f"baseline_{k}": v for k, v in row.items()}, step))
-        self.tracker.log_metrics(run_id, {"baseline_best_epoch": result.best_epoch,
-                                          "baseline_best_val_auc": result.best_val_auc})
+                         run_id, {f"baseline/{k}": v for k, v in row.items()}, step))
+        self.tracker.log_metrics(run_id, {"baseline/fit/best_epoch": result.best_epoch,
+                                          "baseline/fit/val_auc": result.best_val_auc})
         log_checkpoint(
             self.tracker, run_id, make_checkpoint(method, cfg, bctx, self.data.labels.classes, threshold=None,
                                     best_epoch=result.best_epoch, model_name=model_name, method_name="bag"),
@@ -329,15 +353,23 @@ def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> Trai
                                tags={**tags, "wsi_mil.role": "cv"})
     log.info("training %s on %d slides (%d classes, %d-d features) -> MLflow run %s (%s)", label,
              len(data.labels.df), data.labels.n_classes, data.store.dim, parent, tracker.shown_uri)
+    pairs = sorted({(int(s), int(f)) for s, f in zip(data.splits["seed"], data.splits["fold"], strict=True)})
+    source = str(Path(cfg.training.labels_csv).resolve()) if cfg.training.labels_csv else str(data.labels.source)
+    head = cohort_note(model=label, labels=data.labels, source=source, encoder=tags["wsi_mil.encoder"],
+                       tiling=tags["wsi_mil.tiling"], n_folds=len({f for _, f in pairs}),
+                       seeds=sorted({s for s, _ in pairs}), in_dim=data.store.dim)
+    model_id = None
     with run_guard(tracker, parent):
+        tracker.set_description(parent, head)
         tracker.log_params(parent, {**cfg.flat(), "n_slides": len(data.labels.df),
                                     "n_patients": data.labels.df["patient_id"].nunique(), "in_dim": data.store.dim})
+        tracker.log_dataset(parent, data.labels.df, name=f"{Path(source).parent.name}/{Path(source).name}",
+                            source=source, targets="label")
         tracker.log_text(parent, dump_config(cfg), "config.yaml")
         tracker.log_dataframe(parent, data.splits, "splits.csv")
         tracker.log_dataframe(parent, split_counts(data.splits, data.labels.classes), "split_counts.csv")
         tracker.log_dataframe(parent, data.labels.df, "labels.csv")
         runner = _FoldRunner(cfg, data, tracker, experiment_id, parent, method_factory, device, tags)
-        pairs = sorted({(int(s), int(f)) for s, f in zip(data.splits["seed"], data.splits["fold"], strict=True)})
         results = []
         for seed, fold in pairs:
             r = runner.run(seed, fold)
@@ -349,22 +381,38 @@ def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> Trai
         summary = M.summarize(rows, [*M.METRICS, *extra])
         per_fold = per_fold_frame(results)
         predictions = pd.concat([r.predictions for r in results], ignore_index=True)
-        _log_summary(tracker, parent, summary, per_fold, predictions, data.labels.classes)
-    return TrainResult(parent, experiment_id, results, summary, per_fold, predictions, data.labels.classes)
+        metrics = _log_summary(tracker, parent, summary, per_fold, predictions, data.labels.classes)
+        ensemble = FoldEnsemble.from_checkpoints(runner.checkpoints, cfg) if runner.checkpoints else None
+        if ensemble is not None:
+            model_id = log_ensemble(tracker, parent, ensemble, metrics=metrics)
+        thresholds = [r.threshold for r in results if r.threshold is not None]
+        tracker.set_description(parent, summary_note(
+            head, summary, threshold=float(np.median(thresholds)) if thresholds else None,
+            threshold_rule=cfg.training.threshold,
+            single_class=[f"seed{r.seed}-fold{r.fold}: {r.single_class}" for r in results if r.single_class],
+            model_uri=model_uri(parent) if model_id else None))
+    version = None
+    if model_id is not None and cfg.tracking.register_as:
+        version = register_run_model(tracker, parent, cfg.tracking.register_as)
+        log.info("registered as models:/%s/%d", cfg.tracking.register_as, version)
+    return TrainResult(parent, experiment_id, results, summary, per_fold, predictions, data.labels.classes,
+                       model_id, version)
 
 
 def _log_summary(tracker: Tracker, parent: str, summary: pd.DataFrame, per_fold: pd.DataFrame,
-                 predictions: pd.DataFrame, classes: list[str]) -> None:
+                 predictions: pd.DataFrame, classes: list[str]) -> dict[str, float]:
+    """Log the parent run's metrics (returned), tables and pooled plots."""
     metrics = {}
     for name, row in summary.iterrows():
-        metrics[f"test_{name}_mean"] = row["mean"]
-        metrics[f"test_{name}_std"] = row["std"]
+        metrics[f"test/{name}_mean"] = row["mean"]
+        metrics[f"test/{name}_std"] = row["std"]
     if "val_auc" in per_fold:
-        metrics["val_auc_mean"] = float(per_fold["val_auc"].astype(float).mean())
+        metrics["fit/val_auc_mean"] = float(per_fold["val_auc"].astype(float).mean())
     tracker.log_metrics(parent, metrics)
     tracker.log_dataframe(parent, summary.reset_index(), "summary.csv")
     tracker.log_dataframe(parent, per_fold, "per_fold.csv")
     tracker.log_dataframe(parent, predictions, "predictions.csv")
+    tracker.log_table(parent, predictions, "predictions.json")
     if len(predictions):
         y = predictions["label"].to_numpy()
         probs = predictions[[f"prob_{c}" for c in classes]].to_numpy()
@@ -374,3 +422,4 @@ def _log_summary(tracker: Tracker, parent: str, summary: pd.DataFrame, per_fold:
                                      "Confusion, all test folds")
             tracker.log_artifact(parent, roc)
             tracker.log_artifact(parent, cm)
+    return metrics

@@ -121,7 +121,7 @@ def evaluate_run(run_id: str, out: Path, cfg: Config, *, method_factory: MethodF
     method_factory : callable, optional
         Builds the untrained methods (default :func:`wsi_mil.mil.methods.build_method`).
     log_to_run : bool
-        Log ``eval_test_<metric>_mean`` and ``evaluation/per_fold.csv`` / ``summary.csv`` to the run.
+        Log ``evaluate/test_<metric>_mean`` and ``evaluation/per_fold.csv`` / ``summary.csv`` to the run.
 
     Returns
     -------
@@ -166,13 +166,14 @@ def evaluate_run(run_id: str, out: Path, cfg: Config, *, method_factory: MethodF
         y, probs = score_bags(loaded.method, bags)
         metrics = M.evaluate(y, probs, loaded.threshold, n_boot=run_cfg.training.bootstrap, seed=boot_seed(f.seed, f.fold),
                              groups=[patients[s] for s in ids])
-        logged = tracker.get_run(f.run_id).metrics
+        logged = tracker.get_run(f.run_id)
         row = {"seed": f.seed, "fold": f.fold, "run_id": f.run_id, "threshold": loaded.threshold}
         for k, v in metrics.items():
             row[f"test_{k}"] = v
-            old = logged.get(f"test_{k}")
+            old = logged.metric(f"test/{k}")
             row[f"logged_test_{k}"] = old
-            if k in M.METRICS and old is not None and not math.isclose(v, old, rel_tol=1e-6, abs_tol=1e-9):
+            if k in M.METRICS and not (math.isnan(old) and math.isnan(v)) and \
+                    not math.isclose(v, old, rel_tol=1e-6, abs_tol=1e-9):
                 matches = False
         rows.append(row)
         frames.append(prediction_frame(ids, patients, y, probs, loaded.classes, loaded.threshold,
@@ -181,7 +182,7 @@ def evaluate_run(run_id: str, out: Path, cfg: Config, *, method_factory: MethodF
     summary = M.summarize([{k: r[f"test_{k}"] for k in M.METRICS} for r in rows])
     predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if log_to_run:
-        tracker.log_metrics(run_id, {f"eval_test_{name}_mean": row["mean"] for name, row in summary.iterrows()})
+        tracker.log_metrics(run_id, {f"evaluate/test_{name}_mean": row["mean"] for name, row in summary.iterrows()})
         tracker.log_dataframe(run_id, per_fold, "evaluation/per_fold.csv")
         tracker.log_dataframe(run_id, summary.reset_index(), "evaluation/summary.csv")
     if not matches:

@@ -4,6 +4,9 @@ After every epoch the validation bags are scored; the state with the best valida
 validation loss) is kept. Training stops after ``training.patience`` epochs without a validation-AUC
 gain of more than ``training.min_delta`` (never before ``training.min_epochs``). With a validation split
 of one class, early stopping follows the validation loss; without validation bags every epoch runs.
+
+Per-epoch metrics are named ``train/<name>`` (what the method's ``train_epoch`` reports: ``loss``,
+``lr``, ...) and ``val/auc``, ``val/loss`` (:func:`epoch_metric_name`); the history keeps the same names.
 """
 
 from __future__ import annotations
@@ -37,6 +40,20 @@ class FitResult:
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
+def epoch_metric_name(key: str) -> str:
+    """The logged name of a per-epoch metric a method reports.
+
+    ``loss`` -> ``train/loss``, ``train_ce`` -> ``train/ce``, ``val_auc_max_pool`` -> ``val/auc_max_pool``;
+    a name holding ``/`` is kept.
+    """
+    if "/" in key:
+        return key
+    for split in ("train", "val"):
+        if key.startswith(f"{split}_"):
+            return f"{split}/{key[len(split) + 1:]}"
+    return f"train/{key}"
+
+
 def fit(method: MILMethod, ctx: FoldContext, tcfg: TrainingConfig, *,
         log_epoch: Callable[[dict[str, float], int], None] | None = None, desc: str = "",
         progress: bool = True) -> FitResult:
@@ -57,12 +74,12 @@ def fit(method: MILMethod, ctx: FoldContext, tcfg: TrainingConfig, *,
     stopped = False
     for epoch in bar:
         reported = method.train_epoch(epoch, epochs) or {}
-        row = {(k if k.startswith(("train_", "val_")) else f"train_{k}"): float(v) for k, v in reported.items()}
+        row = {epoch_metric_name(k): float(v) for k, v in reported.items()}
         if len(val):
             y, probs = score_bags(method, val)
             val_loss = M.nll(y, probs)
             val_auc = M.compute_metrics(y, probs)["auc"] if monitor_auc else float("nan")
-            row.update(val_auc=val_auc, val_loss=val_loss)
+            row.update({"val/auc": val_auc, "val/loss": val_loss})
             score = val_auc if monitor_auc else -val_loss
         else:
             val_loss, score = float("nan"), float(epoch)
@@ -76,7 +93,7 @@ def fit(method: MILMethod, ctx: FoldContext, tcfg: TrainingConfig, *,
             best = (score, val_loss if not math.isnan(val_loss) else math.inf)
             best_epoch, best_state = epoch, copy_state(method.state_dict())
         since = 0 if gained else since + 1
-        bar.set_postfix(loss=f"{row.get('train_loss', float('nan')):.3f}", val_auc=f"{row.get('val_auc', float('nan')):.3f}",
+        bar.set_postfix(loss=f"{row.get('train/loss', float('nan')):.3f}", val_auc=f"{row.get('val/auc', float('nan')):.3f}",
                         refresh=False)
         if len(val) and epoch + 1 >= tcfg.min_epochs and since >= tcfg.patience:
             stopped = epoch + 1 < epochs
@@ -84,5 +101,5 @@ def fit(method: MILMethod, ctx: FoldContext, tcfg: TrainingConfig, *,
     bar.close()
     if best_state is not None:
         method.load_state_dict(best_state)
-    best_auc = history.get("val_auc", [float("nan")] * (best_epoch + 1))[best_epoch] if best_epoch >= 0 else float("nan")
+    best_auc = history.get("val/auc", [float("nan")] * (best_epoch + 1))[best_epoch] if best_epoch >= 0 else float("nan")
     return FitResult(best_epoch, epoch + 1, float(best_auc), float(best[1]), stopped, history)

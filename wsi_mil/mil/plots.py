@@ -66,12 +66,12 @@ def curves_png(history: Mapping[str, Sequence[float]], path: Path, best_epoch: i
                title: str = "Training") -> Path:
     """Training loss, validation loss and validation AUC per epoch (best epoch marked)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key in ("train_loss", "val_loss"):
+    for key in ("train/loss", "val/loss"):
         if history.get(key):
             left.plot(range(len(history[key])), history[key], label=key)
     left.set(xlabel="epoch", ylabel="loss", title=title)
-    if history.get("val_auc"):
-        right.plot(range(len(history["val_auc"])), history["val_auc"], c="tab:green", label="val_auc")
+    if history.get("val/auc"):
+        right.plot(range(len(history["val/auc"])), history["val/auc"], c="tab:green", label="val/auc")
     right.set(xlabel="epoch", ylabel="validation AUC", ylim=(0, 1.02))
     for ax in (left, right):
         if best_epoch is not None:
