@@ -42,6 +42,7 @@ from wsi_mil.layout import tiling_key
 from wsi_mil.mil.base import BagItem
 from wsi_mil.mil.checkpoints import LoadedFold, load_fold_method, method_from_checkpoint, read_checkpoint
 from wsi_mil.mil.methods import method_label
+from wsi_mil.redaction import redact
 from wsi_mil.tracking import DESCRIPTION_TAG, FOLD_TAG, MODEL_NAME, SEED_TAG, Tracker
 
 CONFIG_ARTIFACT = "config"
@@ -198,7 +199,7 @@ class FoldEnsemble:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         files = {CONFIG_ARTIFACT: directory / "config.yaml"}
-        files[CONFIG_ARTIFACT].write_text(dump_config(self.config))
+        files[CONFIG_ARTIFACT].write_text(redact(dump_config(self.config)))  # the tracking URI may hold a password
         for f in self.folds:
             name = f"s{f.seed}_f{f.fold}"
             torch.save(f.checkpoint, directory / f"{name}.pt")
