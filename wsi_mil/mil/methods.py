@@ -118,7 +118,8 @@ def predict_with(model: nn.Module, bag: BagItem) -> Prediction:
     out = model(bag.features)
     if was_training:
         model.train()
-    probs = torch.softmax(out.logits.float().reshape(-1), dim=0).cpu().numpy()
+    probs = model.bag_probs(out).cpu().numpy() if isinstance(model, MILModel) else \
+        torch.softmax(out.logits.float().reshape(-1), dim=0).cpu().numpy()
     scores = out.instance_scores.detach().float().reshape(-1).cpu().numpy()
     return Prediction(probs=probs, instance_scores=scores)
 

@@ -134,13 +134,33 @@ def ema_update(teacher: nn.Module, student: nn.Module, m: float) -> None:
 def consistency_loss(
     teacher_emb: Tensor, student_emb: Tensor, t_teacher: float = 0.1, t_student: float = 1.0
 ) -> Tensor:
-    """Soft-target cross-entropy ``H(softmax(t / Tt), log_softmax(s / Ts))`` over flattened embeddings.
+    """Soft-target cross-entropy between the teacher's and the student's bag embeddings.
 
-    The teacher side is detached (no gradient reaches the teacher).
+    Tang et al., ICCV 2023, Eq. 6: ``H(softmax(t / Tt), log_softmax(s / Ts))`` over the embedding width.
+    A 1-D embedding [E] is one distribution; a 2-D embedding [C, E] (DSMIL's per-class bag embedding B)
+    is one distribution per class row, and the loss is the mean over the rows, as the reference code
+    (MHIM-MIL v1, ``SoftTargetCrossEntropy`` on B [C, E] with the mean over rows) runs it. A softmax over
+    all C*E values instead lets one row take nearly all of the probability mass and the gradient.
+
+    Parameters
+    ----------
+    teacher_emb, student_emb : Tensor
+        Bag embeddings of the same shape, float [E] or [C, E]. The teacher side is detached.
+    t_teacher, t_student : float
+        Softmax temperatures of the teacher and the student.
+
+    Returns
+    -------
+    Tensor
+        Scalar loss (float32).
     """
-    target = torch.softmax(teacher_emb.detach().reshape(-1).float() / t_teacher, dim=0)
-    log_prob = torch.log_softmax(student_emb.reshape(-1).float() / t_student, dim=0)
-    return -(target * log_prob).sum()
+    if teacher_emb.shape != student_emb.shape:
+        raise ValueError(f"teacher and student embeddings differ in shape: {tuple(teacher_emb.shape)} vs "
+                         f"{tuple(student_emb.shape)}")
+    width = teacher_emb.shape[-1]
+    target = torch.softmax(teacher_emb.detach().reshape(-1, width).float() / t_teacher, dim=1)
+    log_prob = torch.log_softmax(student_emb.reshape(-1, width).float() / t_student, dim=1)
+    return -(target * log_prob).sum(dim=1).mean()
 
 
 def mask_scores(out: MILOutput) -> Tensor:
@@ -304,7 +324,7 @@ class MHIMMethod:
         self.student.eval()
         with torch.inference_mode():
             out = self.student(bag.features.to(self.ctx.device))
-            probs = torch.softmax(out.logits.float(), dim=0)
+            probs = self.student.bag_probs(out)
         return Prediction(
             probs=probs.cpu().numpy(),
             instance_scores=out.instance_scores.float().cpu().numpy(),
