@@ -395,6 +395,18 @@ def test_presets_keep_the_listed_published_hyperparameters(preset: tuple) -> Non
     assert (m.high_random_ratio, m.momentum_schedule, m.momentum) == (hr, schedule, 0.9999)
     t = cfg.training
     assert (t.optimizer, t.lr, t.weight_decay, t.scheduler, t.epochs) == ("adam", 2e-4, 1e-5, "cosine", 200)
+    # the reference never stops before epoch 130 (CAMELYON16) / 70 (TCGA), patience 30 / 20
+    assert (t.min_epochs, t.patience) == ((130, 30) if name.startswith("camelyon16") else (70, 20))
+    # the in-fold baseline stops like the stand-alone baseline presets
+    assert (m.baseline_min_epochs, m.baseline_patience) == (30, 20)
+    # r_h and the momentum are scheduled over the iterations of all 200 epochs
+    cfg.model.hidden_dim, cfg.model.heads = 32, 8
+    ctx = FoldContext(0, 0, [], [], 2, IN_DIM, torch.device("cpu"))
+    method = MHIMMethod(cfg, ctx)
+    total = t.epochs * 10
+    r_h_mid, m_mid = method._ratios(total // 2, total)
+    assert r_h_mid == pytest.approx(r_h / 2)
+    assert m_mid == pytest.approx(0.9999 if schedule == "constant" else (0.9999 + 1.0) / 2)
 
 
 def test_single_instance_bags_still_train() -> None:

@@ -23,6 +23,7 @@ from wsi_mil.config import Config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.mil.base import BagItem, FoldContext, MILModel, MILOutput, Prediction
 from wsi_mil.mil.models import build_model
+from wsi_mil.mil.schedules import EpochLR
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ class MHIMMethod:
         self.student: MILModel | None = None
         self.teacher: MILModel | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_schedule: EpochLR | None = None
         self.iteration = 0
 
     # ---------------------------------------------------------------------------------- building
@@ -239,7 +241,9 @@ class MHIMMethod:
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         tcfg = self.cfg.training
         opt_cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
-        return opt_cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        optimizer = opt_cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        self.lr_schedule = EpochLR(optimizer, tcfg.scheduler)
+        return optimizer
 
     # ---------------------------------------------------------------------------------- training
     def _ratios(self, step: int, total: int) -> tuple[float, float]:
@@ -264,12 +268,8 @@ class MHIMMethod:
         if self.student is None or self.teacher is None or self.optimizer is None:
             raise RuntimeError("MHIMMethod.setup() must run before train_epoch()")
         student, teacher, mcfg = self.student, self.teacher, self.mcfg
-        tcfg = self.cfg.training
-        lr = tcfg.lr
-        if tcfg.scheduler == "cosine":
-            lr = cosine_schedule(tcfg.lr, 0.0, epoch, num_epochs)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        assert self.lr_schedule is not None
+        lr = self.lr_schedule.start_epoch(epoch, num_epochs)
         student.train()
         teacher.train(not mcfg.teacher_eval)
         bags = self.ctx.train
