@@ -2,7 +2,7 @@
 
 Synthetic feature bags from ONE generator (:func:`make_cohort`), the same for every model and never
 tuned per model: a fixed "world" of 8 normal tissue types, two tumour subtypes along a shared tumour
-direction, and hard negatives (an inflammatory mimic that sits 70% of the way towards tumour along the
+direction, and hard negatives (an inflammatory mimic that sits 60% of the way towards tumour along the
 tumour direction, plus its own marker direction) in 3% of every slide's instances, normal or tumour.
 Patients hold 1-3 slides that share a patient offset (a batch effect); the first slide of a positive
 patient is positive, its other slides are positive with probability 1/2. A positive slide holds
@@ -57,22 +57,23 @@ class Settings:
     """Size of the run (``--quick`` shrinks everything)."""
 
     dim: int = 64
-    patients: int = 60
-    bag_min: int = 200
-    bag_max: int = 600
+    patients: int = 50
+    bag_min: int = 150
+    bag_max: int = 400
     seeds: tuple[int, ...] = (0, 1, 2)
     folds: int = 3
-    epochs: int = 40
-    min_epochs: int = 15
-    patience: int = 10
-    mhim_epochs: int = 40
-    ins_epochs: int = 12
+    epochs: int = 30
+    min_epochs: int = 10
+    patience: int = 8
+    mhim_epochs: int = 30
+    ins_epochs: int = 10
+    ins_instances: int = 12000
     hidden: int = 128
     prevalences: tuple[float, ...] = PREVALENCES
 
 
 QUICK = Settings(patients=24, bag_min=100, bag_max=250, seeds=(0,), folds=2, epochs=4, min_epochs=2, patience=2,
-                 mhim_epochs=4, ins_epochs=3)
+                 mhim_epochs=4, ins_epochs=3, ins_instances=3000)
 
 
 # ------------------------------------------------------------------------------------------ generator
@@ -95,7 +96,7 @@ def make_cohort(prevalence: float, settings: Settings, cohort_seed: int = 0):
     tissue = world.normal(size=(8, d)) * 1.5
     tumour_dir = world.normal(size=d)
     tumour_dir /= np.linalg.norm(tumour_dir)
-    subtypes = [tumour_dir * 3.5 + world.normal(size=d) * 0.6 for _ in range(2)]
+    subtypes = [tumour_dir * 4.5 + world.normal(size=d) * 0.5 for _ in range(2)]
     mimic_marker = world.normal(size=d)
     mimic_marker -= mimic_marker @ tumour_dir * tumour_dir
     mimic_marker *= 1.5 / np.linalg.norm(mimic_marker)
@@ -103,15 +104,15 @@ def make_cohort(prevalence: float, settings: Settings, cohort_seed: int = 0):
     bags, truth, rows = [], {}, []
     for p in range(settings.patients):
         patient_positive = p % 2 == 1
-        offset = rng.normal(size=d) * 0.3
+        offset = rng.normal(size=d) * 0.2
         for s in range(int(rng.integers(1, 4))):
             positive = patient_positive and (s == 0 or rng.random() < 0.5)
             n = int(rng.integers(settings.bag_min, settings.bag_max + 1))
-            mix = rng.dirichlet(np.ones(8) * 2.0)
+            mix = rng.dirichlet(np.ones(8) * 10.0)
             x = tissue[rng.choice(8, size=n, p=mix)] + rng.normal(size=(n, d)) + offset
             y = np.zeros(n, dtype=np.int64)
             hard = rng.random(n) < 0.03
-            x[hard] += 0.7 * 3.5 * tumour_dir + mimic_marker
+            x[hard] += 0.6 * 4.5 * tumour_dir + mimic_marker
             if positive:
                 hot = rng.choice(n, size=max(1, round(prevalence * n)), replace=False)
                 y[hot] = 1
@@ -138,7 +139,8 @@ def _config(name: str, settings: Settings, student: str | None = None):
         cfg = load_config(ROOT / "configs" / "camelyon16_ins.yaml")
         return cfg.with_overrides({**common, "training.epochs": settings.ins_epochs,
                                    "training.min_epochs": min(settings.min_epochs, settings.ins_epochs),
-                                   "model.ins.width": settings.hidden * 2, "model.ins.queue_size": 4096})
+                                   "model.ins.width": settings.hidden * 2, "model.ins.queue_size": 4096,
+                                   "model.ins.max_instances_per_epoch": settings.ins_instances})
     return Config().with_overrides({**common, "model.name": name, "training.epochs": settings.epochs})
 
 

@@ -1,9 +1,36 @@
-"""MHIM-MIL: masked hard instance mining with a momentum teacher (Tang et al., ICCV 2023).
+"""MHIM-MIL: masked hard instance mining with a momentum teacher.
 
-See docs/MHIM-MIL.md. A teacher (EMA of the student, initialised from a trained baseline of the same
-fold) scores every instance of a bag; the most-attended instances (plus random and low-attention ones)
-are removed from the student's input, and a soft-target cross-entropy ties the student's bag embedding
-to the teacher's. Only the student predicts.
+Source: Tang, Huang, Zhang, Zhou, Zhang and Liu, "Multiple Instance Learning Framework with Masked Hard
+Instance Mining for Whole Slide Image Classification", ICCV 2023 (arXiv 2307.15254), Sec. 3: attention-
+based masking of the teacher's most-attended instances (high-attention, random and low-attention masks,
+Sec. 3.2), the soft-target consistency loss between teacher and student bag embeddings plus the bag
+cross-entropy (Sec. 3.3), and the EMA teacher update (Sec. 3.3). Reference code: DearCaat/MHIM-MIL,
+branch v1; its behaviour is written up in docs/MHIM-MIL.md of the shared notes and in docs/methods.md.
+
+A teacher (EMA of the student, initialised from a trained baseline of the same fold) scores every
+instance of a bag; the most-attended instances (plus random and low-attention ones) are removed from
+the student's input, and a soft-target cross-entropy ties the student's bag embedding to the teacher's.
+Only the student predicts.
+
+Follows the reference code in: mask construction (``ceil`` counts, the ``hr`` enlarged top-k, vote
+fusion over TransMIL heads), r_h cosine-decayed to 0 and the momentum (constant or cosine to 1) per
+iteration over all ``training.epochs`` (200 in the presets), temperatures 0.1 / 1.0, the per-class-row
+consistency loss for DSMIL's [C, E] bag embedding, DSMIL's bag + max-instance loss and score, the
+student copying only the baseline's ``embed``, Adam with a per-epoch cosine learning rate
+(``torch.optim.lr_scheduler.CosineAnnealingLR``), and early stopping never before epoch 130
+(CAMELYON16) / 70 (TCGA) in the presets.
+
+Deviations from the reference code (each a setting; the reference value is one setting away):
+
+- ``model.mhim.teacher_eval`` = true: the teacher runs in eval mode (dropout off), as the paper's
+  pseudocode implies; the reference code leaves its dropout on (``teacher_eval=false``).
+- A validation split carved from each training fold drives early stopping, checkpoint and threshold
+  choice (the reference used the test fold on CAMELYON16); not a switch, by design.
+- The in-fold baseline stops like the stand-alone baseline presets (``model.mhim.baseline_min_epochs``
+  30, ``baseline_patience`` 20; None = the MHIM run's own ``training.min_epochs``/``patience``).
+- TransMIL masks by the exact cls attention of its first layer (:mod:`wsi_mil.mil.transmil`), not by
+  the Nystrom approximation the reference reads; ``benchmarks/nystrom_topk.py`` measures the
+  difference.
 
 The pure pieces (masks, schedules, EMA, consistency loss) are module functions so they can be tested
 on hand-made inputs; :class:`MHIMMethod` drives them for one fold through the ``MILMethod`` protocol.

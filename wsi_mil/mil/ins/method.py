@@ -1,6 +1,37 @@
 """INS as a :class:`~wsi_mil.mil.base.MILMethod`: train an instance classifier from slide labels with
 prototype-based pseudo labels (PPLG) and instance-level contrastive learning (IWSCL); bags are scored by
-the mean or max of instance probabilities, the aggregator chosen on the validation split."""
+the mean or max of instance probabilities, the aggregator chosen on the validation split.
+
+Source: Qu, Luo, Wang, Wang and Song (INS), "Rethinking Multiple Instance Learning for Whole Slide
+Image Classification: A Good Instance Classifier is All You Need", IEEE TCSVT 2024 (arXiv 2307.02249),
+Sec. III: IWSCL (supervised contrastive loss over queries, keys and a queue, positives by pseudo label)
+and PPLG (prototype EMA, soft targets ``conf <- phi conf + (1 - phi) onehot(argmax(s * Y))``, phi 0.95 ->
+0.8), built on PiCO (Wang et al., ICLR 2022). Reference code: miccaiif/INS (train_withbag_cam.py,
+train_bag_TCGA.py).
+
+Follows the reference code in: SGD (momentum 0.9, lr 0.01 constant, weight decay 1e-3 CAMELYON16 /
+1e-5 TCGA), batch 64, queue 8192, prototype momentum 0.9, key EMA 0.999, contrastive weight 0.5,
+temperature 0.07; warm-up before ``proto_start`` on positive-slide instances only with uniform targets
+[0.5, 0.5] and a MoCo-style contrastive loss, prototypes and queue untouched, plus a classifier-only
+pass with the bag label as target (CAMELYON16: both in epoch 0; TCGA: epoch 0 classifier-only, 1-19
+warm-up); the candidate set Y from slide labels only.
+
+Deviations (each a setting; the reference value is one setting away):
+
+- ``initial_positive_conf`` / ``pretrain_target`` None (auto, prevalence-aware: the soft target of
+  positive-slide instances starts where the classifier's 0.5 boundary falls between the two
+  populations); 0.5 / 1.0 = the reference, which collapses to all-negative pseudo labels when tumour is
+  rare.
+- ``checkpoint_from_proto_start`` true: no checkpoint from before pseudo-labelling; patience counts from
+  ``proto_start``; ``fit/best_epoch_from_proto_start`` is logged (the reference picked the best epoch on
+  the test set).
+- Feature variant: an MLP on frozen features with real feature augmentation (dropout, Gaussian noise)
+  for the two views (the reference feature scripts used identical views); features standardised.
+- Bag score: the mean or the max of instance probabilities, chosen on the validation split (the
+  reference reported several aggregators on the test set); no label leak from patch ground truth.
+- The reference's attention bag head trained in ``train_bag`` is not built; the classifier-only pass
+  trains the instance classifier on bag labels instead.
+"""
 
 from __future__ import annotations
 
