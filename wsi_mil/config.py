@@ -234,6 +234,13 @@ class MHIMConfig(Section):
     baseline_run: str | None = Field(
         default=None, description="MLflow run id of a trained baseline (same folds); None trains one per fold."
     )
+    baseline_min_epochs: int | None = Field(
+        default=30, ge=0, description="training.min_epochs of the in-fold baseline (the stand-alone baseline "
+        "presets' 30); None = training.min_epochs (the MHIM run's own, e.g. 130).",
+    )
+    baseline_patience: int | None = Field(
+        default=20, ge=1, description="training.patience of the in-fold baseline; None = training.patience.",
+    )
 
     @field_validator("student")
     @classmethod
@@ -252,15 +259,29 @@ class INSConfig(Section):
         default="resnet18", description="CNN for the 'patches' variant: tiny_cnn, resnet18, resnet34, resnet50."
     )
     batch_size: int = Field(default=64, ge=2, description="Instances per SGD step (sampled across bags).")
-    lr: float = Field(default=0.01, gt=0, description="SGD learning rate (cosine-annealed over the epochs).")
+    lr: float = Field(default=0.01, gt=0, description="SGD learning rate.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="constant = the reference's fixed lr; cosine = annealed to 0 over the epochs "
+        "(torch CosineAnnealingLR).",
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(default=1e-3, ge=0, description="SGD weight decay.")
+    weight_decay: float = Field(default=1e-3, ge=0, description="SGD weight decay (reference: 1e-3 CAMELYON16, 1e-5 TCGA).")
     queue_size: int = Field(default=8192, ge=1, description="Keys (with their class probabilities) kept in the queue.")
     proto_momentum: float = Field(default=0.9, ge=0, le=1, description="EMA momentum of the class prototypes.")
     ema: float = Field(default=0.999, ge=0, le=1, description="Key-encoder momentum.")
     contrastive_weight: float = Field(default=0.5, ge=0, description="Weight of the contrastive loss.")
     temperature: float = Field(default=0.07, gt=0, description="Temperature of the contrastive losses.")
-    proto_start: int = Field(default=1, ge=0, description="Epoch from which PPLG and SupCon are used.")
+    proto_start: int = Field(
+        default=1, ge=0, description="Epoch from which PPLG and SupCon are used; the epochs before it are warm-up.",
+    )
+    warmup_contrastive_from: int = Field(
+        default=0, ge=0, description="Warm-up epochs before this one are classifier-only (no contrastive pass; "
+        "the reference's TCGA schedule has 1).",
+    )
+    checkpoint_from_proto_start: bool = Field(
+        default=True, description="Early stopping and checkpoint choice consider epochs >= proto_start only (no "
+        "checkpoint from before pseudo-labelling); False = every epoch.",
+    )
     phi_start: float = Field(
         default=0.95, ge=0, le=1, description="PPLG: weight of the old soft target at the first epoch (linear to phi_end)."
     )
@@ -271,7 +292,10 @@ class INSConfig(Section):
     bag_aggregator: Literal["auto", "mean", "max"] = Field(
         default="auto", description="auto = choose mean or max on the validation split."
     )
-    pretrain_epochs: int = Field(default=1, ge=0, description="Epochs where each instance takes its bag label.")
+    pretrain_epochs: int = Field(
+        default=1, ge=0, description="Warm-up epochs that end with a classifier-only pass over all instances where "
+        "each instance takes its bag label (the reference's train_bag).",
+    )
     pretrain_target: float | None = Field(
         default=None, gt=0.5, le=1,
         description="p(positive) target of positive-bag instances in the pretrain epochs; None = auto "

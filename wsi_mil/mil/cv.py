@@ -202,6 +202,8 @@ class _FoldRunner:
                      "fit/stopped_early": float(result.stopped_early)}
             if threshold is not None:
                 final["fit/threshold"] = threshold
+            if cfg.model.name == "ins":  # INS: how long after pseudo-labelling began the checkpoint was taken
+                final["fit/best_epoch_from_proto_start"] = result.best_epoch - cfg.model.ins.proto_start
             final.update({f"fit/val_{k}": v for k, v in val_metrics.items()})
             final.update({f"test/{k}": v for k, v in test_metrics.items()})
             tracker.log_metrics(run_id, final, step=0)  # single values: bars in the UI, not one-dot curves
@@ -256,7 +258,11 @@ class _FoldRunner:
                            extras=FoldExtras(config=cfg, bag_paths=ctx.extras.bag_paths))
         method = BagMethod(build_model(model_name, ctx.in_dim, ctx.n_classes, cfg.model), cfg, bctx, model_name)
         method.setup(bctx)
-        result = fit(method, bctx, cfg.training, desc=f"baseline {model_name} s{ctx.seed}f{ctx.fold}",
+        mcfg = cfg.model.mhim
+        btcfg = cfg.training.model_copy(update={
+            "min_epochs": cfg.training.min_epochs if mcfg.baseline_min_epochs is None else mcfg.baseline_min_epochs,
+            "patience": cfg.training.patience if mcfg.baseline_patience is None else mcfg.baseline_patience})
+        result = fit(method, bctx, btcfg, desc=f"baseline {model_name} s{ctx.seed}f{ctx.fold}",
                      progress=cfg.training.progress,
                      log_epoch=lambda row, step: self.tracker.log_metrics(
                          run_id, {f"baseline/{k}": v for k, v in row.items()}, step))
