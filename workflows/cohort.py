@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 from wsi_mil.workflows.heatmap import heatmaps_for_run
+from wsi_mil.workflows.results import MODEL_TAG, markdown_table, write_model_results
 from wsi_mil.workflows.train import WORKFLOW_TAG, finished_run, workflow_key
 
 from wsi_mil.compute import dask_client
@@ -52,6 +53,8 @@ class ModelOutcome:
     summary: dict[str, tuple[float, float]]  # metric -> (mean, std) over folds and seeds
     localisation_auc: float = float("nan")
     heatmaps: int = 0
+    predictions_csv: Path | None = None  # OUT/results/<model>/predictions.csv
+    heatmaps_dir: Path | None = None  # OUT/heatmaps/<model>/<run>/
 
 
 @dataclass
@@ -118,6 +121,8 @@ def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[Model
             outcome.localisation_auc = tracker.get_run(run_id).metric("heatmap/localisation_auc")
         if not reused:  # tagged last: a run interrupted before its heatmaps is redone
             tracker.set_tags(run_id, {WORKFLOW_TAG: key})
+        outcome.predictions_csv = write_model_results(out, tracker, run_id)
+        outcome.heatmaps_dir = Layout(out).heatmaps_dir(run_id, tracker.get_run(run_id).tags.get(MODEL_TAG, name))
         outcomes.append(outcome)
     return outcomes
 
@@ -160,15 +165,13 @@ def summary_markdown(outcome: CohortOutcome) -> str:
               "(attention or instance probability) against ground-truth tumour on each test fold;",
               "localisation_auc: the same pooled over every slide's heatmap. n/a without annotations.", ""]
     lines.append(markdown_table(outcome.table()))
+    files = [m for m in outcome.models if m.predictions_csv is not None]
+    if files:
+        lines += ["", "Per-slide test predictions (slide, patient, label, fold, seed, probability, predicted class, "
+                  "threshold, run id) and heatmaps:", ""]
+        for m in files:
+            lines.append(f"- {m.name}: `{m.predictions_csv}`, `{m.heatmaps_dir}/`")
     return "\n".join(lines) + "\n"
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A DataFrame as a GitHub-flavoured Markdown table."""
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
 
 
 def check_cohort(slides_dir: Path, cfg: Config) -> LabelTable:

@@ -49,6 +49,7 @@ class RunHeatmaps:
     localisation_auc: float = float("nan")
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     labels: dict[str, np.ndarray] = field(default_factory=dict)
+    directory: Path | None = None  # OUT/heatmaps/<model>/<run>/
 
 
 def _features_dir(tracker: Tracker, parent: str) -> Path:
@@ -188,10 +189,10 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     if unknown:
         log.info("slides %s were in no test fold; scored by the first fold's model", ", ".join(unknown[:5]))
     result = RunHeatmaps(parent)
-    target = layout.heatmaps_dir(parent)
     device = torch.device("cpu")
     loaded: dict[str, LoadedFold] = {}
     model_name = tracker.get_run(parent).tags.get("wsi_mil.model", run_cfg.model.name)
+    target = result.directory = layout.heatmaps_dir(parent, model_name)
     features_dir = _features_dir(tracker, parent)
     named: list[tuple[SlideHeatmap, str, float]] = []
     for sid in tqdm(wanted, desc="heatmaps", unit="slide", leave=False):
@@ -233,5 +234,5 @@ def cli_heatmap(args: argparse.Namespace, cfg: Config) -> int:
         print(f"{drawn.slide_id}: {drawn.png}  {drawn.geojson}")
     if np.isfinite(result.localisation_auc):
         print(f"localisation AUC (per-patch scores vs ground truth): {result.localisation_auc:.4f}")
-    print(f"{len(result.slides)} heatmaps in {Layout(args.out).heatmaps_dir(result.run_id)}, logged to MLflow run {result.run_id}")
+    print(f"{len(result.slides)} heatmaps in {result.directory}, logged to MLflow run {result.run_id}")
     return 0
