@@ -106,7 +106,8 @@ def _add_heatmap(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="MLflow run id (a `train` parent run or one fold's run).")
     p.add_argument("--out", type=Path, default=Path("."), help="Output directory of that run.")
     p.add_argument("--slides", nargs="*", help="Slide ids (default: each fold's test slides).")
-    p.add_argument("--normalize", choices=["raw", "rank", "percentile"], help="Score normalisation.")
+    p.add_argument("--normalize", choices=["auto", "absolute", "cohort", "raw", "rank", "percentile"],
+                   help="Score scale (auto: absolute 0-1 for instance probabilities, one cohort scale for attention).")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
     p.add_argument("--slides-dir", type=Path, help="Folder the slides moved to (found there by slide id).")
 
