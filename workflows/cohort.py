@@ -24,9 +24,11 @@ from wsi_mil.workflows.heatmap import heatmaps_for_run
 from wsi_mil.workflows.results import MODEL_TAG, markdown_table, write_model_results
 from wsi_mil.workflows.train import WORKFLOW_TAG, finished_run, workflow_key
 
+from wsi_mil.annotations import find_annotation
 from wsi_mil.compute import dask_client
 from wsi_mil.config import Config
-from wsi_mil.errors import ConfigError
+from wsi_mil.encoders import build_encoder
+from wsi_mil.errors import ConfigError, WsiMilError
 from wsi_mil.extract import ExtractReport, extract_cohort
 from wsi_mil.layout import Layout
 from wsi_mil.mil.cv import train_cohort
@@ -195,6 +197,82 @@ def check_cohort(slides_dir: Path, cfg: Config) -> LabelTable:
     return labels
 
 
+TRUTH_FOLDERS = ("truth", "annotations")  # beside the slide folder (`wsi-mil synth` writes OUT/slides and OUT/truth)
+
+
+def find_truth(slides_dir: Path, slide_ids: list[str]) -> tuple[Path, int] | None:
+    """A folder of ground truth beside (or inside) ``slides_dir`` that annotates some of ``slide_ids``.
+
+    Looks in ``slides_dir/../truth``, ``slides_dir/../annotations``, ``slides_dir/truth`` and
+    ``slides_dir/annotations`` for the files :func:`wsi_mil.annotations.find_annotation` reads.
+
+    Returns
+    -------
+    tuple of (Path, int) or None
+        The first folder with annotations and how many of the slides it annotates.
+    """
+    slides_dir = Path(slides_dir)
+    for base in (slides_dir.parent, slides_dir):
+        for name in TRUTH_FOLDERS:
+            folder = base / name
+            if folder.is_dir():
+                found = sum(find_annotation(folder, sid) is not None for sid in slide_ids)
+                if found:
+                    return folder, found
+    return None
+
+
+def check_encoder(cfg: Config) -> None:
+    """The encoder and its weights load (pretrained: from the cache or a download; a file: it fits).
+
+    Raises
+    ------
+    WsiMilError
+        One sentence with the ``--weights`` choices, e.g. offline without cached pretrained weights.
+    """
+    if cfg.features.weights == "random":
+        return
+    try:
+        build_encoder(cfg.features)
+    except WsiMilError as exc:
+        raise WsiMilError(f"nothing was tiled: {exc}") from None
+
+
+def preflight(slides_dir: Path, cfg: Config) -> Config:
+    """Every check `wsi-mil run` makes before any tiling; returns the config to run with.
+
+    In order: each model of ``run.models`` fits the settings; labels and folds fit the slide folder
+    (:func:`check_cohort`); the encoder's weights load (:func:`check_encoder`); ground truth: when
+    ``training.annotations_dir`` is not set, a truth folder beside the slides (:func:`find_truth`)
+    is used and said so; when it is set but annotates none of the slides, a warning says so.
+
+    Raises
+    ------
+    ConfigError
+        A model of ``run.models`` does not fit the settings.
+    WsiMilError
+        Bad labels, infeasible folds, encoder weights that cannot be loaded.
+    """
+    for name in cfg.run.models:  # a model the settings do not fit fails now, not after tiling and embedding
+        try:
+            cfg.for_model(name)
+        except ConfigError as exc:
+            raise ConfigError(f"run.models lists {name}: {exc}") from None
+    labels = check_cohort(slides_dir, cfg)
+    check_encoder(cfg)
+    ids = list(labels.df["slide_id"])
+    if cfg.training.annotations_dir is None:
+        truth = find_truth(Path(slides_dir), ids)
+        if truth is not None:
+            log.info("ground truth for %d of %d slides found in %s: instance metrics use it "
+                     "(training.annotations_dir)", truth[1], len(ids), truth[0])
+            cfg = cfg.with_overrides({"training.annotations_dir": str(truth[0].resolve())})
+    elif not any(find_annotation(Path(cfg.training.annotations_dir), sid) for sid in ids):
+        log.warning("training.annotations_dir %s annotates none of the %d slides (looked for <slide id>.geojson, "
+                    "_tumour.png, .xml...): instance metrics will be n/a", cfg.training.annotations_dir, len(ids))
+    return cfg
+
+
 def run_cohort(slides_dir: Path, labels_csv: Path, out: Path, cfg: Config) -> CohortOutcome:
     """Run every stage on ``slides_dir`` (see the module docstring).
 
@@ -220,16 +298,12 @@ def run_cohort(slides_dir: Path, labels_csv: Path, out: Path, cfg: Config) -> Co
     ConfigError
         Before any work, when a model of ``run.models`` does not fit the settings.
     WsiMilError
-        When no slide can be found, no slide is left to train on, or MLflow cannot be reached.
+        Before any work (:func:`preflight`): bad labels, infeasible folds, encoder weights that cannot
+        be loaded. Later: when no slide can be found, no slide is left to train on, or MLflow cannot be reached.
     """
     out = Path(out)
     cfg = cfg.with_overrides({"training.labels_csv": str(Path(labels_csv).resolve()), "training.on_missing": "exclude"})
-    for name in cfg.run.models:  # a model the settings do not fit fails now, not after tiling and embedding
-        try:
-            cfg.for_model(name)
-        except ConfigError as exc:
-            raise ConfigError(f"run.models lists {name}: {exc}") from None
-    check_cohort(slides_dir, cfg)
+    cfg = preflight(slides_dir, cfg)
     with dask_client(cfg.compute) as client:
         tiling = tile_cohort(slides_dir, out, cfg, client=client)
     extraction = extract_cohort(out, cfg)
