@@ -14,8 +14,12 @@ excluded from training; the run goes on. Bad labels and infeasible folds stop it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import resource
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +63,33 @@ class ModelOutcome:
     heatmaps_dir: Path | None = None  # OUT/heatmaps/<model>/<run>/
 
 
+class StageClock:
+    """Wall and CPU seconds per stage (CPU: this process's threads and its finished child processes)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, tuple[float, float]] = {}
+
+    @staticmethod
+    def cpu() -> float:
+        """CPU seconds so far: user + system, this process and its waited-for children."""
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        """Time the ``with`` block as stage ``name`` (repeated names add up)."""
+        wall, cpu = time.perf_counter(), self.cpu()
+        try:
+            yield
+        finally:
+            w, c = self.stages.get(name, (0.0, 0.0))
+            self.stages[name] = (w + time.perf_counter() - wall, c + self.cpu() - cpu)
+
+    def table(self) -> str:
+        """One line per stage: wall and CPU seconds."""
+        return "\n".join(f"  {name:<22} {wall:7.1f} s wall {cpu:7.1f} s CPU" for name, (wall, cpu) in self.stages.items())
+
+
 @dataclass
 class CohortOutcome:
     """Everything `wsi-mil run` did."""
@@ -68,6 +99,7 @@ class CohortOutcome:
     models: list[ModelOutcome] = field(default_factory=list)
     summary_md: Path | None = None
     summary_run_id: str | None = None
+    clock: StageClock | None = None
 
     def table(self) -> pd.DataFrame:
         """One row per model: test metrics (mean +- std) and localisation AUC."""
@@ -95,8 +127,9 @@ def _summary_of(tracker: Tracker, run_id: str) -> dict[str, tuple[float, float]]
     return {m: (run.metric(f"test/{m}_mean"), run.metric(f"test/{m}_std")) for m in SUMMARY_METRICS}
 
 
-def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[ModelOutcome]:
-    """Train (or reuse) each model of ``cfg.run.models`` and draw its test-slide heatmaps."""
+def train_models(out: Path, cfg: Config, *, heatmaps: bool = True, clock: StageClock | None = None) -> list[ModelOutcome]:
+    """Train (or reuse) each model of ``cfg.run.models`` and draw its test-slide heatmaps (timed on ``clock``)."""
+    clock = clock or StageClock()
     features_dir = resolve_features_dir(out, cfg)
     tracker = open_tracker(out, cfg)
     trained: dict[str, str] = {}
@@ -108,7 +141,8 @@ def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[Model
         reused = run_id is not None
         if run_id is None:
             log.info("training %s", name)
-            run_id = train_cohort(out, mcfg).parent_run_id
+            with clock(f"train {name}"):
+                run_id = train_cohort(out, mcfg).parent_run_id
         else:
             log.info("%s: reusing finished MLflow run %s (same settings and bags)", name, run_id)
             if mcfg.tracking.register_as:
@@ -117,7 +151,8 @@ def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[Model
         outcome = ModelOutcome(name, run_id, reused, _summary_of(tracker, run_id))
         has_maps = bool(tracker.list_artifacts(run_id, "heatmaps"))
         if heatmaps and not has_maps:
-            drawn = heatmaps_for_run(run_id, out, mcfg)
+            with clock(f"heatmaps {name}"):
+                drawn = heatmaps_for_run(run_id, out, mcfg)
             outcome.heatmaps, outcome.localisation_auc = len(drawn.slides), drawn.localisation_auc
         else:
             outcome.localisation_auc = tracker.get_run(run_id).metric("heatmap/localisation_auc")
@@ -303,12 +338,15 @@ def run_cohort(slides_dir: Path, labels_csv: Path, out: Path, cfg: Config) -> Co
     """
     out = Path(out)
     cfg = cfg.with_overrides({"training.labels_csv": str(Path(labels_csv).resolve()), "training.on_missing": "exclude"})
-    cfg = preflight(slides_dir, cfg)
-    with dask_client(cfg.compute) as client:
+    clock = StageClock()
+    with clock("checks"):
+        cfg = preflight(slides_dir, cfg)
+    with clock("tiling"), dask_client(cfg.compute) as client:
         tiling = tile_cohort(slides_dir, out, cfg, client=client)
-    extraction = extract_cohort(out, cfg)
-    outcome = CohortOutcome(tiling, extraction)
-    outcome.models = train_models(out, cfg)
+    with clock("embedding"):
+        extraction = extract_cohort(out, cfg)
+    outcome = CohortOutcome(tiling, extraction, clock=clock)
+    outcome.models = train_models(out, cfg, clock=clock)
     markdown = summary_markdown(outcome)
     outcome.summary_md = Layout(out).summary_md
     write_text_atomic(outcome.summary_md, markdown)
