@@ -23,6 +23,7 @@ from wsi_mil.workflows.extract import cli_extract
 from wsi_mil.workflows.heatmap import cli_heatmap
 from wsi_mil.workflows.interop import cli_annotations, cli_export
 from wsi_mil.workflows.predict import cli_predict
+from wsi_mil.workflows.results import cli_runs
 from wsi_mil.workflows.synth import cli_synth
 from wsi_mil.workflows.tile import cli_tile
 from wsi_mil.workflows.train import cli_evaluate, cli_train
@@ -105,7 +106,8 @@ def _add_heatmap(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="MLflow run id (a `train` parent run or one fold's run).")
     p.add_argument("--out", type=Path, default=Path("."), help="Output directory of that run.")
     p.add_argument("--slides", nargs="*", help="Slide ids (default: each fold's test slides).")
-    p.add_argument("--normalize", choices=["raw", "rank", "percentile"], help="Score normalisation.")
+    p.add_argument("--normalize", choices=["auto", "absolute", "cohort", "raw", "rank", "percentile"],
+                   help="Score scale (auto: absolute 0-1 for instance probabilities, one cohort scale for attention).")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
     p.add_argument("--slides-dir", type=Path, help="Folder the slides moved to (found there by slide id).")
 
@@ -134,6 +136,12 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("wsi-mil-demo"), help="Output directory.")
     p.add_argument("--slides", type=int, default=12, help="Synthetic slides.")
     p.add_argument("--weights", help="pretrained | random | path (default: pretrained when available).")
+
+
+def _add_runs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", type=Path, help="Output directory whose MLflow store to read.")
+    p.add_argument("--experiment", help="Only this MLflow experiment (default: every experiment).")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
 
 
 def _add_ui(p: argparse.ArgumentParser) -> None:
@@ -184,6 +192,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "predict": ("Predict new slides with a trained run or a registered model.", _add_predict, cli_predict),
     "run": ("Whole workflow: tile, extract, train, evaluate, heatmaps.", _add_run, cli_run),
     "demo": ("Synthesise a cohort and run the whole workflow offline.", _add_demo, cli_demo),
+    "runs": ("List the trained models: name, when, settings digest, test AUC, run id.", _add_runs, cli_runs),
     "ui": ("Open the MLflow UI over an output directory.", _add_ui, cli_ui),
     "annotations": ("Show what an annotation file holds: areas per class and role, ignored objects.",
                     _add_annotations, cli_annotations),

@@ -472,10 +472,13 @@ class TrainingConfig(Section):
 class HeatmapConfig(Section):
     """Per-slide heatmaps."""
 
-    normalize: Literal["raw", "rank", "percentile"] = Field(
-        default="rank",
-        description="Score normalisation: raw (min-max), rank (uniform over patches; never 'cold'), "
-        "percentile (clip to percentile_low..percentile_high, then min-max).",
+    normalize: Literal["auto", "absolute", "cohort", "raw", "rank", "percentile"] = Field(
+        default="auto",
+        description="Score scale. auto: absolute for instance-probability models (INS), cohort for attention. "
+        "absolute: probabilities as they are, 0-1 (a normal slide stays cool); cohort: one scale for every slide "
+        "drawn together (percentile_low..percentile_high of their pooled scores; softmax attention times the "
+        "slide's patch count, 1 = uniform). Per slide (each slide gets a hottest patch; the legend says so): "
+        "raw (min-max), rank (uniform over patches), percentile (clip, then min-max).",
     )
     percentile_low: float = Field(default=1.0, ge=0, lt=100, description="Lower clip percentile for 'percentile'.")
     percentile_high: float = Field(default=99.0, gt=0, le=100, description="Upper clip percentile for 'percentile'.")
