@@ -24,13 +24,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from distributed import as_completed
+from distributed import KilledWorker, as_completed
 from tqdm.auto import tqdm
 
 from wsi_mil import __version__
 from wsi_mil.compute import dask_client, total_threads
 from wsi_mil.config import Config, SlidesConfig, TilingConfig, TissueConfig
-from wsi_mil.errors import SlideError, WsiMilError
+from wsi_mil.errors import (
+    SlideError,
+    WsiMilError,
+    is_slide_problem,
+    name_slide,
+    resource_error,
+    resource_problem,
+)
 from wsi_mil.layout import Layout, tiling_key
 from wsi_mil.reports import SlideResult
 from wsi_mil.slides import (
@@ -321,9 +328,15 @@ def grid_boxes(coords: np.ndarray, size0: float, width: int, height: int, thumb_
 
 
 # ------------------------------------------------------------------------------------ worker tasks
-def _slide_failure(path: str, exc: BaseException, what: str) -> SlideError:
+def _slide_failure(path: str, exc: BaseException, what: str) -> BaseException:
+    """A :class:`SlideError` for a slide problem, else ``exc`` itself with the slide named in its notes.
+
+    Slide problems: :func:`~wsi_mil.errors.is_slide_problem`; anything else (a bug, a full disk) is to be raised.
+    """
     if isinstance(exc, SlideError):
         return exc
+    if not is_slide_problem(exc):
+        return name_slide(exc, path, what)
     forget_slide(path)  # an OpenSlide handle stays unusable after a read error
     text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, OSError) or type(exc).__module__.startswith("openslide"):
@@ -459,8 +472,10 @@ class _CohortRun:
                 result.plan = choose_level(info.downsamples, info.mpp, self.cfg.tiling.target_mpp,
                                            self.cfg.tiling.patch_size)
             except Exception as exc:
-                self.fail(None, result, exc if isinstance(exc, SlideError) else
-                          _slide_failure(str(entry.path), exc, "opening"))
+                failure = _slide_failure(str(entry.path), exc, "opening")
+                if not isinstance(failure, SlideError):
+                    raise  # failure is exc, the slide named
+                self.fail(None, result, failure)
                 continue
             final = self.layout.patch_store(self.key, info.slide_id)
             attrs = store_attrs(info, result.plan, self.cfg, self.key)
@@ -602,8 +617,18 @@ class _CohortRun:
                     self.finish(job)
                     self.close(job)
         except Exception as exc:
-            self.fail(job, job.result, exc if isinstance(exc, SlideError) else
-                      _slide_failure(job.result.path, exc, "tiling"))
+            if isinstance(exc, KilledWorker):  # e.g. a decoder crashed on this slide's pixels
+                failure: BaseException = SlideError(f"slide {job.result.path}: a Dask worker died while tiling it "
+                                                    f"({exc}); the file may be corrupt.")
+            else:
+                failure = _slide_failure(job.result.path, exc, "tiling")
+            if not isinstance(failure, SlideError):
+                self.write_csv()
+                if resource_problem(failure) is not None:
+                    raise resource_error(failure, job.partial or job.final,
+                                         f"finished stores are kept in {self.tiles_dir} and slides.csv lists them") from None
+                raise  # failure is exc, the slide named
+            self.fail(job, job.result, failure)
             self.close(job)
         finally:
             fut.release()
