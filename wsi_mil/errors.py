@@ -52,7 +52,7 @@ def resource_problem(exc: BaseException) -> str | None:
                     errno.EFBIG: "file too large for the file system",
                     errno.ENOMEM: "out of memory"}[current.errno]
         text = str(current).lower()
-        if "no space left on device" in text or "disk quota exceeded" in text:
+        if "no space left on device" in text or "disk quota exceeded" in text or "database or disk is full" in text:
             return "no space left on the device"
         if "too many open files" in text:
             return "too many open files (raise `ulimit -n` or lower the number of workers)"

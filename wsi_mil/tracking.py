@@ -795,10 +795,20 @@ def _record(run: Any) -> RunRecord:
                      dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
 
 
-def open_tracker(out: Path, cfg: Config) -> Tracker:
-    """The tracker for ``cfg.tracking.uri`` or the embedded SQLite store of ``out``."""
+def open_tracker(out: Path, cfg: Config, *, create: bool = True) -> Tracker:
+    """The tracker for ``cfg.tracking.uri`` or the embedded SQLite store of ``out``.
+
+    Raises
+    ------
+    WsiMilError
+        With ``create=False`` (commands that read a trained run: evaluate, heatmap, predict), when
+        ``out`` holds no store and no tracking URI is set: no empty store is made there.
+    """
     uri = default_uri(out, cfg)
     layout = Layout(out)
+    if uri == layout.tracking_uri and not create and not layout.mlflow_db.is_file():
+        raise WsiMilError(f"no MLflow store at {layout.mlflow_db}; pass --out OUT (the output directory of the "
+                          "`wsi-mil train` run) or --tracking-uri of the server that holds the run.")
     if uri == layout.tracking_uri:
         layout.root.mkdir(parents=True, exist_ok=True)
     return Tracker(uri, layout.mlflow_artifacts if _is_local(uri) else None)
