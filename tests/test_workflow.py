@@ -264,6 +264,7 @@ def test_heatmap_finds_moved_slides_and_predict_uses_this_calls_slide_settings(f
     assert code == 0, capsys.readouterr().err
     frame = pd.read_csv(finished / "predictions" / run.run_id / "predictions.csv")
     assert frame.loc[frame["slide_id"] == tcga, "prob_tumor"].between(0, 1).all()
+    assert list(frame["slide_id"]) == [tcga]  # exactly this call's slides, not an earlier call's
 
 
 def _fixed_split_labels(cohort, dst: Path) -> Path:

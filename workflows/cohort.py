@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -359,4 +360,9 @@ def cli_run(args: argparse.Namespace, cfg: Config) -> int:
     outcome = run_cohort(args.slides_dir, args.labels, args.out, cfg)
     print(summary_markdown(outcome))
     print(f"summary: {outcome.summary_md}; heatmaps: {Layout(args.out).heatmaps_root}")
+    failed = len(outcome.tiling.failed) + len(outcome.extraction.failed)
+    if failed:  # like `tile` and `extract`: scripts see that the cohort is not complete
+        print(f"{failed} slide(s) failed and were left out; their errors are in {Layout(args.out).slides_csv} and "
+              "the summary above.", file=sys.stderr)
+        return 1
     return 0

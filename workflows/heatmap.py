@@ -190,7 +190,7 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
         path_component(sid)
     out = Path(out)
     layout = Layout(out)
-    tracker = open_tracker(out, cfg)
+    tracker = open_tracker(out, cfg, create=False)
     parent = tracker.parent_of(run_id)
     run_cfg = tracker.load_config(parent)
     if cfg.training.annotations_dir is not None:

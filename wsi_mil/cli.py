@@ -3,6 +3,12 @@
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable); command-specific
 flags are shortcuts for config keys (``--workers 4`` is ``--set compute.workers=4``). Errors in the
 user's input print one sentence and exit with code 2.
+
+Exit codes (README, "Exit codes"): 0 all done; 1 the command finished but some slides failed (listed in
+``slides.csv`` / ``extract_status.csv`` / ``predictions.csv``) or ``evaluate`` differs from training;
+2 bad input, settings or store (one sentence); 3 out of disk space, memory or file handles (one
+sentence: what ran out, where, what was kept); 70 a bug in wsi-mil (traceback, the slide named);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,12 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from wsi_mil import __version__
 from wsi_mil.config import Config, describe_config, dump_config, load_config
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import ResourceError, WsiMilError, resource_problem
 from wsi_mil.redaction import RedactingFormatter, redact
 from wsi_mil.workflows.cohort import cli_run
 from wsi_mil.workflows.demo import cli_demo
@@ -30,6 +37,8 @@ from wsi_mil.workflows.train import cli_evaluate, cli_train
 from wsi_mil.workflows.ui import cli_ui
 
 log = logging.getLogger("wsi_mil")
+
+EXIT_OK, EXIT_SLIDES_FAILED, EXIT_INPUT, EXIT_RESOURCE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
 
 # flag dest -> config key; a flag left at None does not override the config
 FLAG_KEYS: dict[str, str] = {
@@ -247,12 +256,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         return int(COMMANDS[args.command][2](args, cfg) or 0)
+    except ResourceError as exc:
+        print(f"wsi-mil {args.command}: error: {redact(exc)}", file=sys.stderr)
+        return EXIT_RESOURCE
     except WsiMilError as exc:
         print(f"wsi-mil {args.command}: error: {redact(exc)}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     except KeyboardInterrupt:
         print(f"wsi-mil {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        what = resource_problem(exc)
+        if what is not None:  # out of disk/memory/files outside the places that name their path
+            print(f"wsi-mil {args.command}: error: {what} ({redact(_first_line(exc))}); outputs finished so far are "
+                  "kept; free some and rerun the same command to resume.", file=sys.stderr)
+            return EXIT_RESOURCE
+        traceback.print_exc()
+        print(f"wsi-mil {args.command}: internal error ({type(exc).__name__}); this is a bug in wsi-mil, not a "
+              "problem with your input: please report it with the traceback above.", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

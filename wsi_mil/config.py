@@ -574,6 +574,11 @@ class ComputeConfig(Section):
         "(its address is logged); False serves no dashboard.",
     )
     connect_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for an external scheduler.")
+    claim_timeout_s: float = Field(
+        default=3600.0, gt=0, description="Several commands on one OUT: a slide claimed by a process on another "
+        "host whose heartbeat is older than this many seconds is taken over (on this host a dead process id is "
+        "enough).",
+    )
 
     @field_validator("scheduler")
     @classmethod

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,14 +25,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from distributed import as_completed
+from distributed import KilledWorker, as_completed
 from tqdm.auto import tqdm
 
 from wsi_mil import __version__
 from wsi_mil.compute import dask_client, total_threads
 from wsi_mil.config import Config, SlidesConfig, TilingConfig, TissueConfig
-from wsi_mil.errors import SlideError, WsiMilError
+from wsi_mil.errors import (
+    SlideError,
+    WsiMilError,
+    is_slide_problem,
+    name_slide,
+    resource_error,
+    resource_problem,
+)
 from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.locks import Claims, claim_path, owner_alive, wait_pause
 from wsi_mil.reports import SlideResult
 from wsi_mil.slides import (
     FolderEntry,
@@ -53,11 +62,11 @@ from wsi_mil.stores import (
     create_patch_store,
     is_complete_store,
     mark_complete,
+    merge_csv_rows,
     open_patch_store,
     partial_path,
     remove_path,
     write_clam_coords,
-    write_text_atomic,
 )
 from wsi_mil.tissue import TissueParams, detect_tissue, save_qc_images, thumbnail_mpp
 
@@ -321,9 +330,15 @@ def grid_boxes(coords: np.ndarray, size0: float, width: int, height: int, thumb_
 
 
 # ------------------------------------------------------------------------------------ worker tasks
-def _slide_failure(path: str, exc: BaseException, what: str) -> SlideError:
+def _slide_failure(path: str, exc: BaseException, what: str) -> BaseException:
+    """A :class:`SlideError` for a slide problem, else ``exc`` itself with the slide named in its notes.
+
+    Slide problems: :func:`~wsi_mil.errors.is_slide_problem`; anything else (a bug, a full disk) is to be raised.
+    """
     if isinstance(exc, SlideError):
         return exc
+    if not is_slide_problem(exc):
+        return name_slide(exc, path, what)
     forget_slide(path)  # an OpenSlide handle stays unusable after a read error
     text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, OSError) or type(exc).__module__.startswith("openslide"):
@@ -405,11 +420,15 @@ class _CohortRun:
         self.client = client
         self.strict = strict
         self.report = TilingReport(tiling_key=self.key, tiles_dir=self.tiles_dir)
+        self.claims: Claims | None = None
+        self.deferred: list[_Job] = []  # slides another live process is tiling
 
     # -- bookkeeping
     def write_csv(self) -> None:
+        """Merge this call's rows into ``slides.csv`` (other commands' rows of existing slides stay)."""
         self.layout.root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.layout.slides_csv, self.report.to_csv())
+        merge_csv_rows(self.layout.slides_csv, CSV_COLUMNS, [r.row() for r in self.report.results],
+                       keep=lambda row: bool(row.get("path")) and Path(row["path"]).exists())
 
     def fail(self, job: _Job | None, result: TiledSlide, exc: BaseException) -> None:
         result.status = "failed"
@@ -459,8 +478,10 @@ class _CohortRun:
                 result.plan = choose_level(info.downsamples, info.mpp, self.cfg.tiling.target_mpp,
                                            self.cfg.tiling.patch_size)
             except Exception as exc:
-                self.fail(None, result, exc if isinstance(exc, SlideError) else
-                          _slide_failure(str(entry.path), exc, "opening"))
+                failure = _slide_failure(str(entry.path), exc, "opening")
+                if not isinstance(failure, SlideError):
+                    raise  # failure is exc, the slide named
+                self.fail(None, result, failure)
                 continue
             final = self.layout.patch_store(self.key, info.slide_id)
             attrs = store_attrs(info, result.plan, self.cfg, self.key)
@@ -527,11 +548,20 @@ class _CohortRun:
         log.info("slide %s: %d patches", job.result.slide_id, len(job.coords))
 
     def run(self, jobs: list[_Job]) -> None:
-        """Tile ``jobs`` on the cluster: a few slides open at a time, chunks written as they arrive."""
+        """Tile ``jobs`` on the cluster: a few slides open at a time, chunks written as they arrive.
+
+        Each slide is claimed first (:mod:`wsi_mil.locks`); slides another live process claims are
+        left to it and waited for at the end (reused when it finishes them, taken over if it dies).
+        """
         self.tiles_dir.mkdir(parents=True, exist_ok=True)
-        removed = clean_partials(self.tiles_dir)
-        if removed:
-            log.info("removed %d partial store(s) of an interrupted run", removed)
+        timeout = self.cfg.compute.claim_timeout_s
+        with Claims(timeout) as self.claims:
+            removed = clean_partials(self.tiles_dir, keep=lambda output: owner_alive(claim_path(output), timeout))
+            if removed:
+                log.info("removed %d partial store(s) of an interrupted run", removed)
+            self._run(jobs)
+
+    def _run(self, jobs: list[_Job]) -> None:
         self.queue = list(jobs)
         self.max_open = max(2, total_threads(self.client))
         self.open_jobs: dict[int, _Job] = {}
@@ -541,9 +571,13 @@ class _CohortRun:
         self.slide_bar.update(len(self.report.results) - len(jobs))
         self.patch_bar = tqdm(total=0, desc="patches", unit="patch", disable=None)
         try:
-            self.top_up()
-            for fut in self.completed:
-                self.collect(fut)
+            while True:
+                self.top_up()
+                for fut in self.completed:
+                    self.collect(fut)
+                if not self.deferred:
+                    break
+                self.wait_for_owners()
         finally:
             for job in list(self.open_jobs.values()):  # interrupted: drop what is unfinished
                 for f in job.futures:
@@ -553,10 +587,52 @@ class _CohortRun:
             self.slide_bar.close()
             self.patch_bar.close()
 
+    def take(self, job: _Job) -> bool:
+        """Claim a slide; False when another live process has it (deferred) or has just finished it (reused)."""
+        assert self.claims is not None
+        holder = self.claims.claim(job.final)
+        if holder is not None:
+            log.info("slide %s: %s is tiling it; waiting for it at the end", job.result.slide_id, holder)
+            self.deferred.append(job)
+            return False
+        if _stored_signature(job.final) == job.attrs["signature"]:  # another process finished it meanwhile
+            self.claims.release(job.final)
+            self.reuse(job)
+            return False
+        return True
+
+    def reuse(self, job: _Job) -> None:
+        """Record a slide whose complete store another process wrote."""
+        job.result.status = "reused"
+        job.result.output = job.final.resolve()
+        job.result.n_patches = int(zarr.open_group(str(job.final), mode="r").attrs.get("n_patches", 0))
+        self.slide_bar.update(1)
+        self.write_csv()
+
+    def wait_for_owners(self) -> None:
+        """Wait until a deferred slide is finished by its owner (reused) or its owner is gone (queued again)."""
+        waited = 0.0
+        timeout = self.cfg.compute.claim_timeout_s
+        while self.deferred:
+            for job in list(self.deferred):
+                if _stored_signature(job.final) == job.attrs["signature"]:
+                    self.deferred.remove(job)
+                    self.reuse(job)
+                elif not owner_alive(claim_path(job.final), timeout):
+                    self.deferred.remove(job)
+                    self.queue.append(job)
+            if self.queue:
+                return
+            pause = wait_pause(waited)
+            time.sleep(pause)
+            waited += pause
+
     def top_up(self) -> None:
         """Start tissue detection of queued slides until ``max_open`` slides are in flight."""
         while self.queue and len(self.open_jobs) < self.max_open:
             job = self.queue.pop(0)
+            if not self.take(job):
+                continue
             self.open_jobs[job.index] = job
             assert job.result.info is not None
             fut = self.client.submit(find_tissue_task, job.result.info.path, job.result.info.mpp,
@@ -568,6 +644,8 @@ class _CohortRun:
     def close(self, job: _Job) -> None:
         """A slide is finished (done or failed): record it and let the next one in."""
         self.open_jobs.pop(job.index, None)
+        if self.claims is not None:
+            self.claims.release(job.final)
         self.slide_bar.update(1)
         self.write_csv()
         self.top_up()
@@ -602,8 +680,18 @@ class _CohortRun:
                     self.finish(job)
                     self.close(job)
         except Exception as exc:
-            self.fail(job, job.result, exc if isinstance(exc, SlideError) else
-                      _slide_failure(job.result.path, exc, "tiling"))
+            if isinstance(exc, KilledWorker):  # e.g. a decoder crashed on this slide's pixels
+                failure: BaseException = SlideError(f"slide {job.result.path}: a Dask worker died while tiling it "
+                                                    f"({exc}); the file may be corrupt.")
+            else:
+                failure = _slide_failure(job.result.path, exc, "tiling")
+            if not isinstance(failure, SlideError):
+                self.write_csv()
+                if resource_problem(failure) is not None:
+                    raise resource_error(failure, job.partial or job.final,
+                                         f"finished stores are kept in {self.tiles_dir} and slides.csv lists them") from None
+                raise  # failure is exc, the slide named
+            self.fail(job, job.result, failure)
             self.close(job)
         finally:
             fut.release()

@@ -1,0 +1,239 @@
+"""Ownership of per-slide outputs when several wsi-mil commands share one output folder.
+
+Before a command writes a slide's output (a patch store, a bag) it *claims* it: it creates the claim
+file ``.claims/<output name>.claim`` beside the output with ``O_CREAT | O_EXCL`` (atomic, also on
+NFS v3+; the hidden folder keeps the output folder's listing to outputs), holding the owner's
+host name, process id, process start time and a random token. While it works, a background thread
+touches its claim files (the heartbeat); when it is done it deletes them.
+
+Another command that finds a claim skips that output while the owner is *alive* and takes it over
+once the owner is provably gone:
+
+- on this host: the process id no longer exists, or belongs to a process started at another time
+  (the id was reused);
+- on another host: the claim's heartbeat is older than ``compute.claim_timeout_s``.
+
+A takeover is serialised by a short inter-process lock (``.claims/<output name>.claim.lock``, left in
+place: deleting a lock file others may wait on would let two of them in) and replaces the
+claim atomically, so two commands never both take the same output. The same rule decides whether a
+leftover ``.partial-*`` output may be deleted: only when no live owner claims it
+(:func:`owner_alive`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+CLAIM_SUFFIX = ".claim"
+CLAIMS_DIR = ".claims"
+DEFAULT_TIMEOUT_S = 3600.0  # a claim of another host whose heartbeat is older than this is dead
+UNREADABLE_GRACE_S = 30.0  # an empty or half-written claim file younger than this is being written now
+
+
+def claim_path(output: Path) -> Path:
+    """The claim file of an output path (``OUT/tiles/<key>/S1.zarr`` -> ``OUT/tiles/<key>/.claims/S1.zarr.claim``)."""
+    output = Path(output)
+    return output.parent / CLAIMS_DIR / (output.name + CLAIM_SUFFIX)
+
+
+def _process_start(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a claim: host, process id and start time (seconds since the epoch), a unique token."""
+
+    host: str
+    pid: int
+    started: float
+    token: str
+
+    @classmethod
+    def me(cls) -> Owner:
+        """The calling process, with a fresh token."""
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, _process_start(pid) or 0.0, uuid.uuid4().hex)
+
+    def describe(self) -> str:
+        """``process 123 on host-a``."""
+        return f"process {self.pid} on {self.host}"
+
+
+def read_owner(path: Path) -> Owner | None:
+    """The owner recorded in claim file ``path``; None when it is missing, empty or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return Owner(str(data["host"]), int(data["pid"]), float(data["started"]), str(data["token"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def owner_alive(path: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Whether claim file ``path`` is held by a live process (see the module docstring for the rule).
+
+    A missing claim has no live owner; an unreadable one counts as alive for
+    :data:`UNREADABLE_GRACE_S` after it was last written (its owner may be writing it right now).
+    """
+    path = Path(path)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    owner = read_owner(path)
+    if owner is None:
+        return age < UNREADABLE_GRACE_S
+    if owner.host == socket.gethostname():
+        started = _process_start(owner.pid)
+        return started is not None and abs(started - owner.started) < 1.0
+    return age < timeout_s
+
+
+def _write_claim(fd: int, owner: Owner) -> None:
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(asdict(owner)))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class Claims:
+    """The claims of one command: take, renew (heartbeat) and release them.
+
+    Use as a context manager: the heartbeat thread runs inside it and every claim still held is
+    released on exit.
+    """
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = float(timeout_s)
+        self.owner = Owner.me()
+        self.held: set[Path] = set()
+        self.dirs: set[Path] = set()  # claims folders used
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Claims:
+        self._thread = threading.Thread(target=self._beat, name="wsi-mil-claims", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        dirs = {p.parent for p in self.held} | self.dirs
+        for path in list(self.held):
+            self.release(path)
+        for folder in dirs:  # an empty claims folder goes (another process may still use it: then it stays)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    def _beat(self) -> None:
+        interval = max(1.0, min(60.0, self.timeout_s / 4))
+        while not self._stop.wait(interval):
+            with self._lock:
+                held = list(self.held)
+            for path in held:
+                with contextlib.suppress(OSError):
+                    os.utime(path)
+
+    def claim(self, output: Path) -> str | None:
+        """Claim ``output``; None when done, else who holds it (``"process 12 on host-a"``).
+
+        A claim of a dead owner is taken over (logged). Claiming an output this process already
+        holds succeeds.
+        """
+        path = claim_path(output)
+        if path in self.held:
+            return None
+        self.dirs.add(path.parent)
+        for attempt in range(5):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                return self._take_over(path)
+            except FileNotFoundError:  # another process removed the empty claims folder just now
+                if attempt == 4:
+                    raise
+        _write_claim(fd, self.owner)
+        with self._lock:
+            self.held.add(path)
+        return None
+
+    def _take_over(self, path: Path) -> str | None:
+        with FileLock(f"{path}.lock", timeout=60):
+            if owner_alive(path, self.timeout_s):
+                owner = read_owner(path)
+                return owner.describe() if owner is not None else "a process writing its claim"
+            dead = read_owner(path)
+            tmp = path.with_name(f"{path.name}.{self.owner.token}")
+            _write_claim(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), self.owner)
+            os.replace(tmp, path)
+        with self._lock:
+            self.held.add(path)
+        log.info("took over %s from %s, which is gone", path.name.removesuffix(CLAIM_SUFFIX),
+                 dead.describe() if dead is not None else "an owner that left no record")
+        return None
+
+    def release(self, output_or_claim: Path) -> None:
+        """Give up a claim (the claim file is deleted only while it still names this process)."""
+        path = Path(output_or_claim)
+        if path.parent.name != CLAIMS_DIR:
+            path = claim_path(path)
+        with self._lock:
+            self.held.discard(path)
+        owner = read_owner(path)
+        if owner is not None and owner.token == self.owner.token:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def holds(self, output: Path) -> bool:
+        """Whether this process holds the claim of ``output``."""
+        return claim_path(output) in self.held
+
+
+@contextlib.contextmanager
+def claims(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Claims]:
+    """A :class:`Claims` whose heartbeat runs for the ``with`` block; its claims are released at the end."""
+    with Claims(timeout_s) as held:
+        yield held
+
+
+def wait_pause(waited_s: float) -> float:
+    """Seconds to sleep before looking again at outputs other processes own (grows to 2 s)."""
+    return min(2.0, 0.2 + waited_s / 10)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float = 300.0) -> Iterator[None]:
+    """Hold the inter-process lock of the shared file ``path`` (``.claims/<name>.lock`` beside it).
+
+    Raises
+    ------
+    filelock.Timeout
+        When another process held it for longer than ``timeout_s`` seconds.
+    """
+    lock = Path(path).parent / CLAIMS_DIR / f"{Path(path).name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock), timeout=timeout_s):
+        yield
