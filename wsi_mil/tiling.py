@@ -193,6 +193,7 @@ def store_attrs(info: SlideInfo, plan: ReadPlan, cfg: Config, key: str) -> dict[
         "slide_path": info.path,
         "slide_fingerprint": info.fingerprint,
         "reader": info.reader,
+        "reader_note": info.reader_note,
         "vendor": info.vendor,
         "width": info.width,
         "height": info.height,

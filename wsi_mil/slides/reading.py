@@ -74,11 +74,13 @@ def read_patch(reader: SlideReader, x: int, y: int, plan: ReadPlan, out: np.ndar
     ``patch_size``: whole-number reductions average each k x k block (box, exact footprint), other
     factors use Lanczos (antialiased). Pixels outside the slide are white.
     """
-    image = reader.read_region_image((int(x), int(y)), plan.level, (plan.read_size, plan.read_size))
     method = plan.resample_filter
-    if method == "box":
-        image = image.reduce(plan.read_size // plan.patch_size)
-    elif method == "lanczos":
+    size = (plan.read_size, plan.read_size)
+    if method == "box":  # readers that decode at a reduced scale do so here (shrink-on-load)
+        image = reader.read_region_reduced((int(x), int(y)), plan.level, size, plan.read_size // plan.patch_size)
+    else:
+        image = reader.read_region_image((int(x), int(y)), plan.level, size)
+    if method == "lanczos":
         image = image.resize((plan.patch_size, plan.patch_size), Image.Resampling.LANCZOS)
     if out is None:
         return np.asarray(image)
