@@ -334,9 +334,13 @@ def _slide_failure(path: str, exc: BaseException, what: str) -> SlideError:
 
 def find_tissue_task(
     path: str, mpp0: float, tissue: TissueConfig, tiling: TilingConfig, with_thumbnail: bool,
-    slides: SlidesConfig | None = None,
+    slides: SlidesConfig | None = None, qc_paths: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Worker task: thumbnail, tissue mask and patch grid of one slide (and why they are empty, if so)."""
+    """Worker task: thumbnail, tissue mask and patch grid of one slide (and why they are empty, if so).
+
+    With ``qc_paths`` (:meth:`wsi_mil.layout.Layout.qc_images`) the worker also writes the QC images,
+    so PNG encoding runs beside the other slides' extraction instead of on the client.
+    """
     try:
         reader = open_slide(path, slides)
         params = TissueParams.from_config(tissue)
@@ -347,6 +351,9 @@ def find_tissue_task(
         coords, _ = patch_grid(found.mask, width, height, mpp0, tiling)
     except Exception as exc:
         raise _slide_failure(path, exc, "tissue detection") from None
+    if qc_paths is not None:
+        boxes = grid_boxes(coords, tiling.patch_size * tiling.target_mpp / mpp0, width, height, found.mask.shape)
+        save_qc_images(qc_paths, thumb, found.mask, boxes)
     return {"coords": coords, "mask": found.mask, "thumbnail": thumb if with_thumbnail else None,
             "tissue_area_um2": found.area_um2, "empty_reason": found.empty_reason(params)}
 
@@ -560,9 +567,10 @@ class _CohortRun:
             job = self.queue.pop(0)
             self.open_jobs[job.index] = job
             assert job.result.info is not None
+            qc = self.layout.qc_images(job.result.info.slide_id) if self.cfg.tiling.qc_images else None
             fut = self.client.submit(find_tissue_task, job.result.info.path, job.result.info.mpp,
-                                     self.cfg.tissue, self.cfg.tiling, self.cfg.tiling.qc_images,
-                                     self.cfg.slides, pure=False, priority=-job.index)
+                                     self.cfg.tissue, self.cfg.tiling, False, self.cfg.slides, qc,
+                                     pure=False, priority=-job.index)
             self.kinds[fut.key] = ("tissue", job, 0)
             self.completed.add(fut)
 
