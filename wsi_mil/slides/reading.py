@@ -77,14 +77,16 @@ def read_patch(reader: SlideReader, x: int, y: int, plan: ReadPlan, out: np.ndar
     method = plan.resample_filter
     size = (plan.read_size, plan.read_size)
     if method == "box":  # readers that decode at a reduced scale do so here (shrink-on-load)
-        image = reader.read_region_reduced((int(x), int(y)), plan.level, size, plan.read_size // plan.patch_size)
+        return reader.read_region_reduced_array((int(x), int(y)), plan.level, size,
+                                                plan.read_size // plan.patch_size, out=out)
+    if method == "none":
+        array = reader.read_region((int(x), int(y)), plan.level, size)
     else:
         image = reader.read_region_image((int(x), int(y)), plan.level, size)
-    if method == "lanczos":
-        image = image.resize((plan.patch_size, plan.patch_size), Image.Resampling.LANCZOS)
+        array = np.asarray(image.resize((plan.patch_size, plan.patch_size), Image.Resampling.LANCZOS))
     if out is None:
-        return np.asarray(image)
-    out[...] = np.asarray(image)
+        return array
+    out[...] = array
     return out
 
 

@@ -103,6 +103,15 @@ class SlideReader(ABC):
         """
         return self.read_region_image(location, level, size).reduce(int(factor))
 
+    def read_region_reduced_array(self, location: tuple[int, int], level: int, size: tuple[int, int], factor: int,
+                                  out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`read_region_reduced` as RGB uint8 [ceil(h / factor), ceil(w / factor), 3], written into ``out`` if given."""
+        image = np.asarray(self.read_region_reduced(location, level, size, factor))
+        if out is None:
+            return image
+        out[...] = image
+        return out
+
     def close(self) -> None:  # noqa: B027 - readers without resources keep the default
         """Release the file (the reader is unusable afterwards)."""
 

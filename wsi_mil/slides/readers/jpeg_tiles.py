@@ -222,13 +222,17 @@ class JpegTiffReader(SlideReader):
         self.cache.put(key, tile)
         return tile
 
-    def _assemble(self, lvl: JpegLevel, x: int, y: int, w: int, h: int, scale: int) -> np.ndarray:
-        """RGB [h, w, 3] at 1/``scale`` of ``lvl`` whose top-left is (x, y) in those scaled pixels."""
+    def _assemble(self, lvl: JpegLevel, x: int, y: int, w: int, h: int, scale: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """RGB [h, w, 3] at 1/``scale`` of ``lvl`` whose top-left is (x, y) in those scaled pixels (into ``out``)."""
         tw, th = lvl.tile_width // scale, lvl.tile_height // scale
         lw, lh = -(-lvl.width // scale), -(-lvl.height // scale)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
         inside = x0 == x and y0 == y and x1 == x + w and y1 == y + h
-        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), WHITE, np.uint8)
+        if out is None:
+            out = np.empty((h, w, 3), np.uint8)
+        if not inside:
+            out[...] = WHITE
         if x1 <= x0 or y1 <= y0:
             return out
         for ty in range(y0 // th, (y1 - 1) // th + 1):
@@ -263,6 +267,13 @@ class JpegTiffReader(SlideReader):
             return self._os.read_region_image(location, level, size)
         return Image.fromarray(self.read_region(location, level, size))
 
+    def _dct_scale(self, lvl: JpegLevel, x: int, y: int, w: int, h: int, factor: int) -> int:
+        """The DCT scale (8, 4, 2; 1 = none) usable for a ``factor`` reduction of the region (x, y, w, h)."""
+        if x < 0 or y < 0 or x + w > lvl.width or y + h > lvl.height:
+            return 1  # edge patches: white outside the image is averaged in, as OpenSlide's pixels are
+        return next((s for s in DCT_SCALES if factor % s == 0 and not (x % s or y % s or w % s or h % s)
+                     and lvl.tile_width % s == 0 and lvl.tile_height % s == 0), 1)
+
     def read_region_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
                             factor: int) -> Image.Image:
         """See :meth:`SlideReader.read_region_reduced`.
@@ -276,12 +287,20 @@ class JpegTiffReader(SlideReader):
         if lvl is None or factor < 2:
             return super().read_region_reduced(location, level, size, factor)
         x, y = self._level_xy(location, level)
-        scale = next((s for s in DCT_SCALES if factor % s == 0 and not (x % s or y % s or w % s or h % s)
-                      and lvl.tile_width % s == 0 and lvl.tile_height % s == 0), 1)
-        if scale == 1 or x < 0 or y < 0 or x + w > lvl.width or y + h > lvl.height:
-            return Image.fromarray(self._assemble(lvl, x, y, w, h, 1)).reduce(factor)
+        scale = self._dct_scale(lvl, x, y, w, h, factor)
         image = Image.fromarray(self._assemble(lvl, x // scale, y // scale, w // scale, h // scale, scale))
         return image if factor == scale else image.reduce(factor // scale)
+
+    def read_region_reduced_array(self, location: tuple[int, int], level: int, size: tuple[int, int], factor: int,
+                                  out: np.ndarray | None = None) -> np.ndarray:
+        """See :meth:`SlideReader.read_region_reduced_array`: tiles decoded at ``factor`` are copied once, into ``out``."""
+        lvl = self.jpeg_levels[level]
+        w, h = int(size[0]), int(size[1])
+        if lvl is not None and factor >= 2:
+            x, y = self._level_xy(location, level)
+            if self._dct_scale(lvl, x, y, w, h, factor) == factor:
+                return self._assemble(lvl, x // factor, y // factor, w // factor, h // factor, factor, out=out)
+        return super().read_region_reduced_array(location, level, size, factor, out=out)
 
     def close(self) -> None:
         """Release the file handles and the decoded tiles."""
