@@ -52,10 +52,16 @@ class SlidesConfig(Section):
         description="Plausible level-0 MPP of a microscope scan (um/px, min and max). A slide's MPP outside it, or "
         "a writer's default (72/96/300 dpi, 1 px/cm), counts as no MPP; overrides and default_mpp must lie in it.",
     )
-    reader: Literal["auto", "openslide", "tifffile", "pillow"] = Field(
+    reader: Literal["auto", "jpeg-tiles", "openslide", "tifffile", "pillow"] = Field(
         default="auto",
         description="Slide reader: auto (OpenSlide where it can, tifffile for other TIFF/OME-TIFF, Pillow for "
         "PNG/JPEG) or one reader for every slide.",
+    )
+    fast_jpeg: bool = Field(
+        default=True,
+        description="With reader auto, decode the tiled JPEG pages of Aperio SVS and generic pyramidal TIFF "
+        "directly (libjpeg-turbo through Pillow, at 1/2, 1/4 or 1/8 scale when patches are reduced by that "
+        "factor; OpenSlide still gives the metadata); false: OpenSlide decodes them.",
     )
 
     @model_validator(mode="after")

@@ -211,7 +211,7 @@ def create_patch_store(
     meta = {"format": "wsi-mil-patches", "format_version": FORMAT_VERSION, "wsi_mil_version": __version__}
     meta.update(_jsonable(attrs or {}))
     meta["complete"] = False
-    group.attrs.update(meta)
+    group.update_attributes(meta)  # one metadata write (attrs.update rewrites zarr.json once per key)
     return group
 
 

@@ -202,6 +202,7 @@ def store_attrs(info: SlideInfo, plan: ReadPlan, cfg: Config, key: str) -> dict[
         "slide_path": info.path,
         "slide_fingerprint": info.fingerprint,
         "reader": info.reader,
+        "reader_note": info.reader_note,
         "vendor": info.vendor,
         "width": info.width,
         "height": info.height,
@@ -348,9 +349,13 @@ def _slide_failure(path: str, exc: BaseException, what: str) -> BaseException:
 
 def find_tissue_task(
     path: str, mpp0: float, tissue: TissueConfig, tiling: TilingConfig, with_thumbnail: bool,
-    slides: SlidesConfig | None = None,
+    slides: SlidesConfig | None = None, qc_paths: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Worker task: thumbnail, tissue mask and patch grid of one slide (and why they are empty, if so)."""
+    """Worker task: thumbnail, tissue mask and patch grid of one slide (and why they are empty, if so).
+
+    With ``qc_paths`` (:meth:`wsi_mil.layout.Layout.qc_images`) the worker also writes the QC images,
+    so PNG encoding runs beside the other slides' extraction instead of on the client.
+    """
     try:
         reader = open_slide(path, slides)
         params = TissueParams.from_config(tissue)
@@ -361,6 +366,9 @@ def find_tissue_task(
         coords, _ = patch_grid(found.mask, width, height, mpp0, tiling)
     except Exception as exc:
         raise _slide_failure(path, exc, "tissue detection") from None
+    if qc_paths is not None:
+        boxes = grid_boxes(coords, tiling.patch_size * tiling.target_mpp / mpp0, width, height, found.mask.shape)
+        save_qc_images(qc_paths, thumb, found.mask, boxes)
     return {"coords": coords, "mask": found.mask, "thumbnail": thumb if with_thumbnail else None,
             "tissue_area_um2": found.area_um2, "empty_reason": found.empty_reason(params)}
 
@@ -390,8 +398,12 @@ def extract_chunk_task(
 
 @lru_cache(maxsize=8)
 def _patch_array(store: str) -> zarr.Array:
-    """The ``patches`` array of a store being written, opened once per worker process."""
-    return zarr.open_array(store, path="patches", mode="r+")
+    """The ``patches`` array of a store being written, opened once per worker process.
+
+    Patch chunks are never empty, so zarr's per-chunk "all equal to the fill value?" scan (as costly
+    as the zstd compression itself) is switched off with ``write_empty_chunks``.
+    """
+    return zarr.open_array(store, path="patches", mode="r+", config={"write_empty_chunks": True})
 
 
 # ---------------------------------------------------------------------------------------- the cohort
@@ -635,9 +647,10 @@ class _CohortRun:
                 continue
             self.open_jobs[job.index] = job
             assert job.result.info is not None
+            qc = self.layout.qc_images(job.result.info.slide_id) if self.cfg.tiling.qc_images else None
             fut = self.client.submit(find_tissue_task, job.result.info.path, job.result.info.mpp,
-                                     self.cfg.tissue, self.cfg.tiling, self.cfg.tiling.qc_images,
-                                     self.cfg.slides, pure=False, priority=-job.index)
+                                     self.cfg.tissue, self.cfg.tiling, False, self.cfg.slides, qc,
+                                     pure=False, priority=-job.index)
             self.kinds[fut.key] = ("tissue", job, 0)
             self.completed.add(fut)
 
@@ -671,7 +684,7 @@ class _CohortRun:
                 self.completed.update(futures)
             else:
                 if not isinstance(value, int):  # write_from == "client"
-                    array = zarr.open_array(str(job.partial), path="patches", mode="r+")
+                    array = _patch_array.__wrapped__(str(job.partial))
                     array[start : start + len(value)] = value
                     value = len(value)
                 self.patch_bar.update(value)

@@ -67,8 +67,9 @@ def thumbnail_mpp(width: int, height: int, mpp0: float, params: TissueParams) ->
 
 def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV saturation and value (both uint8, 0-255) of an RGB uint8 image."""
-    cmax = rgb.max(axis=-1)
-    cmin = rgb.min(axis=-1)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    cmax = np.maximum(np.maximum(r, g), b)  # elementwise: several times faster than a reduction over a 3-axis
+    cmin = np.minimum(np.minimum(r, g), b)
     delta = (cmax - cmin).astype(np.uint16)
     sat = (delta * 255 + cmax // 2) // np.maximum(cmax, 1)
     return sat.astype(np.uint8), cmax
@@ -78,8 +79,8 @@ def hue_degrees(rgb: np.ndarray) -> np.ndarray:
     """HSV hue in degrees (0-360) of RGB pixels [..., 3] (0 for greys)."""
     rgbf = rgb.astype(np.float32)
     r, g, b = rgbf[..., 0], rgbf[..., 1], rgbf[..., 2]
-    cmax = rgbf.max(axis=-1)
-    delta = cmax - rgbf.min(axis=-1)
+    cmax = np.maximum(np.maximum(r, g), b)
+    delta = cmax - np.minimum(np.minimum(r, g), b)
     safe = np.maximum(delta, 1e-6)
     hue = np.select([cmax == r, cmax == g], [((g - b) / safe) % 6.0, (b - r) / safe + 2.0], default=(r - g) / safe + 4.0)
     return np.where(delta > 0, hue * 60.0, 0.0).astype(np.float32)
