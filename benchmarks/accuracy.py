@@ -68,9 +68,9 @@ class Settings:
     patience: int = 8
     mhim_epochs: int = 25
     lr: float = 1e-3  # baselines and MHIM (presets: 2e-4 over up to 200 epochs)
-    ins_epochs: int = 10
-    ins_instances: int = 12000
-    hidden: int = 128
+    ins_epochs: int = 20
+    ins_instances: int | None = None  # instances per INS epoch (None: all)
+    hidden: int = 64
     prevalences: tuple[float, ...] = PREVALENCES
 
 
