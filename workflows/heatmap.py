@@ -120,9 +120,9 @@ def slide_title(slide_id: str, truth: str, probs: np.ndarray, classes: list[str]
     name = classes[pred] if pred < len(classes) else str(pred)
     if len(probs) == 2 and len(classes) == 2:
         cut = 0.5 if threshold is None else threshold
-        guess = f"predicted {name} (p({classes[1]}) = {probs[1]:.2f}, threshold {cut:.2f})"
+        guess = f"predicted {name} (p({classes[1]}) = {probs[1]:.3f}, threshold {cut:.3f})"
     else:
-        guess = f"predicted {name} (p = {probs[pred]:.2f})" if len(probs) else "no prediction"
+        guess = f"predicted {name} (p = {probs[pred]:.3f})" if len(probs) else "no prediction"
     role = "test fold" if in_test_fold else "not in any test fold"
     return f"{slide_id}: true {truth}, {guess}\n{model_name}, seed {fold.seed} fold {fold.fold} model ({role})"
 
