@@ -2,7 +2,7 @@
 
 Scores come from the fold model that held the slide out as test (attention of ABMIL/TransMIL/DSMIL/
 MHIM students, instance probabilities of INS); nothing is re-extracted. Outputs per slide go to
-``OUT/heatmaps/<run>/`` and are attached to the MLflow run as
+``OUT/heatmaps/<model>/<run>/`` (``<run>``: the run id's first 8 characters) and are attached to the MLflow run as
 ``heatmaps/<label>/<slide>__p<probability>.png`` (and ``.geojson``, ``_topk.png``, ``_heatmap.tif``):
 the slide's true class, and that fold model's probability of the positive class (binary) or of the
 slide's class. When instance ground truth exists (``training.annotations_dir``), the localisation AUC
@@ -164,7 +164,7 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     run_id : str
         A `wsi-mil train` parent run or one of its fold runs.
     out : Path
-        Output directory of that run; files go to ``OUT/heatmaps/<run>/``.
+        Output directory of that run; files go to ``OUT/heatmaps/<model>/<run>/``.
     cfg : Config
         ``heatmap`` settings, the tracking URI, and ``training.annotations_dir`` for the localisation AUC.
     slide_ids : list of str, optional
