@@ -157,7 +157,10 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     """Draw heatmaps for ``slide_ids`` (default: every fold's test slides) of a `wsi-mil train` run.
 
     Each slide is scored by the fold model that held it out as test, from its saved bag. Slides are
-    read with this call's ``cfg.slides`` settings, and found by id in ``slides_dir`` when given.
+    read with this call's ``cfg.slides`` settings, and found by id in ``slides_dir`` when given. The
+    scale is ``cfg.heatmap.normalize`` (``auto``: absolute 0-1 for instance probabilities; for
+    attention one cohort scale from every test slide of the run, so a slide looks the same whether
+    drawn alone or with the others).
 
     Parameters
     ----------
@@ -236,9 +239,16 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
             result.labels[sid] = labels
     method = resolve_method(hcfg.normalize, model_name)
     bounds = None
-    if method == "cohort" and result.scores:  # one scale for every slide of this call
-        bounds = cohort_bounds([comparable_scores(v)[0] for v in result.scores.values()],
-                               (hcfg.percentile_low, hcfg.percentile_high))
+    if method == "cohort" and result.scores:  # one scale: the run's test slides, however many are drawn
+        pooled = [comparable_scores(v)[0] for v in result.scores.values()]
+        for sid in sorted(set(owner) - set(result.scores)):
+            fold = owner[sid]
+            if fold.run_id not in loaded:
+                loaded[fold.run_id] = load_fold_method(tracker, fold.run_id, device="cpu", config=run_cfg)
+            bag = stores.read_bag(slide_file(features_dir, sid, ".h5"))
+            pred = loaded[fold.run_id].method.predict(bag_item(bag, sid, device))
+            pooled.append(comparable_scores(np.asarray(pred.instance_scores, dtype=np.float64).reshape(-1))[0])
+        bounds = cohort_bounds(pooled, (hcfg.percentile_low, hcfg.percentile_high))
     earlier = [sid for sid, *_ in scored if slide_file(target, sid, ".png").is_file()]
     if earlier:
         log.info("redrawing %d heatmap(s) of run %s in %s (maps of other runs are kept in their own folders)",
