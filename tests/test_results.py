@@ -87,6 +87,7 @@ def test_runs_command_lists_every_trained_model_as_the_store_holds_it(trained, c
     assert mean_runs["settings"].nunique() == 2  # training.lr differs
     assert cli.main(["runs", str(trained.parent / "empty")]) == 0
     assert "no trained model" in capsys.readouterr().out
+    assert not (trained.parent / "empty").exists()  # listing creates no store
 
 
 def test_one_models_setting_changes_only_its_own_reuse_key(tmp_path):
