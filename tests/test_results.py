@@ -87,6 +87,7 @@ def test_runs_command_lists_every_trained_model_as_the_store_holds_it(trained, c
     assert mean_runs["settings"].nunique() == 2  # training.lr differs
     assert cli.main(["runs", str(trained.parent / "empty")]) == 0
     assert "no trained model" in capsys.readouterr().out
+    assert not (trained.parent / "empty").exists()  # listing creates no store
 
 
 def test_one_models_setting_changes_only_its_own_reuse_key(tmp_path):
@@ -118,3 +119,11 @@ def test_run_retrains_only_the_model_whose_setting_changed(tmp_path):
     assert second["abmil"].reused and second["abmil"].run_id == first["abmil"].run_id
     assert not second["ins"].reused and second["ins"].run_id != first["ins"].run_id
     assert pd.read_csv(Layout(out).model_predictions_csv("ins"))["run_id"].unique().tolist() == [second["ins"].run_id]
+
+
+def test_heatmap_folders_are_per_model_and_per_run_so_a_new_run_never_overwrites_old_maps(tmp_path):
+    layout = Layout(tmp_path)
+    a, b = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
+    assert layout.heatmaps_dir(a, "mhim(abmil)") == tmp_path / "heatmaps" / "mhim-abmil" / "01234567"
+    assert layout.heatmaps_dir(a, "abmil") != layout.heatmaps_dir(b, "abmil")
+    assert layout.model_predictions_csv("mhim(transmil)") == tmp_path / "results" / "mhim-transmil" / "predictions.csv"

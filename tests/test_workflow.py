@@ -181,6 +181,22 @@ def test_normal_slides_ins_heatmaps_are_cool_on_the_absolute_scale(finished, coh
     assert set(table["run_id"]) == {run.run_id} and sorted(table["slide_id"]) == sorted(cohort.slide_ids)
 
 
+def test_attention_map_of_a_slide_drawn_alone_matches_the_cohorts_scale(finished, capsys):
+    tracker = open_tracker(finished, load_config())
+    run = next(r for r in tracker.find_runs("e2e") if r.tags["wsi_mil.model"] == "abmil")
+    geojson = Layout(finished).heatmaps_dir(run.run_id, "abmil") / "slide_003.geojson"
+
+    def shown() -> np.ndarray:
+        collection = json.loads(geojson.read_text())
+        assert collection["properties"]["normalize"] == "cohort"
+        return np.array([f["properties"]["measurements"]["score_cohort"] for f in collection["features"]])
+
+    with_cohort = shown()
+    assert main(["heatmap", "--run", run.run_id, "--out", str(finished), "--slides", "slide_003"]) == 0
+    np.testing.assert_allclose(shown(), with_cohort)  # the same colours drawn alone
+    assert str(geojson.parent) in capsys.readouterr().out
+
+
 def test_rerun_does_no_stage_twice(finished, cohort, capsys):
     before = stage_mtimes(finished, cohort)
     tracker = open_tracker(finished, load_config())

@@ -1,14 +1,17 @@
 """`wsi-mil run SLIDES_DIR --labels CSV --out OUT`: the whole workflow on a slide directory.
 
-labels and folds checked against the slide folder -> inventory + tissue + tiling -> embedding -> for
-each model of ``run.models``: cross-validated training (MLflow) -> heatmaps of the test slides
-(+ localisation AUC where ground truth exists) -> a summary table (printed, ``OUT/summary.md``, and an
+checks before any tiling (:func:`preflight`: models fit the settings, labels and folds fit the
+slide folder, encoder weights load, ground truth beside the slides found) -> inventory + tissue +
+tiling -> embedding -> for each model of ``run.models``: cross-validated training (MLflow) ->
+heatmaps of the test slides (+ localisation AUC where ground truth exists) -> per-slide predictions
+in ``OUT/results/<model>/predictions.csv`` -> a summary (printed, ``OUT/results/summary.md``, and an
 MLflow run of its own).
 
 Every stage skips finished work: stores and bags are reused when their settings match, and a model
 whose training finished before under the same settings and data is not trained again (its MLflow
 run is found by the ``wsi_mil.workflow_key`` tag). Slides that fail to tile or embed are reported and
-excluded from training; the run goes on. Bad labels and infeasible folds stop it before any tiling.
+excluded from training; the run goes on. Each model has its own reuse key
+(:func:`wsi_mil.workflows.train.workflow_key`): changing ``model.ins.lr`` retrains INS only.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class CohortOutcome:
             row: dict[str, object] = {"model": m.name, "run_id": m.run_id}
             for metric in SUMMARY_METRICS:
                 mean, std = m.summary.get(metric, (math.nan, math.nan))
-                row[metric] = f"{mean:.3f} +- {std:.3f}"
+                row[metric] = "n/a" if math.isnan(mean) else f"{mean:.3f} +- {std:.3f}"
             row["localisation_auc"] = "n/a" if math.isnan(m.localisation_auc) else f"{m.localisation_auc:.3f}"
             rows.append(row)
         return pd.DataFrame(rows)

@@ -2,7 +2,7 @@
 
 Scores come from the fold model that held the slide out as test (attention of ABMIL/TransMIL/DSMIL/
 MHIM students, instance probabilities of INS); nothing is re-extracted. Outputs per slide go to
-``OUT/heatmaps/<run>/`` and are attached to the MLflow run as
+``OUT/heatmaps/<model>/<run>/`` (``<run>``: the run id's first 8 characters) and are attached to the MLflow run as
 ``heatmaps/<label>/<slide>__p<probability>.png`` (and ``.geojson``, ``_topk.png``, ``_heatmap.tif``):
 the slide's true class, and that fold model's probability of the positive class (binary) or of the
 slide's class. When instance ground truth exists (``training.annotations_dir``), the localisation AUC
@@ -120,9 +120,9 @@ def slide_title(slide_id: str, truth: str, probs: np.ndarray, classes: list[str]
     name = classes[pred] if pred < len(classes) else str(pred)
     if len(probs) == 2 and len(classes) == 2:
         cut = 0.5 if threshold is None else threshold
-        guess = f"predicted {name} (p({classes[1]}) = {probs[1]:.2f}, threshold {cut:.2f})"
+        guess = f"predicted {name} (p({classes[1]}) = {probs[1]:.3f}, threshold {cut:.3f})"
     else:
-        guess = f"predicted {name} (p = {probs[pred]:.2f})" if len(probs) else "no prediction"
+        guess = f"predicted {name} (p = {probs[pred]:.3f})" if len(probs) else "no prediction"
     role = "test fold" if in_test_fold else "not in any test fold"
     return f"{slide_id}: true {truth}, {guess}\n{model_name}, seed {fold.seed} fold {fold.fold} model ({role})"
 
@@ -157,14 +157,17 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     """Draw heatmaps for ``slide_ids`` (default: every fold's test slides) of a `wsi-mil train` run.
 
     Each slide is scored by the fold model that held it out as test, from its saved bag. Slides are
-    read with this call's ``cfg.slides`` settings, and found by id in ``slides_dir`` when given.
+    read with this call's ``cfg.slides`` settings, and found by id in ``slides_dir`` when given. The
+    scale is ``cfg.heatmap.normalize`` (``auto``: absolute 0-1 for instance probabilities; for
+    attention one cohort scale from every test slide of the run, so a slide looks the same whether
+    drawn alone or with the others).
 
     Parameters
     ----------
     run_id : str
         A `wsi-mil train` parent run or one of its fold runs.
     out : Path
-        Output directory of that run; files go to ``OUT/heatmaps/<run>/``.
+        Output directory of that run; files go to ``OUT/heatmaps/<model>/<run>/``.
     cfg : Config
         ``heatmap`` settings, the tracking URI, and ``training.annotations_dir`` for the localisation AUC.
     slide_ids : list of str, optional
@@ -236,9 +239,16 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
             result.labels[sid] = labels
     method = resolve_method(hcfg.normalize, model_name)
     bounds = None
-    if method == "cohort" and result.scores:  # one scale for every slide of this call
-        bounds = cohort_bounds([comparable_scores(v)[0] for v in result.scores.values()],
-                               (hcfg.percentile_low, hcfg.percentile_high))
+    if method == "cohort" and result.scores:  # one scale: the run's test slides, however many are drawn
+        pooled = [comparable_scores(v)[0] for v in result.scores.values()]
+        for sid in sorted(set(owner) - set(result.scores)):
+            fold = owner[sid]
+            if fold.run_id not in loaded:
+                loaded[fold.run_id] = load_fold_method(tracker, fold.run_id, device="cpu", config=run_cfg)
+            bag = stores.read_bag(slide_file(features_dir, sid, ".h5"))
+            pred = loaded[fold.run_id].method.predict(bag_item(bag, sid, device))
+            pooled.append(comparable_scores(np.asarray(pred.instance_scores, dtype=np.float64).reshape(-1))[0])
+        bounds = cohort_bounds(pooled, (hcfg.percentile_low, hcfg.percentile_high))
     earlier = [sid for sid, *_ in scored if slide_file(target, sid, ".png").is_file()]
     if earlier:
         log.info("redrawing %d heatmap(s) of run %s in %s (maps of other runs are kept in their own folders)",

@@ -24,7 +24,7 @@ from wsi_mil.workflows.reuse import settings_digest
 from wsi_mil.config import Config
 from wsi_mil.layout import Layout
 from wsi_mil.stores import write_text_atomic
-from wsi_mil.tracking import RunRecord, Tracker, open_tracker
+from wsi_mil.tracking import RunRecord, Tracker, default_uri, open_tracker
 
 MODEL_TAG = "wsi_mil.model"
 RESULT_COLUMNS = ["slide_id", "patient_id", "label", "fold", "seed", "probability", "predicted", "threshold", "run_id"]
@@ -157,6 +157,11 @@ def update_results(out: Path, tracker: Tracker, run_id: str, *, head: str | None
 
 def cli_runs(args: argparse.Namespace, cfg: Config) -> int:
     """`wsi-mil runs OUT`: the trained models of OUT's MLflow store as a table."""
+    layout = Layout(args.out)
+    if default_uri(args.out, cfg) == layout.tracking_uri and not layout.mlflow_db.is_file():
+        sys.stdout.write(f"no trained model: {args.out} holds no MLflow store (mlflow.db); train with `wsi-mil run` "
+                         "or `wsi-mil train`, or give --tracking-uri\n")
+        return 0
     tracker = open_tracker(args.out, cfg)
     table = runs_table(tracker, getattr(args, "experiment", None))
     if table.empty:

@@ -266,7 +266,6 @@ class RunRecord:
     metrics: dict[str, float]
     tags: dict[str, str]
     start_time: int | None = None  # ms since the epoch
-    artifact_uri: str | None = None
 
     @property
     def parent_id(self) -> str | None:
@@ -794,8 +793,7 @@ def _param_value(value: Any) -> str:
 
 def _record(run: Any) -> RunRecord:
     return RunRecord(run.info.run_id, run.info.run_name or "", run.info.status, run.info.experiment_id,
-                     dict(run.data.params), dict(run.data.metrics), dict(run.data.tags), run.info.start_time,
-                     run.info.artifact_uri)
+                     dict(run.data.params), dict(run.data.metrics), dict(run.data.tags), run.info.start_time)
 
 
 def open_tracker(out: Path, cfg: Config, *, create: bool = True) -> Tracker:

@@ -142,7 +142,7 @@ def render_slide_heatmap(
         value_range = bounds if bounds is not None else (
             tuple(float(v) for v in np.percentile(finite, percentiles)) if finite.size else (0.0, 1.0))
         what = f"{score_label} x patches (1 = uniform)" if scaled else score_label
-        label = f"{what}, {'one scale for all slides' if bounds is not None else 'scale of this slide only'}"
+        label = f"{what}, {'one scale for the cohort' if bounds is not None else 'scale of this slide only'}"
     elif method == "raw" and finite.size:
         value_range = (float(finite.min()), float(finite.max()))
         label = f"{score_label} (min-max of this slide only)"
