@@ -152,3 +152,19 @@ def test_config_key_forces_openslide_for_jpeg_slides(tmp_path: Path) -> None:
     assert open_slide(path).name == "jpeg-tiles"
     assert open_slide(path, SlidesConfig(fast_jpeg=False)).name == "openslide"
     assert inspect_slide(path, SlidesConfig(fast_jpeg=False)).reader == "openslide"
+
+
+def test_shrink_on_load_thumbnail_gives_the_same_tissue_as_openslide(tmp_path_factory) -> None:
+    from wsi_mil.config import TissueConfig
+    from wsi_mil.tissue import TissueParams, detect_tissue
+
+    slides = build_tiler_slides(tmp_path_factory.getbasetemp() / "tiler_slides")
+    path = slides.good_dir / "good.svs"
+    fast, ref = JpegTiffReader(path), OpenSlideReader(path)
+    size = (300, 300)  # from the 1 um/px level (768 px): decoded at 1/2 scale, then box-averaged
+    a, b = fast.thumbnail(size), ref.thumbnail(size)
+    assert a.shape == b.shape == (300, 300, 3) and _diff(a, b)[0] <= 4.0
+    params = TissueParams.from_config(TissueConfig())
+    um = 0.25 * 3072 / 300
+    mask_a, mask_b = detect_tissue(a, um, params).mask, detect_tissue(b, um, params).mask
+    assert mask_b.any() and (mask_a & mask_b).sum() / (mask_a | mask_b).sum() >= 0.95

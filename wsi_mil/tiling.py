@@ -388,7 +388,7 @@ def _patch_array(store: str) -> zarr.Array:
     Patch chunks are never empty, so zarr's per-chunk "all equal to the fill value?" scan (as costly
     as the zstd compression itself) is switched off with ``write_empty_chunks``.
     """
-    return zarr.open_array(store, path="patches", mode="r+", config={"write_empty_chunks": True})
+    return zarr.open_array(store, path="patches", mode="r+").with_config({"write_empty_chunks": True})
 
 
 # ---------------------------------------------------------------------------------------- the cohort

@@ -29,7 +29,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from wsi_mil.slides.readers.base import WHITE, SlideReader
+from wsi_mil.slides.readers.base import STRIP_PIXELS, WHITE, SlideReader
 from wsi_mil.slides.readers.openslide_reader import OpenSlideReader
 
 JPEG = 7
@@ -301,6 +301,37 @@ class JpegTiffReader(SlideReader):
             if self._dct_scale(lvl, x, y, w, h, factor) == factor:
                 return self._assemble(lvl, x // factor, y // factor, w // factor, h // factor, factor, out=out)
         return super().read_region_reduced_array(location, level, size, factor, out=out)
+
+    def thumbnail(self, size: tuple[int, int], max_pixels: int = STRIP_PIXELS) -> np.ndarray:
+        """See :meth:`SlideReader.thumbnail`; the level is decoded at a reduced scale first.
+
+        1/2, 1/4 or 1/8 scale (DCT domain) where that is still at least the thumbnail's size, then
+        box-averaged to it; these tiles are not kept in the patch cache.
+        """
+        tw, th = max(1, int(size[0])), max(1, int(size[1]))
+        w0, h0 = self.dimensions
+        lvl = self.jpeg_levels[self.best_level_for_downsample(max(1.0, min(w0 / tw, h0 / th)))]
+        if lvl is None:
+            return super().thumbnail(size, max_pixels)
+        factor = min(lvl.width / tw, lvl.height / th)
+        scale = next((s for s in DCT_SCALES if s <= factor and lvl.tile_width % s == 0 and lvl.tile_height % s == 0), 1)
+        sw, sh = -(-lvl.width // scale), -(-lvl.height // scale)
+        fy = sh / th  # scaled level rows per thumbnail row
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        strip = max(1, int(max_pixels / max(1.0, sw * fy)))
+        cache, self.cache = self.cache, TileCache(0)  # a thumbnail's tiles are read once: keep the patch cache
+        try:
+            for r0 in range(0, th, strip):
+                r1 = min(th, r0 + strip)
+                y0 = int(np.floor(r0 * fy))
+                y1 = max(min(sh, int(np.ceil(r1 * fy))), y0 + 1)
+                region = self._assemble(lvl, 0, y0, sw, y1 - y0, scale)
+                if region.shape[:2] != (r1 - r0, tw):
+                    region = np.asarray(Image.fromarray(region).resize((tw, r1 - r0), Image.Resampling.BOX))
+                out[r0:r1] = region
+        finally:
+            self.cache = cache
+        return out
 
     def close(self) -> None:
         """Release the file handles and the decoded tiles."""
