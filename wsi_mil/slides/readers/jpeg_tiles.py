@@ -195,18 +195,17 @@ class JpegTiffReader(SlideReader):
         level0 = self.jpeg_levels[0]
         middle = int(np.argmax(level0.counts))  # a tissue tile: decoding it checks the codec and colour space
         try:
-            tile = self._decode(level0, middle % level0.across, middle // level0.across, 1)
+            tile = self._decode(level0, middle % level0.across, middle // level0.across, 1, cached=False)
         except Exception as exc:
             raise ValueError(f"level 0 tiles cannot be decoded ({exc})") from None
         if tile is not None and tile.shape != (level0.tile_height, level0.tile_width, 3):
             raise ValueError(f"level 0 tiles decode to {tile.shape}, not {level0.tile_height} x {level0.tile_width}")
-        self.cache.clear()
 
     # ----------------------------------------------------------------------------------- tiles
-    def _decode(self, lvl: JpegLevel, tx: int, ty: int, scale: int) -> np.ndarray | None:
-        """Decoded tile (tx, ty) of ``lvl`` at 1/``scale`` size (cached); None for a tile not stored."""
+    def _decode(self, lvl: JpegLevel, tx: int, ty: int, scale: int, cached: bool = True) -> np.ndarray | None:
+        """Decoded tile (tx, ty) of ``lvl`` at 1/``scale`` size (through the cache if ``cached``); None if not stored."""
         key = (lvl.index, scale, tx, ty)
-        tile = self.cache.get(key)
+        tile = self.cache.get(key) if cached else None
         if tile is not None:
             return tile
         i = ty * lvl.across + tx
@@ -219,11 +218,12 @@ class JpegTiffReader(SlideReader):
         if lvl.tables:
             data = lvl.tables[:-2] + data[2:]
         tile = decode_jpeg(data, lvl.mode, scale)
-        self.cache.put(key, tile)
+        if cached:
+            self.cache.put(key, tile)
         return tile
 
     def _assemble(self, lvl: JpegLevel, x: int, y: int, w: int, h: int, scale: int,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, cached: bool = True) -> np.ndarray:
         """RGB [h, w, 3] at 1/``scale`` of ``lvl`` whose top-left is (x, y) in those scaled pixels (into ``out``)."""
         tw, th = lvl.tile_width // scale, lvl.tile_height // scale
         lw, lh = -(-lvl.width // scale), -(-lvl.height // scale)
@@ -241,7 +241,7 @@ class JpegTiffReader(SlideReader):
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
                 tx0 = tx * tw
                 c0, c1 = max(x0, tx0), min(x1, tx0 + tw)
-                tile = self._decode(lvl, tx, ty, scale)
+                tile = self._decode(lvl, tx, ty, scale, cached)
                 if tile is None:
                     out[r0 - y : r1 - y, c0 - x : c1 - x] = WHITE
                 else:
@@ -319,18 +319,14 @@ class JpegTiffReader(SlideReader):
         fy = sh / th  # scaled level rows per thumbnail row
         out = np.empty((th, tw, 3), dtype=np.uint8)
         strip = max(1, int(max_pixels / max(1.0, sw * fy)))
-        cache, self.cache = self.cache, TileCache(0)  # a thumbnail's tiles are read once: keep the patch cache
-        try:
-            for r0 in range(0, th, strip):
-                r1 = min(th, r0 + strip)
-                y0 = int(np.floor(r0 * fy))
-                y1 = max(min(sh, int(np.ceil(r1 * fy))), y0 + 1)
-                region = self._assemble(lvl, 0, y0, sw, y1 - y0, scale)
-                if region.shape[:2] != (r1 - r0, tw):
-                    region = np.asarray(Image.fromarray(region).resize((tw, r1 - r0), Image.Resampling.BOX))
-                out[r0:r1] = region
-        finally:
-            self.cache = cache
+        for r0 in range(0, th, strip):
+            r1 = min(th, r0 + strip)
+            y0 = int(np.floor(r0 * fy))
+            y1 = max(min(sh, int(np.ceil(r1 * fy))), y0 + 1)
+            region = self._assemble(lvl, 0, y0, sw, y1 - y0, scale, cached=False)  # read once: keep the patch cache
+            if region.shape[:2] != (r1 - r0, tw):
+                region = np.asarray(Image.fromarray(region).resize((tw, r1 - r0), Image.Resampling.BOX))
+            out[r0:r1] = region
         return out
 
     def close(self) -> None:
