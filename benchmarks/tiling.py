@@ -309,7 +309,8 @@ def main() -> None:
             print(f"{r['label']:34s} {r['n']:7d} {r['reader']:>10s} {r['read_size']:4d} {r['tiler']:8.1f} "
                   f"{r['plain']:8.1f} {r['ratio']:6.2f} {r['rss'] / 2**20:7.0f}MB {r['bytes_per_patch']:8.0f}")
             print(f"{'':34s} ratios per repeat: {', '.join(f'{x:.2f}' for x in r['ratios'])}; CPU ms/patch "
-                  f"tiler {r['tiler_cpu_ms']:.2f} (all threads) vs plain {r['plain_cpu_ms']:.2f}")
+                  f"tiler {r['tiler_cpu_ms']:.2f} (all threads) vs plain {r['plain_cpu_ms']:.2f}; on 2 free cores "
+                  f"(2 x plain CPU / tiler CPU) {2 * r['plain_cpu_ms'] / r['tiler_cpu_ms']:.2f}x")
         print()
         d = decode_table(rows[1], args.repeats)
         p = d["plan"]
