@@ -545,7 +545,9 @@ class _CohortRun:
         if removed:
             log.info("removed %d partial store(s) of an interrupted run", removed)
         self.queue = list(jobs)
-        self.max_open = max(2, total_threads(self.client))
+        # two slides per thread: the next slides' tissue detection overlaps this one's extraction, and a
+        # thread never waits for the client's round trip (store creation) of a small slide
+        self.max_open = max(2, 2 * total_threads(self.client))
         self.open_jobs: dict[int, _Job] = {}
         self.kinds: dict[str, tuple[str, _Job, int]] = {}  # future key -> (tissue | chunk, job, first patch)
         self.completed = as_completed(loop=self.client.loop)
