@@ -168,3 +168,20 @@ def test_shrink_on_load_thumbnail_gives_the_same_tissue_as_openslide(tmp_path_fa
     um = 0.25 * 3072 / 300
     mask_a, mask_b = detect_tissue(a, um, params).mask, detect_tissue(b, um, params).mask
     assert mask_b.any() and (mask_a & mask_b).sum() / (mask_a | mask_b).sum() >= 0.95
+
+
+def test_levels_not_stored_as_jpeg_are_read_by_openslide(tmp_path: Path) -> None:
+    image = _texture()
+    level1 = np.asarray(Image.fromarray(image).reduce(4))
+    res = (1e4 / 0.25, 1e4 / 0.25)
+    path = tmp_path / "mixed.tiff"
+    with tifffile.TiffWriter(path) as tif:  # level 0 JPEG, level 1 deflate
+        tif.write(image, tile=(256, 256), compression="jpeg", photometric="rgb", metadata=None,
+                  resolution=res, resolutionunit="CENTIMETER")
+        tif.write(level1, tile=(256, 256), compression="zlib", photometric="rgb", metadata=None,
+                  resolution=(res[0] / 4, res[1] / 4), resolutionunit="CENTIMETER", subfiletype=1)
+    fast, ref = open_slide(path), OpenSlideReader(path)
+    assert fast.name == "jpeg-tiles" and fast.jpeg_levels[0] is not None and fast.jpeg_levels[1] is None
+    np.testing.assert_array_equal(fast.read_region((40, 80), 1, (200, 150)), ref.read_region((40, 80), 1, (200, 150)))
+    mean, peak = _diff(fast.read_region((40, 80), 0, (300, 200)), ref.read_region((40, 80), 0, (300, 200)))
+    assert mean <= 1.0 and peak <= 16
