@@ -195,6 +195,42 @@ def decode_table(row: dict, repeats: int) -> dict:
     return {"n": n, "plan": plan, **med}
 
 
+def gil_check() -> tuple[float, float]:
+    """(ms of one large JPEG decode by the fast path's decoder, longest ms a Python thread waited meanwhile).
+
+    A decoder holding the GIL stalls every other thread for the whole decode; a short longest wait
+    shows it runs without the GIL (the residue is the OS scheduler on a busy machine).
+    """
+    import io
+
+    from PIL import Image
+
+    from wsi_mil.slides.readers.jpeg_tiles import decode_jpeg
+
+    rgb = (np.random.default_rng(0).random((3000, 3000, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    done, longest = threading.Event(), [0.0]
+
+    def spin() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            now = time.perf_counter()
+            longest[0] = max(longest[0], now - last)
+            last = now
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    decode_jpeg(data, "YCbCr")
+    took = time.perf_counter() - t0
+    done.set()
+    thread.join()
+    return 1000 * took, 1000 * longest[0]
+
+
 def codec_table(store_path: Path, work: Path, n: int = 512) -> list[dict]:
     patches = np.asarray(open_patch_store(store_path).patches[:n])
     rows = []
@@ -273,7 +309,8 @@ def main() -> None:
             print(f"{r['label']:34s} {r['n']:7d} {r['reader']:>10s} {r['read_size']:4d} {r['tiler']:8.1f} "
                   f"{r['plain']:8.1f} {r['ratio']:6.2f} {r['rss'] / 2**20:7.0f}MB {r['bytes_per_patch']:8.0f}")
             print(f"{'':34s} ratios per repeat: {', '.join(f'{x:.2f}' for x in r['ratios'])}; CPU ms/patch "
-                  f"tiler {r['tiler_cpu_ms']:.2f} (all threads) vs plain {r['plain_cpu_ms']:.2f}")
+                  f"tiler {r['tiler_cpu_ms']:.2f} (all threads) vs plain {r['plain_cpu_ms']:.2f}; on 2 free cores "
+                  f"(2 x plain CPU / tiler CPU) {2 * r['plain_cpu_ms'] / r['tiler_cpu_ms']:.2f}x")
         print()
         d = decode_table(rows[1], args.repeats)
         p = d["plan"]
@@ -284,6 +321,9 @@ def main() -> None:
               f"-> {d['openslide'][1] / d['jpeg-tiles'][1]:.2f}x less CPU")
         print(f"  jpeg-tiles, 1 vs 2 threads: {1000 / d['threads1'][0]:.0f} vs {1000 / d['threads2'][0]:.0f} "
               f"patches/s (2-thread CPU/wall {d['threads2'][1] / d['threads2'][0]:.2f} cores)")
+        took, waited = gil_check()
+        print(f"  GIL: a Python thread waited at most {waited:.0f} ms during a {took:.0f} ms JPEG decode "
+              f"({'released' if waited < took / 3 else 'HELD'} while decoding)")
         if args.codecs:
             print()
             print(f"{'codec':14s} {'B/patch':>8s} {'write/s':>8s} {'read/s':>8s}")

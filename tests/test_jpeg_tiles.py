@@ -99,9 +99,9 @@ def test_fast_path_patches_equal_openslide_on_aligned_unaligned_and_overlapping_
 
 def test_aligned_halving_decodes_at_half_scale_and_shared_tiles_are_decoded_once(tmp_path: Path) -> None:
     path = write_jpeg_tiff(tmp_path / "s.svs", "ycbcr", 256, svs=True)
-    fast = JpegTiffReader(path)
+    fast = JpegTiffReader(path, cache_bytes=2**24)  # a private cache: nothing from other readers
     read_patch(fast, 512, 256, HALVED)  # a 256 px read on the tile grid: one tile at 1/2 scale
-    assert list(fast.cache._items) == [(0, 2, 2, 1)]
+    assert [key[1:] for key in fast.cache._items] == [(0, 2, 2, 1)]  # (page, scale, column, row)
     fast.cache.clear()
     fast.cache.hits = fast.cache.misses = 0
     coords = _grid(37, 101, 128)  # unaligned and overlapping: neighbours share tiles
@@ -152,3 +152,36 @@ def test_config_key_forces_openslide_for_jpeg_slides(tmp_path: Path) -> None:
     assert open_slide(path).name == "jpeg-tiles"
     assert open_slide(path, SlidesConfig(fast_jpeg=False)).name == "openslide"
     assert inspect_slide(path, SlidesConfig(fast_jpeg=False)).reader == "openslide"
+
+
+def test_shrink_on_load_thumbnail_gives_the_same_tissue_as_openslide(tmp_path_factory) -> None:
+    from wsi_mil.config import TissueConfig
+    from wsi_mil.tissue import TissueParams, detect_tissue
+
+    slides = build_tiler_slides(tmp_path_factory.getbasetemp() / "tiler_slides")
+    path = slides.good_dir / "good.svs"
+    fast, ref = JpegTiffReader(path), OpenSlideReader(path)
+    size = (300, 300)  # from the 1 um/px level (768 px): decoded at 1/2 scale, then box-averaged
+    a, b = fast.thumbnail(size), ref.thumbnail(size)
+    assert a.shape == b.shape == (300, 300, 3) and _diff(a, b)[0] <= 4.0
+    params = TissueParams.from_config(TissueConfig())
+    um = 0.25 * 3072 / 300
+    mask_a, mask_b = detect_tissue(a, um, params).mask, detect_tissue(b, um, params).mask
+    assert mask_b.any() and (mask_a & mask_b).sum() / (mask_a | mask_b).sum() >= 0.95
+
+
+def test_levels_not_stored_as_jpeg_are_read_by_openslide(tmp_path: Path) -> None:
+    image = _texture()
+    level1 = np.asarray(Image.fromarray(image).reduce(4))
+    res = (1e4 / 0.25, 1e4 / 0.25)
+    path = tmp_path / "mixed.tiff"
+    with tifffile.TiffWriter(path) as tif:  # level 0 JPEG, level 1 deflate
+        tif.write(image, tile=(256, 256), compression="jpeg", photometric="rgb", metadata=None,
+                  resolution=res, resolutionunit="CENTIMETER")
+        tif.write(level1, tile=(256, 256), compression="zlib", photometric="rgb", metadata=None,
+                  resolution=(res[0] / 4, res[1] / 4), resolutionunit="CENTIMETER", subfiletype=1)
+    fast, ref = open_slide(path), OpenSlideReader(path)
+    assert fast.name == "jpeg-tiles" and fast.jpeg_levels[0] is not None and fast.jpeg_levels[1] is None
+    np.testing.assert_array_equal(fast.read_region((40, 80), 1, (200, 150)), ref.read_region((40, 80), 1, (200, 150)))
+    mean, peak = _diff(fast.read_region((40, 80), 0, (300, 200)), ref.read_region((40, 80), 0, (300, 200)))
+    assert mean <= 1.0 and peak <= 16

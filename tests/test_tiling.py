@@ -114,6 +114,13 @@ def test_stored_patches_equal_read_region(reference, slides, sid: str) -> None:
         np.testing.assert_array_equal(store.patches[i], expected)
 
 
+def test_client_written_stores_equal_worker_written_ones(reference, slides, client, tmp_path: Path) -> None:
+    out, cfg, _ = reference
+    client_cfg = _cfg("tiling.write_from=client")
+    tile_cohort(slides.good_dir, tmp_path / "out", client_cfg, client=client)
+    _assert_same_stores(_stores(out, cfg), _stores(tmp_path / "out", client_cfg))
+
+
 def test_resampled_patches_within_tolerance(slides, client, tmp_path: Path) -> None:
     cfg = _cfg("tiling.target_mpp=0.5", "tiling.max_patches_per_slide=12")
     shutil.copytree(slides.good_dir, tmp_path / "in", ignore=shutil.ignore_patterns("generic*", "pen*"))

@@ -403,7 +403,7 @@ def _patch_array(store: str) -> zarr.Array:
     Patch chunks are never empty, so zarr's per-chunk "all equal to the fill value?" scan (as costly
     as the zstd compression itself) is switched off with ``write_empty_chunks``.
     """
-    return zarr.open_array(store, path="patches", mode="r+", config={"write_empty_chunks": True})
+    return zarr.open_array(store, path="patches", mode="r+").with_config({"write_empty_chunks": True})
 
 
 # ---------------------------------------------------------------------------------------- the cohort
@@ -575,7 +575,9 @@ class _CohortRun:
 
     def _run(self, jobs: list[_Job]) -> None:
         self.queue = list(jobs)
-        self.max_open = max(2, total_threads(self.client))
+        # two slides per thread: the next slides' tissue detection overlaps this one's extraction, and a
+        # thread never waits for the client's round trip (store creation) of a small slide
+        self.max_open = max(2, 2 * total_threads(self.client))
         self.open_jobs: dict[int, _Job] = {}
         self.kinds: dict[str, tuple[str, _Job, int]] = {}  # future key -> (tissue | chunk, job, first patch)
         self.completed = as_completed(loop=self.client.loop)

@@ -25,6 +25,7 @@ from skimage.filters.rank import median
 from wsi_mil.config import TissueConfig
 
 log = logging.getLogger(__name__)
+QC_PNG_LEVEL = 1  # zlib level of the QC PNGs: a third less CPU than the default 6 for ~10% larger files
 
 PEN_MIN_AREA_UM2 = 2_500.0  # smaller ink-coloured pieces are not marker strokes (blood, debris)
 PEN_GROUP_UM = 16.0  # ink fragments closer than this count as one stroke
@@ -261,8 +262,8 @@ def save_qc_images(
     paths = {kind: Path(paths[kind]) for kind in ("thumb", "mask", "grid")}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(thumbnail).save(paths["thumb"])
-    Image.fromarray(mask.astype(np.uint8) * 255).save(paths["mask"])
+    Image.fromarray(thumbnail).save(paths["thumb"], compress_level=QC_PNG_LEVEL)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(paths["mask"], compress_level=QC_PNG_LEVEL)
     grid = thumbnail.astype(np.float32)
     outside = ~mask
     grid[outside] = grid[outside] * 0.55 + 255 * 0.45  # fade non-tissue
@@ -271,5 +272,5 @@ def save_qc_images(
     if boxes is not None:
         for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
             draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(0, 160, 0))
-    image.save(paths["grid"])
+    image.save(paths["grid"], compress_level=QC_PNG_LEVEL)
     return paths

@@ -6,9 +6,9 @@ compressed bytes by offset (TIFF ``TileOffsets``/``TileByteCounts``, ``JPEGTable
 decodes it with Pillow's libjpeg-turbo, in the DCT domain at 1/2, 1/4 or 1/8 scale when the patch is
 reduced by such a factor (libjpeg's scaled IDCT, "shrink-on-load"), in the colour space the TIFF
 states (``PhotometricInterpretation`` RGB or YCbCr: Aperio stores RGB-coded JPEG that libjpeg would
-otherwise take for YCbCr). Decoded tiles are kept in a small per-reader LRU so tiles shared by
-neighbouring patches (grids not aligned to tiles, overlap) are decoded once. Pillow releases the GIL
-while decoding, so worker threads decode in parallel.
+otherwise take for YCbCr). Decoded tiles are kept in a small per-process LRU (64 MB, all slides
+together) so tiles shared by neighbouring patches (grids not aligned to tiles, overlap) are decoded
+once. Pillow releases the GIL while decoding, so worker threads decode in parallel.
 
 OpenSlide stays the source of every piece of metadata (vendor, levels, downsamples, properties, MPP)
 and reads every level this reader cannot serve; files whose level 0 is not a tiled 8-bit RGB/YCbCr
@@ -19,6 +19,7 @@ JPEG page (JPEG 2000 SVS, NDPI, MRXS, DICOM, ...) are not opened by it at all (s
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -29,14 +30,14 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from wsi_mil.slides.readers.base import WHITE, SlideReader
+from wsi_mil.slides.readers.base import STRIP_PIXELS, WHITE, SlideReader
 from wsi_mil.slides.readers.openslide_reader import OpenSlideReader
 
 JPEG = 7
 PHOTOMETRIC_MODES = {2: "RGB", 6: "YCbCr"}  # TIFF PhotometricInterpretation -> libjpeg colour space
 DCT_SCALES = (8, 4, 2)  # libjpeg-turbo scaled IDCT factors used
 VENDORS = ("aperio", "generic-tiff")
-CACHE_BYTES = 48 * 2**20  # decoded tiles kept per open slide
+CACHE_BYTES = 64 * 2**20  # decoded tiles kept per process, all open slides together
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,15 @@ class TileCache:
 
     def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
+        self.serials = itertools.count()  # one per reader: keys never mix slides
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
+        self._items: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
 
-    def get(self, key: tuple[int, int, int, int]) -> np.ndarray | None:
-        """The tile stored under ``key`` (level page, scale, column, row), or None."""
+    def get(self, key: tuple[int, ...]) -> np.ndarray | None:
+        """The tile stored under ``key`` (reader serial, level page, scale, column, row), or None."""
         with self._lock:
             tile = self._items.get(key)
             if tile is None:
@@ -82,7 +84,7 @@ class TileCache:
             self._items.move_to_end(key)
             return tile
 
-    def put(self, key: tuple[int, int, int, int], tile: np.ndarray) -> None:
+    def put(self, key: tuple[int, ...], tile: np.ndarray) -> None:
         """Keep ``tile``, dropping the least recently used ones beyond ``max_bytes``."""
         with self._lock:
             if key in self._items:
@@ -98,6 +100,15 @@ class TileCache:
         with self._lock:
             self._items.clear()
             self.nbytes = 0
+
+    def drop(self, serial: int) -> None:
+        """Drop the tiles of one reader."""
+        with self._lock:
+            for key in [k for k in self._items if k[0] == serial]:
+                self.nbytes -= self._items.pop(key).nbytes
+
+
+_PROCESS_CACHE = TileCache(CACHE_BYTES)
 
 
 def jpeg_level(page: tifffile.TiffPage) -> JpegLevel | str:
@@ -156,7 +167,7 @@ class JpegTiffReader(SlideReader):
 
     name = "jpeg-tiles"
 
-    def __init__(self, path: Path, cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(self, path: Path, cache_bytes: int | None = None) -> None:
         self.path = Path(path)
         self._os = OpenSlideReader(path)
         self._tif: tifffile.TiffFile | None = None
@@ -167,7 +178,7 @@ class JpegTiffReader(SlideReader):
             self.close()
             raise
 
-    def _setup(self, cache_bytes: int) -> None:
+    def _setup(self, cache_bytes: int | None) -> None:
         base = self._os
         self.vendor = base.vendor
         self.properties = base.properties
@@ -191,22 +202,23 @@ class JpegTiffReader(SlideReader):
         if self.jpeg_levels[0] is None:
             raise ValueError(f"level 0 is {reasons[0]}")
         self._fd = os.open(str(self.path), os.O_RDONLY)
-        self.cache = TileCache(cache_bytes)
+        # one LRU per process (memory bounded whatever the number of open slides), or a private one
+        self.cache = _PROCESS_CACHE if cache_bytes is None else TileCache(cache_bytes)
+        self._serial = next(self.cache.serials)
         level0 = self.jpeg_levels[0]
         middle = int(np.argmax(level0.counts))  # a tissue tile: decoding it checks the codec and colour space
         try:
-            tile = self._decode(level0, middle % level0.across, middle // level0.across, 1)
+            tile = self._decode(level0, middle % level0.across, middle // level0.across, 1, cached=False)
         except Exception as exc:
             raise ValueError(f"level 0 tiles cannot be decoded ({exc})") from None
         if tile is not None and tile.shape != (level0.tile_height, level0.tile_width, 3):
             raise ValueError(f"level 0 tiles decode to {tile.shape}, not {level0.tile_height} x {level0.tile_width}")
-        self.cache.clear()
 
     # ----------------------------------------------------------------------------------- tiles
-    def _decode(self, lvl: JpegLevel, tx: int, ty: int, scale: int) -> np.ndarray | None:
-        """Decoded tile (tx, ty) of ``lvl`` at 1/``scale`` size (cached); None for a tile not stored."""
-        key = (lvl.index, scale, tx, ty)
-        tile = self.cache.get(key)
+    def _decode(self, lvl: JpegLevel, tx: int, ty: int, scale: int, cached: bool = True) -> np.ndarray | None:
+        """Decoded tile (tx, ty) of ``lvl`` at 1/``scale`` size (through the cache if ``cached``); None if not stored."""
+        key = (self._serial, lvl.index, scale, tx, ty)
+        tile = self.cache.get(key) if cached else None
         if tile is not None:
             return tile
         i = ty * lvl.across + tx
@@ -219,11 +231,12 @@ class JpegTiffReader(SlideReader):
         if lvl.tables:
             data = lvl.tables[:-2] + data[2:]
         tile = decode_jpeg(data, lvl.mode, scale)
-        self.cache.put(key, tile)
+        if cached:
+            self.cache.put(key, tile)
         return tile
 
     def _assemble(self, lvl: JpegLevel, x: int, y: int, w: int, h: int, scale: int,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, cached: bool = True) -> np.ndarray:
         """RGB [h, w, 3] at 1/``scale`` of ``lvl`` whose top-left is (x, y) in those scaled pixels (into ``out``)."""
         tw, th = lvl.tile_width // scale, lvl.tile_height // scale
         lw, lh = -(-lvl.width // scale), -(-lvl.height // scale)
@@ -241,7 +254,7 @@ class JpegTiffReader(SlideReader):
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
                 tx0 = tx * tw
                 c0, c1 = max(x0, tx0), min(x1, tx0 + tw)
-                tile = self._decode(lvl, tx, ty, scale)
+                tile = self._decode(lvl, tx, ty, scale, cached)
                 if tile is None:
                     out[r0 - y : r1 - y, c0 - x : c1 - x] = WHITE
                 else:
@@ -302,6 +315,33 @@ class JpegTiffReader(SlideReader):
                 return self._assemble(lvl, x // factor, y // factor, w // factor, h // factor, factor, out=out)
         return super().read_region_reduced_array(location, level, size, factor, out=out)
 
+    def thumbnail(self, size: tuple[int, int], max_pixels: int = STRIP_PIXELS) -> np.ndarray:
+        """See :meth:`SlideReader.thumbnail`; the level is decoded at a reduced scale first.
+
+        1/2, 1/4 or 1/8 scale (DCT domain) where that is still at least the thumbnail's size, then
+        box-averaged to it; these tiles are not kept in the patch cache.
+        """
+        tw, th = max(1, int(size[0])), max(1, int(size[1]))
+        w0, h0 = self.dimensions
+        lvl = self.jpeg_levels[self.best_level_for_downsample(max(1.0, min(w0 / tw, h0 / th)))]
+        if lvl is None:
+            return super().thumbnail(size, max_pixels)
+        factor = min(lvl.width / tw, lvl.height / th)
+        scale = next((s for s in DCT_SCALES if s <= factor and lvl.tile_width % s == 0 and lvl.tile_height % s == 0), 1)
+        sw, sh = -(-lvl.width // scale), -(-lvl.height // scale)
+        fy = sh / th  # scaled level rows per thumbnail row
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        strip = max(1, int(max_pixels / max(1.0, sw * fy)))
+        for r0 in range(0, th, strip):
+            r1 = min(th, r0 + strip)
+            y0 = int(np.floor(r0 * fy))
+            y1 = max(min(sh, int(np.ceil(r1 * fy))), y0 + 1)
+            region = self._assemble(lvl, 0, y0, sw, y1 - y0, scale, cached=False)  # read once: keep the patch cache
+            if region.shape[:2] != (r1 - r0, tw):
+                region = np.asarray(Image.fromarray(region).resize((tw, r1 - r0), Image.Resampling.BOX))
+            out[r0:r1] = region
+        return out
+
     def close(self) -> None:
         """Release the file handles and the decoded tiles."""
         if self._fd >= 0:
@@ -311,5 +351,5 @@ class JpegTiffReader(SlideReader):
             self._tif.close()
             self._tif = None
         if hasattr(self, "cache"):
-            self.cache.clear()
+            self.cache.drop(self._serial)
         self._os.close()
