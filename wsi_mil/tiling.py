@@ -428,7 +428,7 @@ class _CohortRun:
         """Merge this call's rows into ``slides.csv`` (other commands' rows of existing slides stay)."""
         self.layout.root.mkdir(parents=True, exist_ok=True)
         merge_csv_rows(self.layout.slides_csv, CSV_COLUMNS, [r.row() for r in self.report.results],
-                       keep=lambda row: bool(row.get("path")) and Path(row["path"]).exists())
+                       lock_dir=self.layout.locks_dir, keep=lambda row: bool(row.get("path")) and Path(row["path"]).exists())
 
     def fail(self, job: _Job | None, result: TiledSlide, exc: BaseException) -> None:
         result.status = "failed"
@@ -555,7 +555,7 @@ class _CohortRun:
         """
         self.tiles_dir.mkdir(parents=True, exist_ok=True)
         timeout = self.cfg.compute.claim_timeout_s
-        with Claims(timeout) as self.claims:
+        with Claims(self.layout.locks_dir, timeout) as self.claims:
             removed = clean_partials(self.tiles_dir, keep=lambda output: owner_alive(claim_path(output), timeout))
             if removed:
                 log.info("removed %d partial store(s) of an interrupted run", removed)
