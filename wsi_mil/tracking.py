@@ -59,7 +59,7 @@ from filelock import Timeout as LockTimeout
 
 from wsi_mil import __version__
 from wsi_mil.config import Config
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import WsiMilError, resource_error, resource_problem
 from wsi_mil.layout import Layout
 from wsi_mil.redaction import redact
 
@@ -204,6 +204,9 @@ def _open_sqlite_client(uri: str, db: Path) -> Any:
                 except WsiMilError:
                     raise
                 except Exception as exc:
+                    if resource_problem(exc) is not None:
+                        raise resource_error(exc, db, "no run was started; a store left half-created holds no run "
+                                             "and is set aside and made again") from None
                     if attempt == 1 and db.exists() and not _store_has_runs(db):
                         aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
                         _forget_engines(uri)
