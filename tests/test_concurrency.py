@@ -250,3 +250,44 @@ def test_slides_csv_is_merged_not_overwritten(tmp_path):
     with open(path, newline="") as fh:
         rows = {r["slide_id"]: r["status"] for r in csv.DictReader(fh)}
     assert rows == {"a": "done", "b": "pending"}  # a pending row never hides a finished one
+
+
+# ------------------------------------------------------------------------------------------ killed train
+def _finished_folds_in(db: Path) -> int:
+    if not db.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE "
+                               "t.key = 'wsi_mil.role' AND t.value = 'fold' AND r.status = 'FINISHED'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_killed_train_is_marked_killed_and_resumes_at_its_first_unfinished_fold(tmp_path):
+    bags, labels = write_cohort(tmp_path / "data", n_slides=12, dim=8, n_max=24)
+    out = tmp_path / "out"
+    cmd = [*_train_cmd(out, bags, labels), "--folds", "3", "--epochs", "40", "--set", "training.min_epochs=40"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None and _finished_folds_in(out / "mlflow.db") < 1:
+        time.sleep(0.05)
+    assert first.poll() is None, f"the training ended before it could be killed: {first.stderr.read().decode()}"
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    tracker = Tracker(f"sqlite:///{out / 'mlflow.db'}")
+    (parent,) = tracker.find_runs(role="cv")
+    assert parent.status == "RUNNING"  # what a kill leaves behind
+    before = {r.run_id: r.status for r in tracker.child_runs(parent.run_id)}
+    kept = [rid for rid, status in before.items() if status == "FINISHED"]
+    assert len(kept) >= 1
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"MLflow parent run: {parent.run_id}" in again.stdout  # the same training, resumed
+    assert tracker.get_run(parent.run_id).status == "FINISHED"
+    after = {r.run_id: r.status for r in tracker.child_runs(parent.run_id)}
+    for rid, status in before.items():  # finished folds kept as they were, killed ones marked so
+        assert after[rid] == ("FINISHED" if status == "FINISHED" else "KILLED")
+    assert sorted(after.values()).count("FINISHED") == 3
+    assert "RUNNING" not in {r.status for r in tracker.find_runs(role=None)}
+    assert {f.run_id for f in tracker.fold_runs(parent.run_id)} >= set(kept)

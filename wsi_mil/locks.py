@@ -105,10 +105,16 @@ def owner_alive(path: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     owner = read_owner(path)
     if owner is None:
         return age < UNREADABLE_GRACE_S
-    if owner.host == socket.gethostname():
-        started = _process_start(owner.pid)
-        return started is not None and abs(started - owner.started) < 1.0
-    return age < timeout_s
+    alive = process_alive(owner)
+    return alive if alive is not None else age < timeout_s
+
+
+def process_alive(owner: Owner) -> bool | None:
+    """Whether ``owner``'s process runs: None when it ran on another host (this host cannot tell)."""
+    if owner.host != socket.gethostname():
+        return None
+    started = _process_start(owner.pid)
+    return started is not None and abs(started - owner.started) < 1.0
 
 
 def _write_claim(fd: int, owner: Owner) -> None:

@@ -517,7 +517,9 @@ class Tracker:
         if run.tags.get(ROLE_TAG) == "fold":
             records = [run]
         else:
-            records = [r for r in self.child_runs(run_id) if r.tags.get(ROLE_TAG) == "fold"]
+            # a fold run killed or failed before it finished was trained again when the training resumed
+            records = [r for r in self.child_runs(run_id) if r.tags.get(ROLE_TAG) == "fold"
+                       and r.status not in ("KILLED", "FAILED")]
         if not records:
             raise WsiMilError(f"MLflow run {run_id} has no fold runs; pass the id of a `wsi-mil train` run.")
         out = [FoldRun(r.run_id, int(r.tags[FOLD_TAG]), int(r.tags[SEED_TAG])) for r in records]
