@@ -11,6 +11,7 @@ they are recorded in ``OUT/slides.csv`` and the cohort carries on (``strict`` st
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -686,7 +687,8 @@ class _CohortRun:
             else:
                 failure = _slide_failure(job.result.path, exc, "tiling")
             if not isinstance(failure, SlideError):
-                self.write_csv()
+                with contextlib.suppress(OSError):  # the table as far as it got (the disk may be full)
+                    self.write_csv()
                 if resource_problem(failure) is not None:
                     raise resource_error(failure, job.partial or job.final,
                                          f"finished stores are kept in {self.tiles_dir} and slides.csv lists them") from None
