@@ -210,6 +210,37 @@ def test_two_extracts_on_one_out_both_exit_0_and_every_bag_equals_a_single_run(t
     _no_leftovers(features)
 
 
+def test_a_killed_extract_leaves_its_bags_to_the_other_which_finishes_them(tmp_path):
+    cfg = Config()
+    cfg.features = FeaturesConfig(encoder="tiny_cnn", weights="random", device="cpu", batch_size=16)
+    single, out = tmp_path / "single", tmp_path / "out"
+    for folder in (single, out):
+        _patch_stores(folder, cfg)
+    cmd = [str(BIN / "wsi-mil"), "-q", "extract"]
+    done = subprocess.run([*cmd, str(single), *EXTRACT_FLAGS], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    features = Layout(out).features_dir(tiling_key(cfg), encoder_key(cfg.features))
+    first = subprocess.Popen([*cmd, str(out), *EXTRACT_FLAGS], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        if (features / CLAIMS_DIR).is_dir() and any((features / CLAIMS_DIR).iterdir()):
+            break
+        time.sleep(0.01)
+    assert first.poll() is None, f"the first extract ended before it could be killed: {first.stderr.read().decode()}"
+    second = subprocess.Popen([*cmd, str(out), *EXTRACT_FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    _, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err[-3000:]
+    reference = Layout(single).features_dir(tiling_key(cfg), encoder_key(cfg.features))
+    assert sorted(p.name for p in features.glob("*.h5")) == [f"s{i}.h5" for i in range(6)]
+    for bag in features.glob("*.h5"):
+        np.testing.assert_array_equal(read_bag(bag).features, read_bag(reference / bag.name).features)
+    _no_leftovers(features)
+
+
 def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_is_not(tmp_path):
     output = tmp_path / "s.zarr"
     locks = tmp_path / ".locks"
