@@ -264,6 +264,9 @@ def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_is_not(tmp_path)
     old = time.time() - 120
     os.utime(claim_path(output), (old, old))
     assert not owner_alive(claim_path(output), timeout_s=60)  # its heartbeat stopped: gone
+    with Claims(locks, timeout_s=60) as sweeper:  # a claim left by an owner killed after finishing its output
+        assert sweeper.sweep(tmp_path) == 1
+    assert not claim_path(output).parent.exists()
 
 
 def test_slides_csv_is_merged_not_overwritten(tmp_path):

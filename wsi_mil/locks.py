@@ -209,6 +209,26 @@ class Claims:
                  dead.describe() if dead is not None else "an owner that left no record")
         return None
 
+    def sweep(self, directory: Path) -> int:
+        """Delete the claims of gone owners beside the outputs in ``directory``; returns how many.
+
+        A claim is left when its owner was killed between finishing an output and releasing it.
+        """
+        folder = Path(directory) / CLAIMS_DIR
+        if not folder.is_dir():
+            return 0
+        self.dirs.add(folder)
+        removed = 0
+        for path in sorted(folder.glob(f"*{CLAIM_SUFFIX}")):
+            if path in self.held or owner_alive(path, self.timeout_s):
+                continue
+            with file_lock(path, self.lock_dir, timeout_s=60):
+                if not owner_alive(path, self.timeout_s):  # still gone: nobody took it over meanwhile
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        removed += 1
+        return removed
+
     def release(self, output_or_claim: Path) -> None:
         """Give up a claim (the claim file is deleted only while it still names this process)."""
         path = Path(output_or_claim)

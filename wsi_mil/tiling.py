@@ -558,6 +558,7 @@ class _CohortRun:
         timeout = self.cfg.compute.claim_timeout_s
         with Claims(self.layout.locks_dir, timeout) as self.claims:
             removed = clean_partials(self.tiles_dir, keep=lambda output: owner_alive(claim_path(output), timeout))
+            self.claims.sweep(self.tiles_dir)
             if removed:
                 log.info("removed %d partial store(s) of an interrupted run", removed)
             self._run(jobs)

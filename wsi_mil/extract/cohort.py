@@ -122,6 +122,7 @@ def extract_cohort(out: Path, cfg: Config, *, tiling: str | None = None, strict:
     timeout = cfg.compute.claim_timeout_s
     with Claims(layout.locks_dir, timeout) as held:
         removed = clean_partials(features_dir, keep=lambda output: owner_alive(claim_path(output), timeout))
+        held.sweep(features_dir)
         if removed:
             log.info("removed %d leftovers of interrupted writes in %s", removed, features_dir)
         jobs, finished = plan_slides(layout, tiling, cfg, ids)
