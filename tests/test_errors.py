@@ -57,6 +57,9 @@ def test_slide_problems_and_bugs_are_told_apart():
     full = OSError(errno.ENOSPC, "No space left on device")
     assert not is_slide_problem(full) and resource_problem(full) == "no space left on the device"
     assert not is_slide_problem(MemoryError()) and resource_problem(MemoryError()) == "out of memory"
+    files = OSError(errno.EMFILE, "Too many open files")
+    assert not is_slide_problem(files) and resource_problem(files).startswith("too many open files")
+    assert resource_problem(RuntimeError("(sqlite3.OperationalError) database or disk is full")) is not None
     wrapped = RuntimeError("h5py write failed")
     wrapped.__cause__ = full
     assert resource_problem(wrapped) is not None

@@ -473,6 +473,15 @@ class TrainingConfig(Section):
         "fastest for one-bag steps on busy CPUs)."
     )
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        twice = sorted({s for s in value if value.count(s) > 1})
+        if twice:
+            raise ValueError(f"training.seeds lists seed(s) {', '.join(map(str, twice))} more than once; each seed "
+                             "repeats the cross-validation once, list it once")
+        return value
+
 
 # ------------------------------------------------------------------------------------------- heatmaps
 class HeatmapConfig(Section):

@@ -8,6 +8,7 @@ OUT/tiles/<tiling_key>/clam_coords/<id>.h5       CLAM-style coordinates (tiling.
 OUT/features/<tiling_key>/<encoder_key>/<id>.h5  HDF5 bag
 OUT/features/<tiling_key>/<encoder_key>/extract_status.csv
 OUT/mlflow.db, OUT/mlartifacts/                  embedded MLflow store
+OUT/.locks/                                      lock files of commands sharing OUT (claims: .claims/ beside outputs)
 OUT/heatmaps/<model>/<run>/<id>.png|.geojson|_topk.png|_heatmap.tif   one folder per run: never overwritten
                                                  by another run's maps (<run>: the run's short id)
 OUT/predictions/<run_id>/                        new slides of `wsi-mil predict`: laid out like OUT
@@ -173,6 +174,11 @@ class Layout:
     def extract_status(self, tiling: str, encoder: str) -> Path:
         """Per-slide status of the last embedding run into a features directory."""
         return self.features_dir(tiling, encoder) / "extract_status.csv"
+
+    @property
+    def locks_dir(self) -> Path:
+        """Inter-process lock files of commands sharing this directory (shared CSVs, claim takeovers)."""
+        return self.root / ".locks"
 
     # ------------------------------------------------------------------------------ tracking
     @property

@@ -13,8 +13,8 @@ once the owner is provably gone:
   (the id was reused);
 - on another host: the claim's heartbeat is older than ``compute.claim_timeout_s``.
 
-A takeover is serialised by a short inter-process lock (``.claims/<output name>.claim.lock``, left in
-place: deleting a lock file others may wait on would let two of them in) and replaces the
+A takeover is serialised by a short inter-process lock (a file in ``OUT/.locks/``, left in place:
+deleting a lock file others may wait on would let two of them in) and replaces the
 claim atomically, so two commands never both take the same output. The same rule decides whether a
 leftover ``.partial-*`` output may be deleted: only when no live owner claims it
 (:func:`owner_alive`).
@@ -23,6 +23,7 @@ leftover ``.partial-*`` output may be deleted: only when no live owner claims it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -53,7 +54,10 @@ def claim_path(output: Path) -> Path:
 
 def _process_start(pid: int) -> float | None:
     try:
-        return psutil.Process(pid).create_time()
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped: gone
+            return None
+        return process.create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
         return None
 
@@ -101,10 +105,16 @@ def owner_alive(path: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     owner = read_owner(path)
     if owner is None:
         return age < UNREADABLE_GRACE_S
-    if owner.host == socket.gethostname():
-        started = _process_start(owner.pid)
-        return started is not None and abs(started - owner.started) < 1.0
-    return age < timeout_s
+    alive = process_alive(owner)
+    return alive if alive is not None else age < timeout_s
+
+
+def process_alive(owner: Owner) -> bool | None:
+    """Whether ``owner``'s process runs: None when it ran on another host (this host cannot tell)."""
+    if owner.host != socket.gethostname():
+        return None
+    started = _process_start(owner.pid)
+    return started is not None and abs(started - owner.started) < 1.0
 
 
 def _write_claim(fd: int, owner: Owner) -> None:
@@ -121,7 +131,8 @@ class Claims:
     released on exit.
     """
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, lock_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.lock_dir = Path(lock_dir)
         self.timeout_s = float(timeout_s)
         self.owner = Owner.me()
         self.held: set[Path] = set()
@@ -181,7 +192,10 @@ class Claims:
         return None
 
     def _take_over(self, path: Path) -> str | None:
-        with FileLock(f"{path}.lock", timeout=60):
+        if owner_alive(path, self.timeout_s):  # the common case, without touching the takeover lock
+            owner = read_owner(path)
+            return owner.describe() if owner is not None else "a process writing its claim"
+        with file_lock(path, self.lock_dir, timeout_s=60):
             if owner_alive(path, self.timeout_s):
                 owner = read_owner(path)
                 return owner.describe() if owner is not None else "a process writing its claim"
@@ -194,6 +208,26 @@ class Claims:
         log.info("took over %s from %s, which is gone", path.name.removesuffix(CLAIM_SUFFIX),
                  dead.describe() if dead is not None else "an owner that left no record")
         return None
+
+    def sweep(self, directory: Path) -> int:
+        """Delete the claims of gone owners beside the outputs in ``directory``; returns how many.
+
+        A claim is left when its owner was killed between finishing an output and releasing it.
+        """
+        folder = Path(directory) / CLAIMS_DIR
+        if not folder.is_dir():
+            return 0
+        self.dirs.add(folder)
+        removed = 0
+        for path in sorted(folder.glob(f"*{CLAIM_SUFFIX}")):
+            if path in self.held or owner_alive(path, self.timeout_s):
+                continue
+            with file_lock(path, self.lock_dir, timeout_s=60):
+                if not owner_alive(path, self.timeout_s):  # still gone: nobody took it over meanwhile
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        removed += 1
+        return removed
 
     def release(self, output_or_claim: Path) -> None:
         """Give up a claim (the claim file is deleted only while it still names this process)."""
@@ -212,28 +246,28 @@ class Claims:
         return claim_path(output) in self.held
 
 
-@contextlib.contextmanager
-def claims(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Claims]:
-    """A :class:`Claims` whose heartbeat runs for the ``with`` block; its claims are released at the end."""
-    with Claims(timeout_s) as held:
-        yield held
-
-
 def wait_pause(waited_s: float) -> float:
     """Seconds to sleep before looking again at outputs other processes own (grows to 2 s)."""
     return min(2.0, 0.2 + waited_s / 10)
 
 
+def lock_file(lock_dir: Path, path: Path) -> Path:
+    """The lock file in ``lock_dir`` that guards ``path`` (its name plus a hash of its full path)."""
+    path = Path(path).resolve()
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    return Path(lock_dir) / f"{path.name}-{digest}.lock"
+
+
 @contextlib.contextmanager
-def file_lock(path: Path, timeout_s: float = 300.0) -> Iterator[None]:
-    """Hold the inter-process lock of the shared file ``path`` (``.claims/<name>.lock`` beside it).
+def file_lock(path: Path, lock_dir: Path, timeout_s: float = 300.0) -> Iterator[None]:
+    """Hold the inter-process lock of the shared file ``path`` (a lock file in ``lock_dir``, left in place).
 
     Raises
     ------
     filelock.Timeout
         When another process held it for longer than ``timeout_s`` seconds.
     """
-    lock = Path(path).parent / CLAIMS_DIR / f"{Path(path).name}.lock"
+    lock = lock_file(lock_dir, path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock), timeout=timeout_s):
         yield

@@ -117,11 +117,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         Path(tmp).write_text(text)
 
 
-def merge_csv_rows(path: Path, columns: list[str], rows: list[dict[str, Any]], *, key: str = "slide_id",
-                   keep: Callable[[dict[str, str]], bool] | None = None) -> None:
+def merge_csv_rows(path: Path, columns: list[str], rows: list[dict[str, Any]], *, lock_dir: Path,
+                   key: str = "slide_id", keep: Callable[[dict[str, str]], bool] | None = None) -> None:
     """Write ``rows`` into the shared CSV ``path`` merged with what other commands wrote there.
 
-    Under an inter-process lock (:func:`wsi_mil.locks.file_lock`): a row of ``rows`` replaces the
+    Under an inter-process lock (:func:`wsi_mil.locks.file_lock`, its file in ``lock_dir``): a row of ``rows`` replaces the
     file's row with the same ``key``, except that a ``pending`` row never replaces a finished one
     (another command finished that slide); the file's other rows stay when ``keep(row)`` is true (all,
     without ``keep``). Rows of ``rows`` come first, in their order, then the others by key. The file
@@ -134,7 +134,7 @@ def merge_csv_rows(path: Path, columns: list[str], rows: list[dict[str, Any]], *
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path):
+    with file_lock(path, lock_dir):
         existing: dict[str, dict[str, str]] = {}
         if path.is_file():
             try:

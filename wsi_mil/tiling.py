@@ -11,6 +11,7 @@ they are recorded in ``OUT/slides.csv`` and the cohort carries on (``strict`` st
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -440,7 +441,7 @@ class _CohortRun:
         """Merge this call's rows into ``slides.csv`` (other commands' rows of existing slides stay)."""
         self.layout.root.mkdir(parents=True, exist_ok=True)
         merge_csv_rows(self.layout.slides_csv, CSV_COLUMNS, [r.row() for r in self.report.results], key="path",
-                       keep=lambda row: bool(row.get("path")) and Path(row["path"]).exists())
+                       lock_dir=self.layout.locks_dir, keep=lambda row: bool(row.get("path")) and Path(row["path"]).exists())
 
     def fail(self, job: _Job | None, result: TiledSlide, exc: BaseException) -> None:
         result.status = "failed"
@@ -567,8 +568,9 @@ class _CohortRun:
         """
         self.tiles_dir.mkdir(parents=True, exist_ok=True)
         timeout = self.cfg.compute.claim_timeout_s
-        with Claims(timeout) as self.claims:
+        with Claims(self.layout.locks_dir, timeout) as self.claims:
             removed = clean_partials(self.tiles_dir, keep=lambda output: owner_alive(claim_path(output), timeout))
+            self.claims.sweep(self.tiles_dir)
             if removed:
                 log.info("removed %d partial store(s) of an interrupted run", removed)
             self._run(jobs)
@@ -701,7 +703,8 @@ class _CohortRun:
             else:
                 failure = _slide_failure(job.result.path, exc, "tiling")
             if not isinstance(failure, SlideError):
-                self.write_csv()
+                with contextlib.suppress(OSError):  # the table as far as it got (the disk may be full)
+                    self.write_csv()
                 if resource_problem(failure) is not None:
                     raise resource_error(failure, job.partial or job.final,
                                          f"finished stores are kept in {self.tiles_dir} and slides.csv lists them") from None

@@ -59,7 +59,7 @@ from filelock import Timeout as LockTimeout
 
 from wsi_mil import __version__
 from wsi_mil.config import Config
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import WsiMilError, resource_error, resource_problem
 from wsi_mil.layout import Layout
 from wsi_mil.redaction import redact
 
@@ -204,6 +204,9 @@ def _open_sqlite_client(uri: str, db: Path) -> Any:
                 except WsiMilError:
                     raise
                 except Exception as exc:
+                    if resource_problem(exc) is not None:
+                        raise resource_error(exc, db, "no run was started; a store left half-created holds no run "
+                                             "and is set aside and made again") from None
                     if attempt == 1 and db.exists() and not _store_has_runs(db):
                         aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
                         _forget_engines(uri)
@@ -515,7 +518,9 @@ class Tracker:
         if run.tags.get(ROLE_TAG) == "fold":
             records = [run]
         else:
-            records = [r for r in self.child_runs(run_id) if r.tags.get(ROLE_TAG) == "fold"]
+            # a fold run killed or failed before it finished was trained again when the training resumed
+            records = [r for r in self.child_runs(run_id) if r.tags.get(ROLE_TAG) == "fold"
+                       and r.status not in ("KILLED", "FAILED")]
         if not records:
             raise WsiMilError(f"MLflow run {run_id} has no fold runs; pass the id of a `wsi-mil train` run.")
         out = [FoldRun(r.run_id, int(r.tags[FOLD_TAG]), int(r.tags[SEED_TAG])) for r in records]

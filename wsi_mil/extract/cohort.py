@@ -120,8 +120,9 @@ def extract_cohort(out: Path, cfg: Config, *, tiling: str | None = None, strict:
     features_dir = layout.features_dir(tiling, key)
     ids = discover_slides(layout, tiling, slide_ids)
     timeout = cfg.compute.claim_timeout_s
-    with Claims(timeout) as held:
+    with Claims(layout.locks_dir, timeout) as held:
         removed = clean_partials(features_dir, keep=lambda output: owner_alive(claim_path(output), timeout))
+        held.sweep(features_dir)
         if removed:
             log.info("removed %d leftovers of interrupted writes in %s", removed, features_dir)
         jobs, finished = plan_slides(layout, tiling, cfg, ids)
@@ -164,7 +165,7 @@ def extract_cohort(out: Path, cfg: Config, *, tiling: str | None = None, strict:
     finished.sort(key=lambda r: order[r.slide_id])
     report = ExtractReport(tiling, key, features_dir, device_name, finished, time.perf_counter() - started)
     if features_dir.is_dir():
-        _write_status(layout.extract_status(tiling, key), report)
+        _write_status(layout.extract_status(tiling, key), report, layout.locks_dir)
     for result in report.failed:
         log.warning("slide %s failed: %s", result.slide_id, result.error)
     return report
@@ -189,8 +190,8 @@ class _Embedding:
         return run_jobs(jobs, self.embedder, self.cfg.features, strict=self.strict, progress=self.progress)
 
 
-def _write_status(path: Path, report: ExtractReport) -> None:
+def _write_status(path: Path, report: ExtractReport, lock_dir: Path) -> None:
     """Merge this call's rows into the status CSV (rows of slides other calls embedded stay)."""
     rows = [{"slide_id": r.slide_id, "status": r.status, "n_patches": r.n_patches, "seconds": f"{r.seconds:.2f}",
              "error": r.error} for r in report.results]
-    merge_csv_rows(path, ["slide_id", "status", "n_patches", "seconds", "error"], rows)
+    merge_csv_rows(path, ["slide_id", "status", "n_patches", "seconds", "error"], rows, lock_dir=lock_dir)

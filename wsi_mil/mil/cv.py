@@ -56,8 +56,19 @@ from wsi_mil.mil.fit import FitResult, fit
 from wsi_mil.mil.methods import BagMethod, build_method, method_label, seed_everything
 from wsi_mil.mil.models import build_model
 from wsi_mil.mil.notes import cohort_note, fold_note, single_class_note, summary_note
+from wsi_mil.mil.resume import RESUME_TAG, finished_folds, owner_tags, resume_key, take_over_stale
 from wsi_mil.mil.splits import fold_ids, make_splits, split_counts
-from wsi_mil.tracking import FoldRun, Tracker, code_version, experiment_name, open_tracker, run_guard
+from wsi_mil.tracking import (
+    FOLD_TAG,
+    SEED_TAG,
+    FoldRun,
+    RunRecord,
+    Tracker,
+    code_version,
+    experiment_name,
+    open_tracker,
+    run_guard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +316,23 @@ class _FoldRunner:
         return model_from_checkpoint(ckpt, self.cfg).to(self.device)
 
 
+def _reused_fold(runner: _FoldRunner, run: RunRecord) -> FoldResult:
+    """A finished fold of a resumed training, read back from its run (its checkpoint joins the model)."""
+    seed, fold = int(run.tags[SEED_TAG]), int(run.tags[FOLD_TAG])
+    with tempfile.TemporaryDirectory(prefix="wsi-mil-resume-") as tmp:
+        text = {str: ["slide_id", "patient_id", "split", "label_name", "pred_name"]}
+        preds = pd.read_csv(runner.tracker.download(run.run_id, "predictions.csv", Path(tmp)),
+                            dtype={c: t for t, cols in text.items() for c in cols})
+    if runner.log_model:
+        runner.checkpoints.append(load_checkpoint(runner.tracker, run.run_id))
+    m = run.metrics
+    log.info("seed %d fold %d: finished before the training was killed; reusing run %s", seed, fold, run.run_id)
+    return FoldResult(seed, fold, run.run_id, int(m.get("fit/best_epoch", -1)), int(m.get("fit/epochs_run", 0)),
+                      m.get("fit/threshold"), {k[len("fit/val_"):]: v for k, v in m.items() if k.startswith("fit/val_")},
+                      {k[len("test/"):]: v for k, v in m.items() if k.startswith("test/")}, preds, {},
+                      run.tags.get("wsi_mil.val_auc", "").removeprefix("undefined: ") or None)
+
+
 def _same(a: pd.DataFrame, b: pd.DataFrame, seed: Any, fold: Any) -> bool:
     sa = a[(a["seed"] == str(seed)) & (a["fold"] == str(fold))].reset_index(drop=True)
     sb = b[(b["seed"] == str(seed)) & (b["fold"] == str(fold))].reset_index(drop=True)
@@ -355,8 +383,10 @@ def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> Trai
             "wsi_mil.tiling": tiling_key(cfg), "wsi_mil.data_fingerprint": data.fingerprint,
             "wsi_mil.code_version": code_version(), "wsi_mil.features_dir": str(data.features_dir.resolve()),
             "wsi_mil.classes": ",".join(data.labels.classes)}
-    parent = tracker.start_run(experiment_id, cfg.tracking.run_name or f"{label} cv",
-                               tags={**tags, "wsi_mil.role": "cv"})
+    key = resume_key(cfg, data.fingerprint, data.splits)
+    resumed = take_over_stale(tracker, experiment_id, key)  # a killed training of the same folds goes on
+    parent = resumed or tracker.start_run(experiment_id, cfg.tracking.run_name or f"{label} cv",
+                                          tags={**tags, "wsi_mil.role": "cv", RESUME_TAG: key, **owner_tags()})
     log.info("training %s on %d slides (%d classes, %d-d features) -> MLflow run %s (%s)", label,
              len(data.labels.df), data.labels.n_classes, data.store.dim, parent, tracker.shown_uri)
     pairs = sorted({(int(s), int(f)) for s, f in zip(data.splits["seed"], data.splits["fold"], strict=True)})
@@ -366,19 +396,21 @@ def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> Trai
                        seeds=sorted({s for s, _ in pairs}), in_dim=data.store.dim)
     model_id = None
     with run_guard(tracker, parent):
-        tracker.set_description(parent, head)
-        tracker.log_params(parent, {**cfg.flat(), "n_slides": len(data.labels.df),
-                                    "n_patients": data.labels.df["patient_id"].nunique(), "in_dim": data.store.dim})
-        tracker.log_dataset(parent, data.labels.df, name=f"{Path(source).parent.name}/{Path(source).name}",
-                            source=source, targets="label")
-        tracker.log_text(parent, dump_config(cfg), "config.yaml")
-        tracker.log_dataframe(parent, data.splits, "splits.csv")
-        tracker.log_dataframe(parent, split_counts(data.splits, data.labels.classes), "split_counts.csv")
-        tracker.log_dataframe(parent, data.labels.df, "labels.csv")
+        if resumed is None:  # a resumed parent holds these already
+            tracker.set_description(parent, head)
+            tracker.log_params(parent, {**cfg.flat(), "n_slides": len(data.labels.df),
+                                        "n_patients": data.labels.df["patient_id"].nunique(), "in_dim": data.store.dim})
+            tracker.log_dataset(parent, data.labels.df, name=f"{Path(source).parent.name}/{Path(source).name}",
+                                source=source, targets="label")
+            tracker.log_text(parent, dump_config(cfg), "config.yaml")
+            tracker.log_dataframe(parent, data.splits, "splits.csv")
+            tracker.log_dataframe(parent, split_counts(data.splits, data.labels.classes), "split_counts.csv")
+            tracker.log_dataframe(parent, data.labels.df, "labels.csv")
         runner = _FoldRunner(cfg, data, tracker, experiment_id, parent, method_factory, device, tags)
+        done = finished_folds(tracker, parent) if resumed else {}
         results = []
         for seed, fold in pairs:
-            r = runner.run(seed, fold)
+            r = _reused_fold(runner, done[(seed, fold)]) if (seed, fold) in done else runner.run(seed, fold)
             log.info("seed %d fold %d: best epoch %d/%d, test AUC %.4f", seed, fold, r.best_epoch, r.epochs_run,
                      r.test_metrics.get("auc", float("nan")))
             results.append(r)
