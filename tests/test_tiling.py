@@ -119,6 +119,10 @@ def test_client_written_stores_equal_worker_written_ones(reference, slides, clie
     client_cfg = _cfg("tiling.write_from=client")
     tile_cohort(slides.good_dir, tmp_path / "out", client_cfg, client=client)
     _assert_same_stores(_stores(out, cfg), _stores(tmp_path / "out", client_cfg))
+    for sid in _stores(out, cfg):  # QC images written by the client there, by the workers in the reference
+        for kind in ("thumb", "mask", "grid"):
+            assert (Layout(tmp_path / "out").qc_dir / f"{sid}_{kind}.png").is_file()
+            assert (Layout(out).qc_dir / f"{sid}_{kind}.png").is_file()
 
 
 def test_resampled_patches_within_tolerance(slides, client, tmp_path: Path) -> None:

@@ -651,9 +651,12 @@ class _CohortRun:
                 continue
             self.open_jobs[job.index] = job
             assert job.result.info is not None
-            qc = self.layout.qc_images(job.result.info.slide_id) if self.cfg.tiling.qc_images else None
+            # workers that share OUT's file system write the QC images themselves (off the client)
+            t = self.cfg.tiling
+            on_workers = t.qc_images and t.write_from == "workers"
+            qc = self.layout.qc_images(job.result.info.slide_id) if on_workers else None
             fut = self.client.submit(find_tissue_task, job.result.info.path, job.result.info.mpp,
-                                     self.cfg.tissue, self.cfg.tiling, False, self.cfg.slides, qc,
+                                     self.cfg.tissue, t, t.qc_images and not on_workers, self.cfg.slides, qc,
                                      pure=False, priority=-job.index)
             self.kinds[fut.key] = ("tissue", job, 0)
             self.completed.add(fut)
