@@ -126,15 +126,3 @@ def test_a_bug_in_the_embedding_step_propagates_instead_of_failing_the_slide(tmp
     with pytest.raises(IndexError, match="injected bug") as err:
         extract_cohort(tmp_path, cfg, progress=False)
     assert any("slide s0" in n for n in err.value.__notes__)
-
-
-def test_a_full_disk_while_writing_a_bag_stops_extract_with_one_line(tmp_path, monkeypatch):
-    cfg = _features_cfg()
-    _extract_cohort(tmp_path, cfg)
-
-    def full(path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    monkeypatch.setattr(extract_device, "write_bag", full)
-    with pytest.raises(ResourceError, match="^no space left on the device while writing .*s0.h5; finished bags"):
-        extract_cohort(tmp_path, cfg, progress=False)
