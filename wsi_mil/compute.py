@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import dask
 import distributed
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from wsi_mil.config import ComputeConfig
 from wsi_mil.errors import WsiMilError
@@ -32,6 +33,22 @@ def _quiet_distributed() -> None:
     """Keep Dask's own INFO chatter out of our logs (importing distributed resets its level)."""
     debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
     logging.getLogger("distributed").setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def _not_a_task_failure(record: logging.LogRecord) -> bool:
+    """Logging filter: False for a worker's "Compute Failed" record (the client reports every task failure)."""
+    return not record.getMessage().startswith("Compute Failed")
+
+
+class _ClientReportsTaskFailures(WorkerPlugin):
+    """On a local cluster's workers: no "Compute Failed" log beside the client's own one-line report.
+
+    A task's exception reaches the client, which turns it into a slide failure, a one-line resource
+    error or a traceback of a bug; the worker's copy (task repr and traceback) would only repeat it.
+    """
+
+    def setup(self, worker: distributed.Worker) -> None:
+        logging.getLogger("distributed.worker").addFilter(_not_a_task_failure)
 
 
 def _address(host: str, port: int) -> str:
@@ -90,6 +107,7 @@ def dask_client(cfg: ComputeConfig) -> Iterator[distributed.Client]:
             silence_logs=logging.ERROR,
         )
     client = distributed.Client(cluster, set_as_default=False)
+    client.register_plugin(_ClientReportsTaskFailures(), name="wsi-mil-task-failures")
     if cfg.dashboard:  # client.dashboard_link names the machine's address, not the one listened on
         log.info("Dask dashboard: http://%s/status", _address(cfg.host, cluster.scheduler.http_server.port))
     log.debug("local Dask cluster: %d worker(s) x %d thread(s), processes=%s",
