@@ -217,14 +217,14 @@ def run_fold(task: tuple[float, int, int, Settings]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------- reporting
-PAPER = {  # published bag AUC (%), mean +- std; MHIM-MIL paper Table 1 (ICCV 2023), INS paper (TCSVT)
+PAPER = {  # published bag AUC (%), mean +- std: MHIM-MIL paper Table 1 (ICCV 2023), via docs/MHIM-MIL.md
     "abmil": "C16 94.00+-0.83 / TCGA 93.17+-2.05",
     "transmil": "C16 93.51+-2.13 / TCGA 92.51+-1.76",
-    "dsmil": "C16 (MHIM T.1: 93.99) / TCGA -",
+    "dsmil": "not transcribed (Li et al., CVPR 2021)",
     "mhim(abmil)": "C16 96.14+-0.52 / TCGA 94.97+-1.72",
     "mhim(transmil)": "C16 96.49+-0.48 / TCGA 94.87+-2.17",
     "mhim(dsmil)": "not reported in v1",
-    "ins": "C16 bag 96.2 (mean of ins. probs) / instance AUC 96.8",
+    "ins": "not transcribed (Qu et al., TCSVT 2024)",
 }
 
 

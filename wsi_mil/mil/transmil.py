@@ -18,7 +18,8 @@ Deviations: (1) layout: Shao's padding (repeat the first tokens up to a square, 
 for both the stand-alone model and the MHIM student/teacher; MHIM-MIL v1 lays its student out the same
 way but computes the masking attention from the padded Nystrom layer. (2) Masking/heatmap attention is
 exact (see above); ``benchmarks/nystrom_topk.py`` measures its top-k overlap with the Nystrom cls row on
-real-size bags. (3) Nystrom padding is masked out of the keys (the reference lets zero padding tokens
+real-size bags: small (top-3% overlap 0.07 on 4-10k instances, Spearman 0.54), so MHIM masks other
+instances than the reference would. (3) Nystrom padding is masked out of the keys (the reference lets zero padding tokens
 take part in attention).
 """
 
