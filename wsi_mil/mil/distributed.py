@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 GPU_RESOURCE = "GPU"
 HOST_TAG, WORKER_TAG, RESUME_TAG = "wsi_mil.host", "wsi_mil.worker", "wsi_mil.resume_key"
-POLL_S = 2.0  # how often the client checks that some worker can still run the waiting folds
+POLL_S = 0.5  # how often the client looks at its fold tasks and at the workers that can run them
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -116,7 +116,11 @@ def train_fold_task(out: str, cfg: Config, parent_id: str, experiment_id: str, t
         if data.fingerprint != tags.get("wsi_mil.data_fingerprint"):
             raise WsiMilError(f"worker {worker} sees other bags under {data.features_dir} than the client did; "
                               "the output directory must be one shared file system for the client and every worker.")
-        parent = ParentRun(cfg, data, open_tracker(Path(out), cfg), experiment_id, parent_id, tags, "", [])
+        tracker = open_tracker(Path(out), cfg)
+        earlier = fold_of(tracker, parent_id, seed, fold, load_checkpoint=cfg.tracking.log_model)
+        if earlier is not None:  # Dask ran this task again (its result was lost with a worker)
+            return earlier
+        parent = ParentRun(cfg, data, tracker, experiment_id, parent_id, tags, "", [])
         runner = fold_runner(parent, tags={HOST_TAG: socket.gethostname(), WORKER_TAG: worker})
         result = runner.run(seed, fold)
     finally:
@@ -131,6 +135,23 @@ def resume_key(cfg: Config, *, fingerprint: str, labels: pd.DataFrame) -> str:
             "log": [cfg.tracking.log_checkpoints, cfg.tracking.log_model],
             "labels": pd.util.hash_pandas_object(labels, index=False).tolist(), "bags": fingerprint}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fold_of(tracker: Tracker, parent_id: str, seed: int, fold: int, *, load_checkpoint: bool) -> FoldOutcome | None:
+    """The finished fold run (seed, fold) of ``parent_id`` read back from MLflow, or None.
+
+    Unfinished runs of that fold (a worker died while training it) are deleted: the fold trains anew.
+    """
+    found = None
+    for run in tracker.child_runs(parent_id):
+        if run.tags.get(ROLE_TAG) != "fold" or (run.tags.get(SEED_TAG), run.tags.get(FOLD_TAG)) != (str(seed), str(fold)):
+            continue
+        outcome = None if found is not None else _finished_fold(tracker, run, load_checkpoint)
+        if outcome is not None:
+            found = outcome
+        elif run.status != "FINISHED":
+            tracker.delete_run(run.run_id)
+    return found
 
 
 def _finished_fold(tracker: Tracker, run: RunRecord, need_checkpoint: bool) -> FoldOutcome | None:
@@ -211,7 +232,7 @@ class ClusterTrainer:
         resume = earlier[0].run_id if earlier else None
         parent = start_parent(self.out, cfg, {RESUME_TAG: key}, resume=resume)
         job = _Job(parent)
-        need_checkpoint = cfg.tracking.log_model or cfg.tracking.log_checkpoints
+        need_checkpoint = cfg.tracking.log_model
         if resume is not None:
             for run in tracker.child_runs(resume):
                 if run.tags.get(ROLE_TAG) != "fold":
@@ -258,10 +279,9 @@ class ClusterTrainer:
                 self._finish(job)
         idle_since: float | None = None
         while pending:
-            try:
-                done, _ = distributed.wait(list(pending), timeout=POLL_S, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                done = set()
+            done = [f for f in pending if f.done()]  # the client's event loop updates each status
+            if not done:
+                time.sleep(POLL_S)
             for future in done:
                 job, pair = pending.pop(future)
                 self._collect(job, pair, future)
@@ -291,7 +311,14 @@ class ClusterTrainer:
 
     def _collect(self, job: _Job, pair: tuple[int, int], future: distributed.Future) -> None:
         if future.status == "finished":
-            outcome = future.result()
+            try:  # the result lives on the worker, which may have died since
+                outcome = future.result(timeout=self._grace())
+            except Exception:  # Dask reruns the task (it returns the logged fold); MLflow has it now
+                outcome = fold_of(job.parent.tracker, job.parent.run_id, *pair,
+                                  load_checkpoint=job.parent.cfg.tracking.log_model)
+            if outcome is None:
+                job.errors[pair] = "its result was lost with its worker"
+                return
             job.done[pair] = outcome
             r = outcome.result
             log.info("%s seed %d fold %d on %s: best epoch %d/%d, test AUC %.4f", job.label, *pair, outcome.worker,
