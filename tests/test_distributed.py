@@ -141,3 +141,18 @@ def _fold_runs_or_none(url: str) -> list[dict]:
         return _fold_runs(url)
     except Exception:  # the experiment does not exist yet
         return []
+
+
+def test_train_with_an_unreachable_scheduler_is_one_error_line(tmp_path, capsys):
+    from helpers.servers import free_port
+
+    from wsi_mil import cli
+
+    bags, labels = write_cohort(tmp_path / "data", n_slides=8, dim=8)
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    code = cli.main(["-q", "train", str(tmp_path / "out"), "--labels", str(labels), "--model", "abmil",
+                     "--scheduler", address, "--set", f"training.features_dir={bags}",
+                     "--set", "compute.connect_timeout=1"])
+    captured = capsys.readouterr()
+    assert code == 2 and "MLflow parent run" not in captured.out
+    assert f"cannot reach the Dask scheduler at {address}" in captured.err
