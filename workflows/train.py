@@ -76,7 +76,10 @@ def cli_train(args: argparse.Namespace, cfg: Config) -> int:
             version = register_run_model(tracker, run_id, cfg.tracking.register_as)
             out.write(f"registered model: models:/{cfg.tracking.register_as}/{version}\n")
     else:
-        result = train_on_cluster(args.out, cfg) if cfg.compute.scheduler else train_cohort(args.out, cfg)
+        if cfg.compute.scheduler:
+            result = train_on_cluster(args.out, cfg, force=args.force)
+        else:
+            result = train_cohort(args.out, cfg)
         tracker.set_tags(result.parent_run_id, {WORKFLOW_TAG: key})
         run_id, per_fold, summary = result.parent_run_id, result.per_fold, result.summary
         if result.model_version is not None:

@@ -212,8 +212,11 @@ class ClusterTrainer:
     def _workers(self) -> int:
         return self._gpu_workers() if self.gpu else len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
 
-    def submit(self, cfg: Config) -> str:
-        """Start (or resume) ``cfg``'s parent run and submit its unfinished folds; returns the parent run id."""
+    def submit(self, cfg: Config, *, resume: bool = True) -> str:
+        """Start (or resume) ``cfg``'s parent run and submit its unfinished folds; returns the parent run id.
+
+        ``resume=False`` starts a new parent run although one of the same settings and data exists.
+        """
         cfg = _shared_paths(cfg)
         tracker = open_tracker(self.out, cfg)
         if tracker.uri.startswith("sqlite:"):
@@ -221,7 +224,7 @@ class ClusterTrainer:
                         "shared file system; an MLflow server (--tracking-uri http://HOST:PORT) is safer", self.out)
         data = load_cohort(self.out, cfg)
         key = resume_key(cfg, fingerprint=data.fingerprint, labels=data.labels.df)
-        earlier = tracker.find_runs(experiment_name(cfg), f"tags.`{RESUME_TAG}` = '{key}'")
+        earlier = tracker.find_runs(experiment_name(cfg), f"tags.`{RESUME_TAG}` = '{key}'") if resume else []
         if earlier and earlier[0].status == "FINISHED":
             log.info("%s: reusing finished MLflow run %s (same settings, labels and bags)", cfg.model.name,
                      earlier[0].run_id)
@@ -229,12 +232,12 @@ class ClusterTrainer:
             job.result = _finished_result(tracker, earlier[0].run_id)
             self.jobs.append(job)
             return job.parent.run_id
-        resume = earlier[0].run_id if earlier else None
-        parent = start_parent(self.out, cfg, {RESUME_TAG: key}, resume=resume)
+        unfinished = earlier[0].run_id if earlier else None
+        parent = start_parent(self.out, cfg, {RESUME_TAG: key}, resume=unfinished)
         job = _Job(parent)
         need_checkpoint = cfg.tracking.log_model
-        if resume is not None:
-            for run in tracker.child_runs(resume):
+        if unfinished is not None:
+            for run in tracker.child_runs(unfinished):
                 if run.tags.get(ROLE_TAG) != "fold":
                     continue
                 outcome = _finished_fold(tracker, run, need_checkpoint)
@@ -243,7 +246,7 @@ class ClusterTrainer:
                     job.done[pair] = outcome
                 else:  # killed, failed or a duplicate: trained again
                     tracker.delete_run(run.run_id)
-            log.info("%s: resuming MLflow run %s, %d of %d folds already trained", cfg.model.name, resume,
+            log.info("%s: resuming MLflow run %s, %d of %d folds already trained", cfg.model.name, unfinished,
                      len(job.done), len(parent.pairs))
         baseline_id = cfg.model.mhim.baseline_run if cfg.model.name == "mhim" else None
         job.baseline = next((j for j in self.jobs if baseline_id and j.parent.run_id == baseline_id), None)
@@ -294,6 +297,7 @@ class ClusterTrainer:
                     for future, (job, pair) in list(pending.items()):
                         future.cancel()
                         job.errors[pair] = f"no Dask worker {kind}is left to train it"
+                        log.error("%s seed %d fold %d failed: %s", job.label, *pair, job.errors[pair])
                         pending.pop(future)
                         if len(job.done) + len(job.errors) == len(job.parent.pairs):
                             self._finish(job)
@@ -374,8 +378,10 @@ def _finished_result(tracker: Tracker, run_id: str) -> TrainResult:
                        tracker.run_model_id(run_id))
 
 
-def train_on_cluster(out: Path, cfg: Config) -> TrainResult:
+def train_on_cluster(out: Path, cfg: Config, *, force: bool = False) -> TrainResult:
     """`wsi-mil train` on the Dask cluster of ``cfg.compute.scheduler``: one task per (seed, fold).
+
+    An earlier parent run of the same settings and data is resumed (or, finished, returned) unless ``force``.
 
     Raises
     ------
@@ -384,6 +390,6 @@ def train_on_cluster(out: Path, cfg: Config) -> TrainResult:
     """
     with dask_client(cfg.compute) as client:
         trainer = ClusterTrainer(out, client)
-        run_id = trainer.submit(cfg)
+        run_id = trainer.submit(cfg, resume=not force)
         return trainer.wait()[run_id]
 
