@@ -256,7 +256,7 @@ class ClusterTrainer:
             dep = job.baseline.futures.get(pair) if job.baseline is not None else None
             job.futures[pair] = self.client.submit(
                 train_fold_task, str(self.out), cfg, parent.run_id, parent.experiment_id, parent.tags, *pair, dep,
-                resources=self.resources, pure=False, key=f"train-{cfg.model.name}-s{pair[0]}f{pair[1]}-{uuid.uuid4().hex[:8]}")
+                resources=self.resources, pure=False, key=f"train-s{pair[0]}f{pair[1]}-{cfg.model.name}-{uuid.uuid4().hex[:8]}")
         log.info("%s: %d fold trainings submitted to the Dask cluster%s -> MLflow run %s", job.label, len(job.futures),
                  " (one GPU each)" if self.gpu else "", parent.run_id)
         self.jobs.append(job)
