@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. Foundation modules know no stage; a stage knows the stages before it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"wsi_mil", "errors", "redaction", "registry", "config", "layout", "reports", "devices", "stores",
-                    "compute", "tracking"}),
+                    "compute", "tracking", "locks"}),
     ("slides", {"slides"}),
     ("tissue and ground truth", {"tissue", "annotations", "synth"}),
     ("tiling", {"tiling"}),

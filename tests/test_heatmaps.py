@@ -28,6 +28,7 @@ from wsi_mil.heatmaps import (
     write_geojson,
     write_pyramidal_tiff,
 )
+from wsi_mil.heatmaps.normalise import cohort_bounds, comparable_scores, resolve_method
 from wsi_mil.mil.metrics import roc_auc
 from wsi_mil.slides import slide_thumbnail
 from wsi_mil.synth import write_slide
@@ -95,6 +96,30 @@ def test_empty_and_all_nan_do_not_crash(method):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown score normalisation"):
         normalize_scores(np.ones(3), "zscore")
+
+
+def test_instance_probabilities_keep_their_absolute_scale():
+    normal = np.array([0.02, 0.05, 0.1])
+    assert resolve_method("auto", "ins") == "absolute"
+    np.testing.assert_allclose(normalize_scores(normal, "absolute"), normal)  # a normal slide stays cool
+    assert normalize_scores(normal, "rank").max() == 1.0  # what the per-slide scales would show instead
+    np.testing.assert_allclose(normalize_scores(np.array([-0.5, 1.5]), "absolute"), [0.0, 1.0])
+
+
+def test_attention_is_drawn_on_one_cohort_scale():
+    assert resolve_method("auto", "abmil") == resolve_method("auto", "mhim(abmil)") == "cohort"
+    assert resolve_method("rank", "ins") == "rank"
+    uniform = np.full(50, 1 / 50)  # softmax attention, nothing stands out
+    peaked = np.r_[np.full(9, 0.02), 0.82]  # a 10-patch slide with one hot patch
+    shown = [comparable_scores(a)[0] for a in (uniform, peaked)]
+    np.testing.assert_allclose(shown[0], 1.0)  # x patches: 1 = uniform, whatever the slide's size
+    assert comparable_scores(np.array([0.3, 2.0]))[1] is False  # not summing to 1: left as they are
+    bounds = cohort_bounds(shown, (0.0, 100.0))
+    assert bounds == pytest.approx((0.2, 8.2))
+    cool, hot = (normalize_scores(v, "cohort", bounds=bounds) for v in shown)
+    assert cool.max() < 0.2 and hot.max() == 1.0  # per slide, both would reach 1
+    np.testing.assert_allclose(normalize_scores(np.array([0.0, 5.0, 20.0]), "cohort", bounds=(0.0, 10.0)),
+                               [0.0, 0.5, 1.0])
 
 
 def test_huge_range_does_not_overflow():
@@ -445,7 +470,7 @@ def test_render_slide_heatmap_writes_every_output(tmp_path):
     patches = rng.integers(0, 255, (len(coords), 32, 32, 3), dtype=np.uint8)
     mask = np.ones(thumb.shape[:2], bool)
     mask[:10] = False
-    cfg = HeatmapConfig(pyramidal_tiff=True, top_k=4, tiff_scale=2, tiff_compression="deflate")
+    cfg = HeatmapConfig(pyramidal_tiff=True, top_k=4, tiff_scale=2, tiff_compression="deflate", normalize="rank")
     res = render_slide_heatmap(slide_id="s01", coords=coords, scores=scores, patch_size_level0=256,
                                thumbnail=thumb, downsample=d, out_dir=tmp_path, cfg=cfg, tissue_mask=mask,
                                patches=patches, mpp_level0=0.5, properties={"run_id": "r1"})
@@ -498,7 +523,7 @@ def test_heatmap_config_validation():
         load_config(overrides=["heatmap.colormap=not_a_map"])
     with pytest.raises(ConfigError, match="percentile_low"):
         load_config(overrides=["heatmap.percentile_low=90", "heatmap.percentile_high=10"])
-    assert load_config().heatmap.normalize == "rank"
+    assert load_config().heatmap.normalize == "auto"
 
 
 def test_oracle_heatmap_on_a_synthetic_slide_matches_its_tumour_truth(tmp_path):

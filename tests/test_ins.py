@@ -252,7 +252,7 @@ def test_patches_variant_runs_an_epoch(tmp_path: Path) -> None:
     method = INSMethod(cfg, ctx)
     method.setup(ctx)
     metrics = method.train_epoch(0, 1)
-    assert metrics["instances"] == 48 and math.isfinite(metrics["loss"])
+    assert metrics["instances"] == 16 + 48 and math.isfinite(metrics["loss"])  # warm-up (positive bag) + pretrain
     pred = method.predict(bags[3])
     assert pred.instance_scores.shape == (12,) and np.all((pred.instance_scores >= 0) & (pred.instance_scores <= 1))
     # the subset bag's scores follow its own row order: same patch -> same score as in store order
@@ -268,3 +268,65 @@ def test_patches_variant_runs_an_epoch(tmp_path: Path) -> None:
     assert np.allclose(scores_full[order], pred.instance_scores, atol=1e-5)
     with pytest.raises(WsiMilError, match="no bag path"):
         method.predict(BagItem("unknown", torch.zeros(2, 4), 0, None))
+
+
+# ------------------------------------------------------------------------------ reference schedule
+def test_ins_lr_is_constant_by_default_and_cosine_on_request() -> None:
+    train, _ = synthetic_bags(4, 16, 8, 0.25, seed=6)
+    ctx = FoldContext(0, 0, train, [], 2, 8, torch.device("cpu"))
+    assert Config().model.ins.lr_schedule == "constant"
+    method = INSMethod(small_config(queue_size=64, proto_start=0), ctx)
+    method.setup(ctx)
+    lrs = [method.train_epoch(e, 4)["lr"] for e in range(3)]
+    assert lrs == [pytest.approx(0.05)] * 3
+    cosine = INSMethod(small_config(queue_size=64, proto_start=0, lr_schedule="cosine"), ctx)
+    cosine.setup(ctx)
+    lrs = [cosine.train_epoch(e, 4)["lr"] for e in range(3)]
+    assert lrs == [pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * e / 4))) for e in range(3)]
+
+
+def test_ins_warmup_uses_positive_bags_and_freezes_prototypes_and_queue() -> None:
+    train, _ = synthetic_bags(6, 16, 8, 0.25, seed=7)
+    cfg = small_config(queue_size=64, proto_start=2, pretrain_epochs=1, warmup_contrastive_from=1)
+    ctx = FoldContext(0, 0, train, [], 2, 8, torch.device("cpu"))
+    method = INSMethod(cfg, ctx)
+    method.setup(ctx)
+    assert method.phases(0) == ["pretrain"] and method.phases(1) == ["warmup"] and method.phases(2) == ["main"]
+    n_pos = sum(int(b.features.shape[0]) for b in train if b.label == 1)
+    m0 = method.train_epoch(0, 4)  # TCGA reference epoch 0: classifier only, every instance
+    assert m0["loss_cont"] == 0.0 and m0["instances"] == sum(int(b.features.shape[0]) for b in train)
+    m1 = method.train_epoch(1, 4)  # warm-up: positive-bag instances only, contrastive on
+    assert m1["instances"] == n_pos and m1["loss_cont"] > 0
+    assert int(method.queue.count) == 0 and float(method.prototypes.vectors.abs().sum()) == 0.0
+    method.train_epoch(2, 4)  # pseudo-labelling: prototypes and queue move
+    assert int(method.queue.count) > 0 and float(method.prototypes.vectors.abs().sum()) > 0.0
+    reference_c16 = INSMethod(small_config(queue_size=64, proto_start=1, pretrain_epochs=1), ctx)
+    assert reference_c16.phases(0) == ["warmup", "pretrain"]
+
+
+def test_fit_never_picks_an_ins_checkpoint_from_before_proto_start() -> None:
+    from wsi_mil.mil.fit import fit
+
+    train, _ = synthetic_bags(8, 16, 8, 0.25, seed=8)
+    val, _ = synthetic_bags(4, 16, 8, 0.25, seed=9)
+    cfg = small_config(queue_size=64, proto_start=3).with_overrides(
+        {"training.epochs": 5, "training.min_epochs": 0, "training.patience": 1})
+    ctx = FoldContext(0, 0, train, val, 2, 8, torch.device("cpu"))
+    method = INSMethod(cfg, ctx)
+    method.setup(ctx)
+    assert method.first_checkpoint_epoch == 3
+    result = fit(method, ctx, cfg.training, progress=False)
+    assert result.best_epoch >= 3 and result.first_checkpoint_epoch == 3
+    assert result.epochs_run >= 4  # patience counts from proto_start
+    off = small_config(queue_size=64, proto_start=3, checkpoint_from_proto_start=False)
+    assert INSMethod(off, ctx).first_checkpoint_epoch == 0
+
+
+@pytest.mark.parametrize(("name", "wd", "proto_start"), [("camelyon16_ins.yaml", 1e-3, 1), ("tcga_nsclc_ins.yaml", 1e-5, 20)])
+def test_ins_presets_follow_the_reference_optimisation(name: str, wd: float, proto_start: int) -> None:
+    from wsi_mil.config import load_config
+
+    ins = load_config(Path(__file__).resolve().parents[1] / "configs" / name).model.ins
+    assert (ins.lr, ins.lr_schedule, ins.momentum, ins.weight_decay) == (0.01, "constant", 0.9, wd)
+    assert ins.proto_start == proto_start and ins.checkpoint_from_proto_start
+    assert ins.warmup_contrastive_from == (1 if proto_start > 1 else 0)

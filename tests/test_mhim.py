@@ -153,9 +153,28 @@ def test_consistency_loss_matches_manual() -> None:
     assert loss.item() == pytest.approx(manual, rel=1e-5)
     loss.backward()
     assert t.grad is None and s.grad is not None
-    # 2-D (DSMIL's B) is flattened
-    t2, s2 = torch.randn(2, 4), torch.randn(2, 4)
-    torch.testing.assert_close(consistency_loss(t2, s2), consistency_loss(t2.reshape(-1), s2.reshape(-1)))
+
+
+def test_dsmil_consistency_loss_is_the_mean_of_per_class_row_losses() -> None:
+    """DSMIL's bag embedding B [C, E]: one soft-target CE per class row, averaged (reference MHIM-MIL)."""
+    torch.manual_seed(0)
+    model = build_model("dsmil", IN_DIM, 2, _cfg("dsmil").model)
+    x = torch.randn(30, IN_DIM)
+    with torch.no_grad():
+        t_emb = model(x).embedding.clone() + 0.3 * torch.randn(2, 32)
+    s_emb = model(x).embedding
+    assert s_emb.shape == (2, 32)
+    rows = []
+    for c in range(2):
+        target = torch.softmax(t_emb[c] / 0.1, dim=0)
+        rows.append(-(target * torch.log_softmax(s_emb[c] / 1.0, dim=0)).sum())
+    reference = torch.stack(rows).mean()
+    loss = consistency_loss(t_emb, s_emb, 0.1, 1.0)
+    torch.testing.assert_close(loss, reference)
+    # every class row gets a comparable share of the gradient (a flat softmax over C*E starves one row)
+    grad = torch.autograd.grad(loss, s_emb)[0]
+    norms = grad.norm(dim=1)
+    assert float(norms.min() / norms.max()) > 0.3, norms
 
 
 # ------------------------------------------------------------------------------------------ method
@@ -376,6 +395,18 @@ def test_presets_keep_the_listed_published_hyperparameters(preset: tuple) -> Non
     assert (m.high_random_ratio, m.momentum_schedule, m.momentum) == (hr, schedule, 0.9999)
     t = cfg.training
     assert (t.optimizer, t.lr, t.weight_decay, t.scheduler, t.epochs) == ("adam", 2e-4, 1e-5, "cosine", 200)
+    # the reference never stops before epoch 130 (CAMELYON16) / 70 (TCGA), patience 30 / 20
+    assert (t.min_epochs, t.patience) == ((130, 30) if name.startswith("camelyon16") else (70, 20))
+    # the in-fold baseline stops like the stand-alone baseline presets
+    assert (m.baseline_min_epochs, m.baseline_patience) == (30, 20)
+    # r_h and the momentum are scheduled over the iterations of all 200 epochs
+    cfg.model.hidden_dim, cfg.model.heads = 32, 8
+    ctx = FoldContext(0, 0, [], [], 2, IN_DIM, torch.device("cpu"))
+    method = MHIMMethod(cfg, ctx)
+    total = t.epochs * 10
+    r_h_mid, m_mid = method._ratios(total // 2, total)
+    assert r_h_mid == pytest.approx(r_h / 2)
+    assert m_mid == pytest.approx(0.9999 if schedule == "constant" else (0.9999 + 1.0) / 2)
 
 
 def test_single_instance_bags_still_train() -> None:
@@ -387,3 +418,17 @@ def test_single_instance_bags_still_train() -> None:
     method.setup(ctx)
     metrics = method.train_epoch(0, 1)
     assert metrics["kept_fraction"] == 1.0 and math.isfinite(metrics["loss"])
+
+
+def test_dsmil_student_scores_with_mean_of_bag_and_max_instance_softmax() -> None:
+    cfg = _cfg("dsmil")
+    bags = _bags(4, 0)
+    method = MHIMMethod(cfg, _ctx(cfg, bags))
+    method.setup()
+    method.train_epoch(0, 2)
+    pred = method.predict(bags[1])
+    method.student.eval()
+    with torch.no_grad():
+        out = method.student(bags[1].features)
+    expected = 0.5 * torch.softmax(out.logits, 0) + 0.5 * torch.softmax(out.instance_logits.max(0).values, 0)
+    np.testing.assert_allclose(pred.probs, expected.numpy(), rtol=1e-5)

@@ -188,3 +188,26 @@ def test_nystrom_uses_at_most_the_landmark_count(monkeypatch: pytest.MonkeyPatch
         attn(torch.randn(53, 16), cls_span=(1, 40))
         attn(torch.randn(5, 16))
     assert shapes == [(2, 8, 8), (2, 8, 8), (2, 5, 5)]  # 53 tokens -> 8 segments of 7 (3 padded)
+
+
+def test_dsmil_score_is_mean_of_bag_and_max_instance_softmax() -> None:
+    model = _model("dsmil").eval()
+    out = model(_bag(15))
+    bag = torch.softmax(out.logits, dim=0)
+    inst = torch.softmax(out.instance_logits.max(0).values, dim=0)
+    expected = 0.5 * bag + 0.5 * inst
+    torch.testing.assert_close(model.bag_probs(out), expected)
+    assert not torch.allclose(expected, bag)  # the instance stream changes the score
+    # the score the trainer uses (validation AUC, threshold, test metrics) is this one
+    from wsi_mil.mil.base import BagItem
+    from wsi_mil.mil.methods import predict_with
+
+    x = _bag(15)
+    pred = predict_with(model, BagItem("s", x, 1))
+    out = model(x)
+    torch.testing.assert_close(torch.as_tensor(pred.probs), model.bag_probs(out))
+
+
+def test_abmil_attention_has_no_bias_as_in_the_mhim_reference() -> None:
+    model = _model("abmil")
+    assert model.attention_v.bias is None and model.attention_w.bias is None

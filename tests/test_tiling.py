@@ -17,7 +17,7 @@ from helpers import servers
 from helpers.tiler import build_tiler_slides
 
 from wsi_mil.compute import dask_client
-from wsi_mil.config import ComputeConfig, Config, load_config
+from wsi_mil.config import ComputeConfig, Config, SlidesConfig, load_config
 from wsi_mil.errors import SlideError, WsiMilError
 from wsi_mil.layout import Layout, tiling_key
 from wsi_mil.slides import open_slide
@@ -114,18 +114,27 @@ def test_stored_patches_equal_read_region(reference, slides, sid: str) -> None:
         np.testing.assert_array_equal(store.patches[i], expected)
 
 
+def test_client_written_stores_equal_worker_written_ones(reference, slides, client, tmp_path: Path) -> None:
+    out, cfg, _ = reference
+    client_cfg = _cfg("tiling.write_from=client")
+    tile_cohort(slides.good_dir, tmp_path / "out", client_cfg, client=client)
+    _assert_same_stores(_stores(out, cfg), _stores(tmp_path / "out", client_cfg))
+
+
 def test_resampled_patches_within_tolerance(slides, client, tmp_path: Path) -> None:
     cfg = _cfg("tiling.target_mpp=0.5", "tiling.max_patches_per_slide=12")
     shutil.copytree(slides.good_dir, tmp_path / "in", ignore=shutil.ignore_patterns("generic*", "pen*"))
     tile_cohort(tmp_path / "in", tmp_path / "out", cfg, client=client)
     store = open_patch_store(Layout(tmp_path / "out").patch_store(tiling_key(cfg), "good"))
     assert len(store) == 12 and store.attrs["read_size"] == 128 and store.attrs["resampled"]
-    slide = open_slide(tmp_path / "in" / "good.svs")
+    assert store.attrs["reader"] == "jpeg-tiles"  # JPEG tiles decoded at 1/2 scale (shrink-on-load)
+    slide = open_slide(tmp_path / "in" / "good.svs", SlidesConfig(fast_jpeg=False))  # OpenSlide, full size
     for i in range(len(store)):
         x, y = (int(v) for v in store.coords[i])
         native = np.asarray(slide.read_region((x, y), 0, (128, 128)))[..., :3].astype(np.float64)
         box = native.reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
-        assert np.abs(store.patches[i].astype(np.float64) - box).max() <= 1.0
+        diff = np.abs(store.patches[i].astype(np.float64) - box)
+        assert diff.mean() <= 1.5 and diff.max() <= 16
 
 
 def test_patch_grid_threshold_overlap_and_cap() -> None:

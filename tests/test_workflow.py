@@ -161,6 +161,42 @@ def test_run_produces_every_output(finished, cohort):
     assert summary.metrics["workflow/abmil_auc_mean"] == pytest.approx(auc["abmil"])
 
 
+def test_normal_slides_ins_heatmaps_are_cool_on_the_absolute_scale(finished, cohort):
+    tracker = open_tracker(finished, load_config())
+    run = next(r for r in tracker.find_runs("e2e") if r.tags["wsi_mil.model"] == "ins")
+    folder = Layout(finished).heatmaps_dir(run.run_id, "ins")
+    assert folder == finished / "heatmaps" / "ins" / run.run_id[:8]
+    labels = pd.read_csv(cohort.labels_csv).set_index("slide_id")["label"]
+    means: dict[str, list[float]] = {"normal": [], "tumor": []}
+    for sid in cohort.slide_ids:
+        collection = json.loads((folder / f"{sid}.geojson").read_text())
+        assert collection["properties"]["normalize"] == "absolute"
+        shown = [f["properties"]["measurements"]["score_absolute"] for f in collection["features"]]
+        np.testing.assert_allclose(shown, [f["properties"]["score"] for f in collection["features"]])
+        means[labels[sid]].append(float(np.mean(shown)))
+    assert max(means["normal"]) < 0.5  # cool: no per-slide stretch makes a normal slide's map hot
+    assert np.mean(means["normal"]) < np.mean(means["tumor"])
+    # the per-slide results beside it, as the store holds them
+    table = pd.read_csv(Layout(finished).model_predictions_csv("ins"))
+    assert set(table["run_id"]) == {run.run_id} and sorted(table["slide_id"]) == sorted(cohort.slide_ids)
+
+
+def test_attention_map_of_a_slide_drawn_alone_matches_the_cohorts_scale(finished, capsys):
+    tracker = open_tracker(finished, load_config())
+    run = next(r for r in tracker.find_runs("e2e") if r.tags["wsi_mil.model"] == "abmil")
+    geojson = Layout(finished).heatmaps_dir(run.run_id, "abmil") / "slide_003.geojson"
+
+    def shown() -> np.ndarray:
+        collection = json.loads(geojson.read_text())
+        assert collection["properties"]["normalize"] == "cohort"
+        return np.array([f["properties"]["measurements"]["score_cohort"] for f in collection["features"]])
+
+    with_cohort = shown()
+    assert main(["heatmap", "--run", run.run_id, "--out", str(finished), "--slides", "slide_003"]) == 0
+    np.testing.assert_allclose(shown(), with_cohort)  # the same colours drawn alone
+    assert str(geojson.parent) in capsys.readouterr().out
+
+
 def test_rerun_does_no_stage_twice(finished, cohort, capsys):
     before = stage_mtimes(finished, cohort)
     tracker = open_tracker(finished, load_config())
@@ -202,7 +238,7 @@ def test_heatmap_and_predict_commands(finished, cohort, tmp_path, capsys):
     run = next(r for r in tracker.find_runs("e2e") if r.tags["wsi_mil.model"].lower().startswith("abmil"))
     assert main(["heatmap", "--run", run.run_id, "--out", str(finished), "--slides", "slide_001",
                  "--normalize", "percentile"]) == 0
-    png = Layout(finished).heatmaps_dir(run.run_id) / "slide_001.png"
+    png = Layout(finished).heatmaps_dir(run.run_id, run.tags["wsi_mil.model"]) / "slide_001.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     new = tmp_path / "new_slides"
     new.mkdir()
@@ -244,6 +280,7 @@ def test_heatmap_finds_moved_slides_and_predict_uses_this_calls_slide_settings(f
     assert code == 0, capsys.readouterr().err
     frame = pd.read_csv(finished / "predictions" / run.run_id / "predictions.csv")
     assert frame.loc[frame["slide_id"] == tcga, "prob_tumor"].between(0, 1).all()
+    assert list(frame["slide_id"]) == [tcga]  # exactly this call's slides, not an earlier call's
 
 
 def _fixed_split_labels(cohort, dst: Path) -> Path:

@@ -1,31 +1,42 @@
 """`wsi-mil run SLIDES_DIR --labels CSV --out OUT`: the whole workflow on a slide directory.
 
-labels and folds checked against the slide folder -> inventory + tissue + tiling -> embedding -> for
-each model of ``run.models``: cross-validated training (MLflow) -> heatmaps of the test slides
-(+ localisation AUC where ground truth exists) -> a summary table (printed, ``OUT/summary.md``, and an
+checks before any tiling (:func:`preflight`: models fit the settings, labels and folds fit the
+slide folder, encoder weights load, ground truth beside the slides found) -> inventory + tissue +
+tiling -> embedding -> for each model of ``run.models``: cross-validated training (MLflow) ->
+heatmaps of the test slides (+ localisation AUC where ground truth exists) -> per-slide predictions
+in ``OUT/results/<model>/predictions.csv`` -> a summary (printed, ``OUT/results/summary.md``, and an
 MLflow run of its own).
 
 Every stage skips finished work: stores and bags are reused when their settings match, and a model
 whose training finished before under the same settings and data is not trained again (its MLflow
 run is found by the ``wsi_mil.workflow_key`` tag). Slides that fail to tile or embed are reported and
-excluded from training; the run goes on. Bad labels and infeasible folds stop it before any tiling.
+excluded from training; the run goes on. Each model has its own reuse key
+(:func:`wsi_mil.workflows.train.workflow_key`): changing ``model.ins.lr`` retrains INS only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import resource
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from wsi_mil.workflows.heatmap import heatmaps_for_run
+from wsi_mil.workflows.results import MODEL_TAG, markdown_table, write_model_results
 from wsi_mil.workflows.train import WORKFLOW_TAG, finished_run, workflow_key
 
+from wsi_mil.annotations import find_annotation
 from wsi_mil.compute import dask_client
 from wsi_mil.config import Config
-from wsi_mil.errors import ConfigError
+from wsi_mil.encoders import build_encoder
+from wsi_mil.errors import ConfigError, WsiMilError
 from wsi_mil.extract import ExtractReport, extract_cohort
 from wsi_mil.layout import Layout
 from wsi_mil.mil.cv import train_cohort
@@ -53,6 +64,35 @@ class ModelOutcome:
     summary: dict[str, tuple[float, float]]  # metric -> (mean, std) over folds and seeds
     localisation_auc: float = float("nan")
     heatmaps: int = 0
+    predictions_csv: Path | None = None  # OUT/results/<model>/predictions.csv
+    heatmaps_dir: Path | None = None  # OUT/heatmaps/<model>/<run>/
+
+
+class StageClock:
+    """Wall and CPU seconds per stage (CPU: this process's threads and its finished child processes)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, tuple[float, float]] = {}
+
+    @staticmethod
+    def cpu() -> float:
+        """CPU seconds so far: user + system, this process and its waited-for children."""
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        """Time the ``with`` block as stage ``name`` (repeated names add up)."""
+        wall, cpu = time.perf_counter(), self.cpu()
+        try:
+            yield
+        finally:
+            w, c = self.stages.get(name, (0.0, 0.0))
+            self.stages[name] = (w + time.perf_counter() - wall, c + self.cpu() - cpu)
+
+    def table(self) -> str:
+        """One line per stage: wall and CPU seconds."""
+        return "\n".join(f"  {name:<22} {wall:7.1f} s wall {cpu:7.1f} s CPU" for name, (wall, cpu) in self.stages.items())
 
 
 @dataclass
@@ -64,6 +104,7 @@ class CohortOutcome:
     models: list[ModelOutcome] = field(default_factory=list)
     summary_md: Path | None = None
     summary_run_id: str | None = None
+    clock: StageClock | None = None
 
     def table(self) -> pd.DataFrame:
         """One row per model: test metrics (mean +- std) and localisation AUC."""
@@ -72,7 +113,7 @@ class CohortOutcome:
             row: dict[str, object] = {"model": m.name, "run_id": m.run_id}
             for metric in SUMMARY_METRICS:
                 mean, std = m.summary.get(metric, (math.nan, math.nan))
-                row[metric] = f"{mean:.3f} +- {std:.3f}"
+                row[metric] = "n/a" if math.isnan(mean) else f"{mean:.3f} +- {std:.3f}"
             row["localisation_auc"] = "n/a" if math.isnan(m.localisation_auc) else f"{m.localisation_auc:.3f}"
             rows.append(row)
         return pd.DataFrame(rows)
@@ -91,14 +132,15 @@ def _summary_of(tracker: Tracker, run_id: str) -> dict[str, tuple[float, float]]
     return {m: (run.metric(f"test/{m}_mean"), run.metric(f"test/{m}_std")) for m in SUMMARY_METRICS}
 
 
-def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[ModelOutcome]:
-    """Train (or reuse) each model of ``cfg.run.models`` and draw its test-slide heatmaps.
+def train_models(out: Path, cfg: Config, *, heatmaps: bool = True, clock: StageClock | None = None) -> list[ModelOutcome]:
+    """Train (or reuse) each model of ``cfg.run.models`` and draw its test-slide heatmaps (timed on ``clock``).
 
     With ``compute.scheduler`` every model's folds are trained as tasks on that Dask cluster at once
     (:mod:`wsi_mil.mil.distributed`), then heatmaps are drawn model by model.
     """
+    clock = clock or StageClock()
     if cfg.compute.scheduler:
-        return _train_models_on_cluster(out, cfg, heatmaps=heatmaps)
+        return _train_models_on_cluster(out, cfg, heatmaps=heatmaps, clock=clock)
     features_dir = resolve_features_dir(out, cfg)
     tracker = open_tracker(out, cfg)
     trained: dict[str, str] = {}
@@ -110,18 +152,19 @@ def train_models(out: Path, cfg: Config, *, heatmaps: bool = True) -> list[Model
         reused = run_id is not None
         if run_id is None:
             log.info("training %s", name)
-            run_id = train_cohort(out, mcfg).parent_run_id
+            with clock(f"train {name}"):
+                run_id = train_cohort(out, mcfg).parent_run_id
         trained[name] = run_id
-        outcomes.append(_model_outcome(out, tracker, name, mcfg, key, run_id, reused, heatmaps))
+        outcomes.append(_model_outcome(out, tracker, name, mcfg, key, run_id, reused, heatmaps, clock))
     return outcomes
 
 
-def _train_models_on_cluster(out: Path, cfg: Config, *, heatmaps: bool) -> list[ModelOutcome]:
+def _train_models_on_cluster(out: Path, cfg: Config, *, heatmaps: bool, clock: StageClock) -> list[ModelOutcome]:
     features_dir = resolve_features_dir(out, cfg)
     tracker = open_tracker(out, cfg)
     trained: dict[str, str] = {}
     planned = []
-    with dask_client(cfg.compute) as client:
+    with clock("train on the Dask cluster"), dask_client(cfg.compute) as client:
         trainer = ClusterTrainer(out, client)
         for name in cfg.run.models:
             mcfg = model_config(cfg, name, trained)
@@ -133,12 +176,12 @@ def _train_models_on_cluster(out: Path, cfg: Config, *, heatmaps: bool) -> list[
             trained[name] = run_id
             planned.append((name, mcfg, key, run_id, reused))
         trainer.wait()
-    return [_model_outcome(out, tracker, *plan, heatmaps) for plan in planned]
+    return [_model_outcome(out, tracker, *plan, heatmaps, clock) for plan in planned]
 
 
 def _model_outcome(out: Path, tracker: Tracker, name: str, mcfg: Config, key: str, run_id: str, reused: bool,
-                   heatmaps: bool) -> ModelOutcome:
-    """A trained model's outcome: its summary, its heatmaps drawn unless there, its workflow tag."""
+                   heatmaps: bool, clock: StageClock) -> ModelOutcome:
+    """A trained model's outcome: its summary, its heatmaps drawn unless there, its workflow tag, its results."""
     if reused:
         log.info("%s: reusing finished MLflow run %s (same settings and bags)", name, run_id)
         if mcfg.tracking.register_as:
@@ -146,12 +189,15 @@ def _model_outcome(out: Path, tracker: Tracker, name: str, mcfg: Config, key: st
     outcome = ModelOutcome(name, run_id, reused, _summary_of(tracker, run_id))
     has_maps = bool(tracker.list_artifacts(run_id, "heatmaps"))
     if heatmaps and not has_maps:
-        drawn = heatmaps_for_run(run_id, out, mcfg)
+        with clock(f"heatmaps {name}"):
+            drawn = heatmaps_for_run(run_id, out, mcfg)
         outcome.heatmaps, outcome.localisation_auc = len(drawn.slides), drawn.localisation_auc
     else:
         outcome.localisation_auc = tracker.get_run(run_id).metric("heatmap/localisation_auc")
     if not reused:  # tagged last: a run interrupted before its heatmaps is redone
         tracker.set_tags(run_id, {WORKFLOW_TAG: key})
+    outcome.predictions_csv = write_model_results(out, tracker, run_id)
+    outcome.heatmaps_dir = Layout(out).heatmaps_dir(run_id, tracker.get_run(run_id).tags.get(MODEL_TAG, name))
     return outcome
 
 
@@ -193,15 +239,13 @@ def summary_markdown(outcome: CohortOutcome) -> str:
               "(attention or instance probability) against ground-truth tumour on each test fold;",
               "localisation_auc: the same pooled over every slide's heatmap. n/a without annotations.", ""]
     lines.append(markdown_table(outcome.table()))
+    files = [m for m in outcome.models if m.predictions_csv is not None]
+    if files:
+        lines += ["", "Per-slide test predictions (slide, patient, label, fold, seed, probability, predicted class, "
+                  "threshold, run id) and heatmaps:", ""]
+        for m in files:
+            lines.append(f"- {m.name}: `{m.predictions_csv}`, `{m.heatmaps_dir}/`")
     return "\n".join(lines) + "\n"
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A DataFrame as a GitHub-flavoured Markdown table."""
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
 
 
 def check_cohort(slides_dir: Path, cfg: Config) -> LabelTable:
@@ -223,6 +267,82 @@ def check_cohort(slides_dir: Path, cfg: Config) -> LabelTable:
         labels = match_slides(labels, ids, Path(slides_dir))
     make_splits(labels, cfg.training)
     return labels
+
+
+TRUTH_FOLDERS = ("truth", "annotations")  # beside the slide folder (`wsi-mil synth` writes OUT/slides and OUT/truth)
+
+
+def find_truth(slides_dir: Path, slide_ids: list[str]) -> tuple[Path, int] | None:
+    """A folder of ground truth beside (or inside) ``slides_dir`` that annotates some of ``slide_ids``.
+
+    Looks in ``slides_dir/../truth``, ``slides_dir/../annotations``, ``slides_dir/truth`` and
+    ``slides_dir/annotations`` for the files :func:`wsi_mil.annotations.find_annotation` reads.
+
+    Returns
+    -------
+    tuple of (Path, int) or None
+        The first folder with annotations and how many of the slides it annotates.
+    """
+    slides_dir = Path(slides_dir)
+    for base in (slides_dir.parent, slides_dir):
+        for name in TRUTH_FOLDERS:
+            folder = base / name
+            if folder.is_dir():
+                found = sum(find_annotation(folder, sid) is not None for sid in slide_ids)
+                if found:
+                    return folder, found
+    return None
+
+
+def check_encoder(cfg: Config) -> None:
+    """The encoder and its weights load (pretrained: from the cache or a download; a file: it fits).
+
+    Raises
+    ------
+    WsiMilError
+        One sentence with the ``--weights`` choices, e.g. offline without cached pretrained weights.
+    """
+    if cfg.features.weights == "random":
+        return
+    try:
+        build_encoder(cfg.features)
+    except WsiMilError as exc:
+        raise WsiMilError(f"nothing was tiled: {exc}") from None
+
+
+def preflight(slides_dir: Path, cfg: Config) -> Config:
+    """Every check `wsi-mil run` makes before any tiling; returns the config to run with.
+
+    In order: each model of ``run.models`` fits the settings; labels and folds fit the slide folder
+    (:func:`check_cohort`); the encoder's weights load (:func:`check_encoder`); ground truth: when
+    ``training.annotations_dir`` is not set, a truth folder beside the slides (:func:`find_truth`)
+    is used and said so; when it is set but annotates none of the slides, a warning says so.
+
+    Raises
+    ------
+    ConfigError
+        A model of ``run.models`` does not fit the settings.
+    WsiMilError
+        Bad labels, infeasible folds, encoder weights that cannot be loaded.
+    """
+    for name in cfg.run.models:  # a model the settings do not fit fails now, not after tiling and embedding
+        try:
+            cfg.for_model(name)
+        except ConfigError as exc:
+            raise ConfigError(f"run.models lists {name}: {exc}") from None
+    labels = check_cohort(slides_dir, cfg)
+    check_encoder(cfg)
+    ids = list(labels.df["slide_id"])
+    if cfg.training.annotations_dir is None:
+        truth = find_truth(Path(slides_dir), ids)
+        if truth is not None:
+            log.info("ground truth for %d of %d slides found in %s: instance metrics use it "
+                     "(training.annotations_dir)", truth[1], len(ids), truth[0])
+            cfg = cfg.with_overrides({"training.annotations_dir": str(truth[0].resolve())})
+    elif not any(find_annotation(Path(cfg.training.annotations_dir), sid) for sid in ids):
+        log.warning("training.annotations_dir %s annotates none of the %d slides (looked for <slide id>.geojson, "
+                    "_tumour.png, .xml...): instance metrics will be n/a", cfg.training.annotations_dir, len(ids))
+    return cfg
 
 
 def run_cohort(slides_dir: Path, labels_csv: Path, out: Path, cfg: Config) -> CohortOutcome:
@@ -250,21 +370,20 @@ def run_cohort(slides_dir: Path, labels_csv: Path, out: Path, cfg: Config) -> Co
     ConfigError
         Before any work, when a model of ``run.models`` does not fit the settings.
     WsiMilError
-        When no slide can be found, no slide is left to train on, or MLflow cannot be reached.
+        Before any work (:func:`preflight`): bad labels, infeasible folds, encoder weights that cannot
+        be loaded. Later: when no slide can be found, no slide is left to train on, or MLflow cannot be reached.
     """
     out = Path(out)
     cfg = cfg.with_overrides({"training.labels_csv": str(Path(labels_csv).resolve()), "training.on_missing": "exclude"})
-    for name in cfg.run.models:  # a model the settings do not fit fails now, not after tiling and embedding
-        try:
-            cfg.for_model(name)
-        except ConfigError as exc:
-            raise ConfigError(f"run.models lists {name}: {exc}") from None
-    check_cohort(slides_dir, cfg)
-    with dask_client(cfg.compute) as client:
+    clock = StageClock()
+    with clock("checks"):
+        cfg = preflight(slides_dir, cfg)
+    with clock("tiling"), dask_client(cfg.compute) as client:
         tiling = tile_cohort(slides_dir, out, cfg, client=client)
-    extraction = extract_cohort(out, cfg)
-    outcome = CohortOutcome(tiling, extraction)
-    outcome.models = train_models(out, cfg)
+    with clock("embedding"):
+        extraction = extract_cohort(out, cfg)
+    outcome = CohortOutcome(tiling, extraction, clock=clock)
+    outcome.models = train_models(out, cfg, clock=clock)
     markdown = summary_markdown(outcome)
     outcome.summary_md = Layout(out).summary_md
     write_text_atomic(outcome.summary_md, markdown)
@@ -277,4 +396,9 @@ def cli_run(args: argparse.Namespace, cfg: Config) -> int:
     outcome = run_cohort(args.slides_dir, args.labels, args.out, cfg)
     print(summary_markdown(outcome))
     print(f"summary: {outcome.summary_md}; heatmaps: {Layout(args.out).heatmaps_root}")
+    failed = len(outcome.tiling.failed) + len(outcome.extraction.failed)
+    if failed:  # like `tile` and `extract`: scripts see that the cohort is not complete
+        print(f"{failed} slide(s) failed and were left out; their errors are in {Layout(args.out).slides_csv} and "
+              "the summary above.", file=sys.stderr)
+        return 1
     return 0

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.workflows.cohort import run_cohort, summary_markdown
+from wsi_mil.workflows.cohort import StageClock, run_cohort, summary_markdown
 from wsi_mil.workflows.ui import ui_command
 
 from wsi_mil.config import Config
@@ -65,10 +65,11 @@ def demo_config(cfg: Config, annotations: Path) -> Config:
 
 def cli_demo(args: argparse.Namespace, cfg: Config) -> int:
     """Synthesise -> tile -> embed -> train ABMIL, MHIM(ABMIL), INS -> heatmaps -> summary."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), StageClock.cpu()
     out = Path(args.out)
     print(f"wsi-mil demo: synthesising {args.slides} slides into {out / 'cohort'} ...", flush=True)
     cohort = generate_cohort(out / "cohort", n_slides=args.slides, seed=0, size=DEMO_SLIDE_SIZE, tumour=DEMO_TUMOUR)
+    synth = (time.perf_counter() - started, StageClock.cpu() - cpu)
     cfg = demo_config(cfg, cohort.truth_dir)
     weights, why = choose_weights(cfg, args.weights)
     if weights == "random":
@@ -78,9 +79,15 @@ def cli_demo(args: argparse.Namespace, cfg: Config) -> int:
     outcome = run_cohort(cohort.slides_dir, cohort.labels_csv, out, cfg)
     print(summary_markdown(outcome))
     minutes = (time.perf_counter() - started) / 60
-    print(f"Done in {minutes:.1f} min. Where to look:")
+    print(f"Done in {minutes:.1f} min ({StageClock.cpu() - cpu:.0f} s CPU). Where the time went:")
+    print(f"  {'synthesis':<22} {synth[0]:7.1f} s wall {synth[1]:7.1f} s CPU")
+    if outcome.clock is not None:
+        print(outcome.clock.table())
+    print("Where to look:")
     print(f"  summary table     {outcome.summary_md}")
-    print(f"  heatmaps          {Layout(out).heatmaps_root}/<run id>/<slide>.png (+ .geojson for QuPath)")
+    print(f"  per-slide results {Layout(out).results_dir}/<model>/predictions.csv")
+    print(f"  heatmaps          {Layout(out).heatmaps_root}/<model>/<run>/<slide>.png (+ .geojson for QuPath)")
+    print(f"  trained models    wsi-mil runs {out}")
     print(f"  QC images         {Layout(out).qc_dir}")
     print(f"  MLflow UI         wsi-mil ui {out}   (or: mlflow {' '.join(ui_command(Layout(out), 5000)[1:])})")
     return 0

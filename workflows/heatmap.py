@@ -2,7 +2,7 @@
 
 Scores come from the fold model that held the slide out as test (attention of ABMIL/TransMIL/DSMIL/
 MHIM students, instance probabilities of INS); nothing is re-extracted. Outputs per slide go to
-``OUT/heatmaps/<run>/`` and are attached to the MLflow run as
+``OUT/heatmaps/<model>/<run>/`` (``<run>``: the run id's first 8 characters) and are attached to the MLflow run as
 ``heatmaps/<label>/<slide>__p<probability>.png`` (and ``.geojson``, ``_topk.png``, ``_heatmap.tif``):
 the slide's true class, and that fold model's probability of the positive class (binary) or of the
 slide's class. When instance ground truth exists (``training.annotations_dir``), the localisation AUC
@@ -29,13 +29,14 @@ from wsi_mil.annotations import load_instance_labels
 from wsi_mil.config import Config, HeatmapConfig, SlidesConfig
 from wsi_mil.errors import WsiMilError
 from wsi_mil.heatmaps import SlideHeatmap, render_slide_heatmap
+from wsi_mil.heatmaps.normalise import cohort_bounds, comparable_scores, resolve_method
 from wsi_mil.layout import Layout, path_component, slide_file
 from wsi_mil.mil.base import BagItem
 from wsi_mil.mil.checkpoints import LoadedFold, load_fold_method, load_run_splits
-from wsi_mil.mil.metrics import instance_auc
+from wsi_mil.mil.metrics import instance_auc, predict_labels
 from wsi_mil.mil.splits import fold_ids
 from wsi_mil.slides import locate_slide, slide_thumbnail
-from wsi_mil.tracking import Tracker, open_tracker
+from wsi_mil.tracking import FoldRun, Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class RunHeatmaps:
     localisation_auc: float = float("nan")
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     labels: dict[str, np.ndarray] = field(default_factory=dict)
+    directory: Path | None = None  # OUT/heatmaps/<model>/<run>/
 
 
 def _features_dir(tracker: Tracker, parent: str) -> Path:
@@ -107,12 +109,31 @@ def log_heatmaps(tracker: Tracker, run_id: str, drawn: list[tuple[SlideHeatmap, 
         tracker.log_artifact(run_id, Path(tmp), artifact_dir)
 
 
+def slide_title(slide_id: str, truth: str, probs: np.ndarray, classes: list[str], threshold: float | None,
+                model_name: str, fold: FoldRun, in_test_fold: bool) -> str:
+    """A heatmap's title: the slide, its true label, the prediction and its probability, the fold model.
+
+    ``probs`` float [C] of the fold model; binary: the predicted class is the second one when its
+    probability reaches ``threshold`` (0.5 without one), and that probability is shown.
+    """
+    pred = int(predict_labels(probs[None, :], threshold)[0]) if len(probs) else 0
+    name = classes[pred] if pred < len(classes) else str(pred)
+    if len(probs) == 2 and len(classes) == 2:
+        cut = 0.5 if threshold is None else threshold
+        guess = f"predicted {name} (p({classes[1]}) = {probs[1]:.3f}, threshold {cut:.3f})"
+    else:
+        guess = f"predicted {name} (p = {probs[pred]:.3f})" if len(probs) else "no prediction"
+    role = "test fold" if in_test_fold else "not in any test fold"
+    return f"{slide_id}: true {truth}, {guess}\n{model_name}, seed {fold.seed} fold {fold.fold} model ({role})"
+
+
 def draw_slide(slide_id: str, bag: stores.Bag, scores: np.ndarray, out_dir: Path, hcfg: HeatmapConfig, layout: Layout,
                *, title: str, model_name: str, run_id: str, slides_dir: Path | None = None,
-               slides_cfg: SlidesConfig | None = None) -> SlideHeatmap:
+               slides_cfg: SlidesConfig | None = None, bounds: tuple[float, float] | None = None) -> SlideHeatmap:
     """Render one slide's heatmap files from its bag (coordinates, slide path, patch store) and scores.
 
     The slide is read where the bag recorded it, or found by id in ``slides_dir`` (slides that moved).
+    ``bounds``: the cohort scale (see :func:`wsi_mil.heatmaps.render_slide_heatmap`).
     """
     attrs = bag.attrs
     slides_cfg = slides_cfg or SlidesConfig()
@@ -125,8 +146,9 @@ def draw_slide(slide_id: str, bag: stores.Bag, scores: np.ndarray, out_dir: Path
         slide_id=slide_id, coords=bag.coords, scores=scores, patch_size_level0=float(attrs["patch_size_level0"]),
         thumbnail=thumb, downsample=downsample, out_dir=out_dir, cfg=hcfg, tissue_mask=_tissue_mask(layout, slide_id),
         patches=patches, title=title,
-        score_label="instance probability" if model_name == "ins" else "attention",
+        score_label="instance probability" if resolve_method("auto", model_name) == "absolute" else "attention",
         mpp_level0=attrs.get("mpp_level0"), properties={"model": model_name, "run_id": run_id},
+        model_name=model_name, bounds=bounds,
     )
 
 
@@ -135,14 +157,17 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     """Draw heatmaps for ``slide_ids`` (default: every fold's test slides) of a `wsi-mil train` run.
 
     Each slide is scored by the fold model that held it out as test, from its saved bag. Slides are
-    read with this call's ``cfg.slides`` settings, and found by id in ``slides_dir`` when given.
+    read with this call's ``cfg.slides`` settings, and found by id in ``slides_dir`` when given. The
+    scale is ``cfg.heatmap.normalize`` (``auto``: absolute 0-1 for instance probabilities; for
+    attention one cohort scale from every test slide of the run, so a slide looks the same whether
+    drawn alone or with the others).
 
     Parameters
     ----------
     run_id : str
         A `wsi-mil train` parent run or one of its fold runs.
     out : Path
-        Output directory of that run; files go to ``OUT/heatmaps/<run>/``.
+        Output directory of that run; files go to ``OUT/heatmaps/<model>/<run>/``.
     cfg : Config
         ``heatmap`` settings, the tracking URI, and ``training.annotations_dir`` for the localisation AUC.
     slide_ids : list of str, optional
@@ -168,7 +193,7 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
         path_component(sid)
     out = Path(out)
     layout = Layout(out)
-    tracker = open_tracker(out, cfg)
+    tracker = open_tracker(out, cfg, create=False)
     parent = tracker.parent_of(run_id)
     run_cfg = tracker.load_config(parent)
     if cfg.training.annotations_dir is not None:
@@ -179,7 +204,7 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     splits = load_run_splits(tracker, parent)
     y_of = dict(zip(splits["slide_id"], splits["y"].astype(int), strict=False))
     # each slide is scored by the model of the first fold that held it out as test
-    owner: dict[str, object] = {}
+    owner: dict[str, FoldRun] = {}
     for f in folds:
         for sid in fold_ids(splits, f.seed, f.fold, "test"):
             owner.setdefault(sid, f)
@@ -188,34 +213,53 @@ def heatmaps_for_run(run_id: str, out: Path, cfg: Config, *, slide_ids: list[str
     if unknown:
         log.info("slides %s were in no test fold; scored by the first fold's model", ", ".join(unknown[:5]))
     result = RunHeatmaps(parent)
-    target = layout.heatmaps_dir(parent)
     device = torch.device("cpu")
     loaded: dict[str, LoadedFold] = {}
     model_name = tracker.get_run(parent).tags.get("wsi_mil.model", run_cfg.model.name)
+    target = result.directory = layout.heatmaps_dir(parent, model_name)
     features_dir = _features_dir(tracker, parent)
     named: list[tuple[SlideHeatmap, str, float]] = []
-    for sid in tqdm(wanted, desc="heatmaps", unit="slide", leave=False):
+    scored: list[tuple[str, str, str, float]] = []  # slide, title, true label, probability shown
+    for sid in tqdm(wanted, desc="heatmap scores", unit="slide", leave=False):
         fold = owner.get(sid, folds[0])
         if fold.run_id not in loaded:
             loaded[fold.run_id] = load_fold_method(tracker, fold.run_id, device="cpu", config=run_cfg)
         model = loaded[fold.run_id]
         bag = stores.read_bag(slide_file(features_dir, sid, ".h5"))
         pred = model.method.predict(bag_item(bag, sid, device))
-        scores = np.asarray(pred.instance_scores, dtype=np.float64).reshape(-1)
-        role = "test fold" if sid in owner else "not in any test fold"
-        result.slides.append(draw_slide(
-            sid, bag, scores, target, hcfg, layout,
-            title=f"{sid} - {model_name} (fold {fold.fold}, seed {fold.seed}, {role})", model_name=model_name,
-            run_id=parent, slides_dir=slides_dir, slides_cfg=cfg.slides,
-        ))
+        result.scores[sid] = np.asarray(pred.instance_scores, dtype=np.float64).reshape(-1)
         y = y_of.get(sid)
         probs = np.asarray(pred.probs, dtype=np.float64).reshape(-1)
         shown = probs[1] if len(probs) == 2 else (probs[y] if y is not None else probs.max())
-        named.append((result.slides[-1], model.classes[y] if y is not None else "unlabelled", float(shown)))
-        result.scores[sid] = scores
-        labels = _instance_labels(run_cfg, sid, bag.coords, float(bag.attrs["patch_size_level0"]), y_of.get(sid))
+        truth = model.classes[y] if y is not None else "unlabelled"
+        title = slide_title(sid, truth, probs, model.classes, model.threshold, model_name, fold, sid in owner)
+        scored.append((sid, title, truth, float(shown)))
+        labels = _instance_labels(run_cfg, sid, bag.coords, float(bag.attrs["patch_size_level0"]), y)
         if labels is not None:
             result.labels[sid] = labels
+    method = resolve_method(hcfg.normalize, model_name)
+    bounds = None
+    if method == "cohort" and result.scores:  # one scale: the run's test slides, however many are drawn
+        pooled = [comparable_scores(v)[0] for v in result.scores.values()]
+        for sid in sorted(set(owner) - set(result.scores)):
+            fold = owner[sid]
+            if fold.run_id not in loaded:
+                loaded[fold.run_id] = load_fold_method(tracker, fold.run_id, device="cpu", config=run_cfg)
+            bag = stores.read_bag(slide_file(features_dir, sid, ".h5"))
+            pred = loaded[fold.run_id].method.predict(bag_item(bag, sid, device))
+            pooled.append(comparable_scores(np.asarray(pred.instance_scores, dtype=np.float64).reshape(-1))[0])
+        bounds = cohort_bounds(pooled, (hcfg.percentile_low, hcfg.percentile_high))
+    earlier = [sid for sid, *_ in scored if slide_file(target, sid, ".png").is_file()]
+    if earlier:
+        log.info("redrawing %d heatmap(s) of run %s in %s (maps of other runs are kept in their own folders)",
+                 len(earlier), parent, target)
+    for sid, title, truth, shown in tqdm(scored, desc="heatmaps", unit="slide", leave=False):
+        bag = stores.read_bag(slide_file(features_dir, sid, ".h5"))
+        result.slides.append(draw_slide(
+            sid, bag, result.scores[sid], target, hcfg, layout, title=title, model_name=model_name,
+            run_id=parent, slides_dir=slides_dir, slides_cfg=cfg.slides, bounds=bounds,
+        ))
+        named.append((result.slides[-1], truth, shown))
     if result.labels:
         result.localisation_auc = instance_auc(result.scores, result.labels)
     if log_artifacts and result.slides:
@@ -233,5 +277,5 @@ def cli_heatmap(args: argparse.Namespace, cfg: Config) -> int:
         print(f"{drawn.slide_id}: {drawn.png}  {drawn.geojson}")
     if np.isfinite(result.localisation_auc):
         print(f"localisation AUC (per-patch scores vs ground truth): {result.localisation_auc:.4f}")
-    print(f"{len(result.slides)} heatmaps in {Layout(args.out).heatmaps_dir(result.run_id)}, logged to MLflow run {result.run_id}")
+    print(f"{len(result.slides)} heatmaps in {result.directory}, logged to MLflow run {result.run_id}")
     return 0

@@ -70,7 +70,7 @@ def predict_slides(source: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
         When the run or model cannot be read or no slide could be predicted.
     """
     out = Path(out)
-    tracker = open_tracker(out, cfg)
+    tracker = open_tracker(out, cfg, create=False)
     ensemble, run_id = load_ensemble(tracker, source)
     run_cfg = ensemble.config.with_overrides(
         {"compute.scheduler": cfg.compute.scheduler, "features.device": cfg.features.device,
@@ -79,7 +79,8 @@ def predict_slides(source: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
     work = Layout(out).predictions_dir(predictions_key(tracker, source))
     layout = Layout(work)
     tiling = tile_cohort(Path(slides_dir), work, run_cfg)
-    extraction = extract_cohort(work, run_cfg)
+    # only this call's slides: the folder may hold stores and bags of earlier calls with other slides
+    extraction = extract_cohort(work, run_cfg, slide_ids=[r.slide_id for r in tiling.ok])
     classes = ensemble.classes
     features_dir = layout.features_dir(tiling_key(run_cfg), encoder_key(run_cfg.features))
     model_name = method_label(run_cfg)
@@ -118,6 +119,6 @@ def cli_predict(args: argparse.Namespace, cfg: Config) -> int:
     source = args.model_uri or args.run
     frame = predict_slides(source, slides_dir, args.out, cfg)
     print(frame.drop(columns=[c for c in ("heatmap",) if c in frame]).to_string(index=False))
-    key = predictions_key(open_tracker(args.out, cfg), source)
+    key = predictions_key(open_tracker(args.out, cfg, create=False), source)
     print(f"predictions and heatmaps in {Layout(args.out).predictions_dir(key)}")
     return 1 if "error" in frame and frame["error"].notna().any() else 0

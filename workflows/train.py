@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+from wsi_mil.workflows.results import update_results
+from wsi_mil.workflows.reuse import model_settings
 
 from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key
@@ -37,11 +39,15 @@ PER_FOLD_COLUMNS = ["seed", "fold", "best_epoch", "epochs_run", "val_auc", "test
 
 
 def workflow_key(cfg: Config, features_dir: Path) -> str:
-    """Hash of what shapes a model's results: model and training settings, labels file content, bags."""
+    """Reuse key of one model: its own settings (:func:`model_settings`), the labels file's content, its bags.
+
+    Two models of one `wsi-mil run` have independent keys: a setting of one model retrains only that
+    model (MHIM's key holds its baseline's run id, so a retrained baseline retrains MHIM too).
+    """
     bags = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(features_dir).glob("*.h5"))
     labels = cfg.training.labels_csv
     data = {
-        "config": cfg.model_dump(mode="json", include={"model", "training"}),
+        "config": model_settings(cfg.flat()),
         "labels": hashlib.sha256(Path(labels).read_bytes()).hexdigest() if labels and Path(labels).is_file() else None,
         "tiling": tiling_key(cfg),
         "encoder": encoder_key(cfg.features),
@@ -87,6 +93,8 @@ def cli_train(args: argparse.Namespace, cfg: Config) -> int:
     out.write(_table(per_fold, PER_FOLD_COLUMNS) + "\n")
     out.write(f"test metrics over {len(per_fold)} fold(s) (mean +- std):\n{format_summary(summary)}\n")
     out.write(f"MLflow parent run: {run_id}\n")
+    summary_md = update_results(args.out, tracker, run_id)
+    out.write(f"per-slide predictions and summary: {summary_md.parent}\n")
     if tracker.run_model_id(run_id) is not None:
         out.write(f"model: {model_uri(run_id)}\n")
     return 0

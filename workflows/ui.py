@@ -7,9 +7,11 @@ anyone who can reach the port can read and change the runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shutil
+import socket
 import sys
 
 from wsi_mil.config import Config
@@ -31,6 +33,20 @@ def ui_command(layout: Layout, port: int, host: str = "127.0.0.1") -> list[str]:
     ]
 
 
+def port_busy(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (``"the port is in use"``...), or None when it is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not busy
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "the port is in use by another program"
+            return exc.strerror or str(exc)
+    return None
+
+
 def cli_ui(args: argparse.Namespace, cfg: Config) -> int:
     """Replace this process by `mlflow ui` over OUT (Ctrl-C stops it)."""
     layout = Layout(args.out)
@@ -42,6 +58,9 @@ def cli_ui(args: argparse.Namespace, cfg: Config) -> int:
         log.warning("the MLflow UI listens on %s: anyone who can reach port %d can read and change these runs "
                     "(the UI has no login)", host, args.port)
     shown = f"[{host}]" if ":" in host else host
+    busy = port_busy(host, args.port)
+    if busy:
+        raise WsiMilError(f"cannot serve the MLflow UI on {shown}:{args.port}: {busy}; pass another --port.")
     print(f"MLflow UI on http://{shown}:{args.port}  (Ctrl-C to stop)\n  {' '.join(command)}", flush=True)
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(command[0], command)

@@ -3,6 +3,12 @@
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable); command-specific
 flags are shortcuts for config keys (``--workers 4`` is ``--set compute.workers=4``). Errors in the
 user's input print one sentence and exit with code 2.
+
+Exit codes (README, "Exit codes"): 0 all done; 1 the command finished but some slides failed (listed in
+``slides.csv`` / ``extract_status.csv`` / ``predictions.csv``) or ``evaluate`` differs from training;
+2 bad input, settings or store (one sentence); 3 out of disk space, memory or file handles (one
+sentence: what ran out, where, what was kept); 70 a bug in wsi-mil (traceback, the slide named);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,12 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from wsi_mil import __version__
 from wsi_mil.config import Config, describe_config, dump_config, load_config
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import ResourceError, WsiMilError, resource_problem
 from wsi_mil.redaction import RedactingFormatter, redact
 from wsi_mil.workflows.cohort import cli_run
 from wsi_mil.workflows.demo import cli_demo
@@ -23,12 +30,15 @@ from wsi_mil.workflows.extract import cli_extract
 from wsi_mil.workflows.heatmap import cli_heatmap
 from wsi_mil.workflows.interop import cli_annotations, cli_export
 from wsi_mil.workflows.predict import cli_predict
+from wsi_mil.workflows.results import cli_runs
 from wsi_mil.workflows.synth import cli_synth
 from wsi_mil.workflows.tile import cli_tile
 from wsi_mil.workflows.train import cli_evaluate, cli_train
 from wsi_mil.workflows.ui import cli_ui
 
 log = logging.getLogger("wsi_mil")
+
+EXIT_OK, EXIT_SLIDES_FAILED, EXIT_INPUT, EXIT_RESOURCE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
 
 # flag dest -> config key; a flag left at None does not override the config
 FLAG_KEYS: dict[str, str] = {
@@ -106,7 +116,8 @@ def _add_heatmap(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="MLflow run id (a `train` parent run or one fold's run).")
     p.add_argument("--out", type=Path, default=Path("."), help="Output directory of that run.")
     p.add_argument("--slides", nargs="*", help="Slide ids (default: each fold's test slides).")
-    p.add_argument("--normalize", choices=["raw", "rank", "percentile"], help="Score normalisation.")
+    p.add_argument("--normalize", choices=["auto", "absolute", "cohort", "raw", "rank", "percentile"],
+                   help="Score scale (auto: absolute 0-1 for instance probabilities, one cohort scale for attention).")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
     p.add_argument("--slides-dir", type=Path, help="Folder the slides moved to (found there by slide id).")
 
@@ -135,6 +146,12 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("wsi-mil-demo"), help="Output directory.")
     p.add_argument("--slides", type=int, default=12, help="Synthetic slides.")
     p.add_argument("--weights", help="pretrained | random | path (default: pretrained when available).")
+
+
+def _add_runs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", type=Path, help="Output directory whose MLflow store to read.")
+    p.add_argument("--experiment", help="Only this MLflow experiment (default: every experiment).")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
 
 
 def _add_ui(p: argparse.ArgumentParser) -> None:
@@ -185,6 +202,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "predict": ("Predict new slides with a trained run or a registered model.", _add_predict, cli_predict),
     "run": ("Whole workflow: tile, extract, train, evaluate, heatmaps.", _add_run, cli_run),
     "demo": ("Synthesise a cohort and run the whole workflow offline.", _add_demo, cli_demo),
+    "runs": ("List the trained models: name, when, settings digest, test AUC, run id.", _add_runs, cli_runs),
     "ui": ("Open the MLflow UI over an output directory.", _add_ui, cli_ui),
     "annotations": ("Show what an annotation file holds: areas per class and role, ignored objects.",
                     _add_annotations, cli_annotations),
@@ -239,12 +257,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         return int(COMMANDS[args.command][2](args, cfg) or 0)
+    except ResourceError as exc:
+        print(f"wsi-mil {args.command}: error: {redact(exc)}", file=sys.stderr)
+        return EXIT_RESOURCE
     except WsiMilError as exc:
         print(f"wsi-mil {args.command}: error: {redact(exc)}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     except KeyboardInterrupt:
         print(f"wsi-mil {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        what = resource_problem(exc)
+        if what is not None:  # out of disk/memory/files outside the places that name their path
+            print(f"wsi-mil {args.command}: error: {what} ({redact(_first_line(exc))}); outputs finished so far are "
+                  "kept; free some and rerun the same command to resume.", file=sys.stderr)
+            return EXIT_RESOURCE
+        traceback.print_exc()
+        print(f"wsi-mil {args.command}: internal error ({type(exc).__name__}); this is a bug in wsi-mil, not a "
+              "problem with your input: please report it with the traceback above.", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

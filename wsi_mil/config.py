@@ -52,10 +52,16 @@ class SlidesConfig(Section):
         description="Plausible level-0 MPP of a microscope scan (um/px, min and max). A slide's MPP outside it, or "
         "a writer's default (72/96/300 dpi, 1 px/cm), counts as no MPP; overrides and default_mpp must lie in it.",
     )
-    reader: Literal["auto", "openslide", "tifffile", "pillow"] = Field(
+    reader: Literal["auto", "jpeg-tiles", "openslide", "tifffile", "pillow"] = Field(
         default="auto",
         description="Slide reader: auto (OpenSlide where it can, tifffile for other TIFF/OME-TIFF, Pillow for "
         "PNG/JPEG) or one reader for every slide.",
+    )
+    fast_jpeg: bool = Field(
+        default=True,
+        description="With reader auto, decode the tiled JPEG pages of Aperio SVS and generic pyramidal TIFF "
+        "directly (libjpeg-turbo through Pillow, at 1/2, 1/4 or 1/8 scale when patches are reduced by that "
+        "factor; OpenSlide still gives the metadata); false: OpenSlide decodes them.",
     )
 
     @model_validator(mode="after")
@@ -234,6 +240,13 @@ class MHIMConfig(Section):
     baseline_run: str | None = Field(
         default=None, description="MLflow run id of a trained baseline (same folds); None trains one per fold."
     )
+    baseline_min_epochs: int | None = Field(
+        default=30, ge=0, description="training.min_epochs of the in-fold baseline (the stand-alone baseline "
+        "presets' 30); None = training.min_epochs (the MHIM run's own, e.g. 130).",
+    )
+    baseline_patience: int | None = Field(
+        default=20, ge=1, description="training.patience of the in-fold baseline; None = training.patience.",
+    )
 
     @field_validator("student")
     @classmethod
@@ -252,15 +265,29 @@ class INSConfig(Section):
         default="resnet18", description="CNN for the 'patches' variant: tiny_cnn, resnet18, resnet34, resnet50."
     )
     batch_size: int = Field(default=64, ge=2, description="Instances per SGD step (sampled across bags).")
-    lr: float = Field(default=0.01, gt=0, description="SGD learning rate (cosine-annealed over the epochs).")
+    lr: float = Field(default=0.01, gt=0, description="SGD learning rate.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="constant = the reference's fixed lr; cosine = annealed to 0 over the epochs "
+        "(torch CosineAnnealingLR).",
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(default=1e-3, ge=0, description="SGD weight decay.")
+    weight_decay: float = Field(default=1e-3, ge=0, description="SGD weight decay (reference: 1e-3 CAMELYON16, 1e-5 TCGA).")
     queue_size: int = Field(default=8192, ge=1, description="Keys (with their class probabilities) kept in the queue.")
     proto_momentum: float = Field(default=0.9, ge=0, le=1, description="EMA momentum of the class prototypes.")
     ema: float = Field(default=0.999, ge=0, le=1, description="Key-encoder momentum.")
     contrastive_weight: float = Field(default=0.5, ge=0, description="Weight of the contrastive loss.")
     temperature: float = Field(default=0.07, gt=0, description="Temperature of the contrastive losses.")
-    proto_start: int = Field(default=1, ge=0, description="Epoch from which PPLG and SupCon are used.")
+    proto_start: int = Field(
+        default=1, ge=0, description="Epoch from which PPLG and SupCon are used; the epochs before it are warm-up.",
+    )
+    warmup_contrastive_from: int = Field(
+        default=0, ge=0, description="Warm-up epochs before this one are classifier-only (no contrastive pass; "
+        "the reference's TCGA schedule has 1).",
+    )
+    checkpoint_from_proto_start: bool = Field(
+        default=True, description="Early stopping and checkpoint choice consider epochs >= proto_start only (no "
+        "checkpoint from before pseudo-labelling); False = every epoch.",
+    )
     phi_start: float = Field(
         default=0.95, ge=0, le=1, description="PPLG: weight of the old soft target at the first epoch (linear to phi_end)."
     )
@@ -271,7 +298,10 @@ class INSConfig(Section):
     bag_aggregator: Literal["auto", "mean", "max"] = Field(
         default="auto", description="auto = choose mean or max on the validation split."
     )
-    pretrain_epochs: int = Field(default=1, ge=0, description="Epochs where each instance takes its bag label.")
+    pretrain_epochs: int = Field(
+        default=1, ge=0, description="Warm-up epochs that end with a classifier-only pass over all instances where "
+        "each instance takes its bag label (the reference's train_bag).",
+    )
     pretrain_target: float | None = Field(
         default=None, gt=0.5, le=1,
         description="p(positive) target of positive-bag instances in the pretrain epochs; None = auto "
@@ -443,15 +473,27 @@ class TrainingConfig(Section):
         "fastest for one-bag steps on busy CPUs)."
     )
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        twice = sorted({s for s in value if value.count(s) > 1})
+        if twice:
+            raise ValueError(f"training.seeds lists seed(s) {', '.join(map(str, twice))} more than once; each seed "
+                             "repeats the cross-validation once, list it once")
+        return value
+
 
 # ------------------------------------------------------------------------------------------- heatmaps
 class HeatmapConfig(Section):
     """Per-slide heatmaps."""
 
-    normalize: Literal["raw", "rank", "percentile"] = Field(
-        default="rank",
-        description="Score normalisation: raw (min-max), rank (uniform over patches; never 'cold'), "
-        "percentile (clip to percentile_low..percentile_high, then min-max).",
+    normalize: Literal["auto", "absolute", "cohort", "raw", "rank", "percentile"] = Field(
+        default="auto",
+        description="Score scale. auto: absolute for instance-probability models (INS), cohort for attention. "
+        "absolute: probabilities as they are, 0-1 (a normal slide stays cool); cohort: one scale for every slide "
+        "drawn together (percentile_low..percentile_high of their pooled scores; softmax attention times the "
+        "slide's patch count, 1 = uniform). Per slide (each slide gets a hottest patch; the legend says so): "
+        "raw (min-max), rank (uniform over patches), percentile (clip, then min-max).",
     )
     percentile_low: float = Field(default=1.0, ge=0, lt=100, description="Lower clip percentile for 'percentile'.")
     percentile_high: float = Field(default=99.0, gt=0, le=100, description="Upper clip percentile for 'percentile'.")
@@ -547,6 +589,11 @@ class ComputeConfig(Section):
         "(its address is logged); False serves no dashboard.",
     )
     connect_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for an external scheduler.")
+    claim_timeout_s: float = Field(
+        default=3600.0, gt=0, description="Several commands on one OUT: a slide claimed by a process on another "
+        "host whose heartbeat is older than this many seconds is taken over (on this host a dead process id is "
+        "enough).",
+    )
 
     @field_validator("scheduler")
     @classmethod

@@ -8,11 +8,14 @@ OUT/tiles/<tiling_key>/clam_coords/<id>.h5       CLAM-style coordinates (tiling.
 OUT/features/<tiling_key>/<encoder_key>/<id>.h5  HDF5 bag
 OUT/features/<tiling_key>/<encoder_key>/extract_status.csv
 OUT/mlflow.db, OUT/mlartifacts/                  embedded MLflow store
-OUT/heatmaps/<run_id>/<id>.png|.geojson|_topk.png|_heatmap.tif
+OUT/.locks/                                      lock files of commands sharing OUT (claims: .claims/ beside outputs)
+OUT/heatmaps/<model>/<run>/<id>.png|.geojson|_topk.png|_heatmap.tif   one folder per run: never overwritten
+                                                 by another run's maps (<run>: the run's short id)
 OUT/predictions/<run_id>/                        new slides of `wsi-mil predict`: laid out like OUT
                                                  (slides.csv, qc/, tiles/, features/) plus
                                                  predictions.csv and heatmaps/<id>.png|.geojson
-OUT/summary.md                                   `wsi-mil run` summary table
+OUT/results/summary.md                           the latest run of each model: test metrics, where to look
+OUT/results/<model>/predictions.csv              per-slide test predictions of the model's latest run
 OUT/export/clam|trident/                         bags linked into CLAM's / TRIDENT's layout
 ```
 
@@ -25,6 +28,7 @@ files named after a slide anywhere else (heatmaps, annotations, exports).
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -107,6 +111,17 @@ def tiling_key(cfg: Config) -> str:
     return f"mpp{t.target_mpp:.2f}_px{t.patch_size}_ov{t.overlap}_t{digest}"
 
 
+def model_folder(label: str) -> str:
+    """A model's folder name from its label: ``abmil`` -> ``abmil``, ``mhim(transmil)`` -> ``mhim-transmil``."""
+    name = re.sub(r"[^a-z0-9]+", "-", str(label).lower()).strip("-")
+    return path_component(name or "model", "model name")
+
+
+def run_folder(run_id: str) -> str:
+    """The short form of a run id that names its heatmap folder (first 8 characters)."""
+    return path_component(str(run_id)[:8], "run id")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Paths inside one output directory (see the module docstring for the tree)."""
@@ -160,6 +175,11 @@ class Layout:
         """Per-slide status of the last embedding run into a features directory."""
         return self.features_dir(tiling, encoder) / "extract_status.csv"
 
+    @property
+    def locks_dir(self) -> Path:
+        """Inter-process lock files of commands sharing this directory (shared CSVs, claim takeovers)."""
+        return self.root / ".locks"
+
     # ------------------------------------------------------------------------------ tracking
     @property
     def mlflow_db(self) -> Path:
@@ -182,9 +202,14 @@ class Layout:
         """Heatmaps of every run."""
         return self.root / "heatmaps"
 
-    def heatmaps_dir(self, run_id: str) -> Path:
-        """Heatmaps of one training run."""
-        return self.heatmaps_root / path_component(run_id, "run id")
+    def heatmaps_dir(self, run_id: str, model: str | None = None) -> Path:
+        """Heatmaps of one training run: ``heatmaps/<model>/<short run id>`` (``heatmaps/<run id>`` without a model).
+
+        ``model`` is the model's label (``abmil``, ``mhim(abmil)``), turned into a folder by :func:`model_folder`.
+        """
+        if model is None:
+            return self.heatmaps_root / path_component(run_id, "run id")
+        return self.heatmaps_root / model_folder(model) / run_folder(run_id)
 
     def predictions_dir(self, run_id: str) -> Path:
         """Output directory of `wsi-mil predict` with one run (itself laid out like OUT)."""
@@ -200,6 +225,19 @@ class Layout:
         return self.root / "export" / path_component(tool, "export layout")
 
     @property
+    def results_dir(self) -> Path:
+        """Results at a glance: the summary and per-model predictions."""
+        return self.root / "results"
+
+    @property
     def summary_md(self) -> Path:
-        """The `wsi-mil run` summary table."""
-        return self.root / "summary.md"
+        """The summary: the latest run of each model (and, after `wsi-mil run`, what each stage did)."""
+        return self.results_dir / "summary.md"
+
+    def model_results_dir(self, model: str) -> Path:
+        """Results of one model (its label, see :func:`model_folder`)."""
+        return self.results_dir / model_folder(model)
+
+    def model_predictions_csv(self, model: str) -> Path:
+        """Per-slide test predictions of a model's latest run."""
+        return self.model_results_dir(model) / "predictions.csv"

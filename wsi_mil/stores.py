@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,15 +71,30 @@ def commit(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def clean_partials(directory: Path) -> int:
-    """Remove leftovers of interrupted writes in ``directory``; returns how many were removed."""
+def output_of(leftover: Path) -> Path:
+    """The output a temporary write belongs to (``S1.zarr.partial-12-ab`` and ``S1.zarr.old-cd`` -> ``S1.zarr``)."""
+    leftover = Path(leftover)
+    name = leftover.name.split(PARTIAL_TAG, 1)[0].split(".old-", 1)[0]
+    return leftover.with_name(name)
+
+
+def clean_partials(directory: Path, keep: Callable[[Path], bool] | None = None) -> int:
+    """Remove leftovers of interrupted writes in ``directory``; returns how many were removed.
+
+    ``keep(output)`` (see :func:`output_of`) spares the leftovers of outputs another live process is
+    writing (:func:`wsi_mil.locks.owner_alive`); without it every leftover goes.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return 0
     leftovers = [p for p in directory.iterdir() if PARTIAL_TAG in p.name or ".old-" in p.name]
+    removed = 0
     for path in leftovers:
+        if keep is not None and keep(output_of(path)):
+            continue
         remove_path(path)
-    return len(leftovers)
+        removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -100,6 +115,46 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write a small text file atomically."""
     with atomic_output(Path(path)) as tmp:
         Path(tmp).write_text(text)
+
+
+def merge_csv_rows(path: Path, columns: list[str], rows: list[dict[str, Any]], *, lock_dir: Path,
+                   key: str = "slide_id", keep: Callable[[dict[str, str]], bool] | None = None) -> None:
+    """Write ``rows`` into the shared CSV ``path`` merged with what other commands wrote there.
+
+    Under an inter-process lock (:func:`wsi_mil.locks.file_lock`, its file in ``lock_dir``): a row of ``rows`` replaces the
+    file's row with the same ``key``, except that a ``pending`` row never replaces a finished one
+    (another command finished that slide); the file's other rows stay when ``keep(row)`` is true (all,
+    without ``keep``). Rows of ``rows`` come first, in their order, then the others by key. The file
+    is replaced atomically.
+    """
+    import csv
+    import io
+
+    from wsi_mil.locks import file_lock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path, lock_dir):
+        existing: dict[str, dict[str, str]] = {}
+        if path.is_file():
+            try:
+                with open(path, newline="") as fh:
+                    existing = {r[key]: r for r in csv.DictReader(fh) if r.get(key)}
+            except (OSError, csv.Error, UnicodeDecodeError, KeyError):
+                existing = {}  # unreadable: this call's rows alone
+        ours = {str(r[key]): {c: "" if r.get(c) is None else str(r.get(c)) for c in columns} for r in rows}
+        merged: list[dict[str, str]] = []
+        for k, row in ours.items():
+            old = existing.get(k)
+            finished = old is not None and old.get("status") not in (None, "", "pending")
+            merged.append(old if row.get("status") == "pending" and finished else row)
+        merged += [existing[k] for k in sorted(existing) if k not in ours and (keep is None or keep(existing[k]))]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        for row in merged:
+            writer.writerow({c: row.get(c, "") for c in columns})
+        write_text_atomic(path, buf.getvalue())
 
 
 def _jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -156,7 +211,7 @@ def create_patch_store(
     meta = {"format": "wsi-mil-patches", "format_version": FORMAT_VERSION, "wsi_mil_version": __version__}
     meta.update(_jsonable(attrs or {}))
     meta["complete"] = False
-    group.attrs.update(meta)
+    group.update_attributes(meta)  # one metadata write (attrs.update rewrites zarr.json once per key)
     return group
 
 

@@ -11,11 +11,13 @@ they are recorded in ``OUT/slides.csv`` and the cohort carries on (``strict`` st
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,14 +26,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from distributed import as_completed
+from distributed import KilledWorker, as_completed
 from tqdm.auto import tqdm
 
 from wsi_mil import __version__
 from wsi_mil.compute import dask_client, total_threads
 from wsi_mil.config import Config, SlidesConfig, TilingConfig, TissueConfig
-from wsi_mil.errors import SlideError, WsiMilError
+from wsi_mil.errors import (
+    SlideError,
+    WsiMilError,
+    is_slide_problem,
+    name_slide,
+    resource_error,
+    resource_problem,
+)
 from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.locks import Claims, claim_path, owner_alive, wait_pause
 from wsi_mil.reports import SlideResult
 from wsi_mil.slides import (
     FolderEntry,
@@ -53,11 +63,11 @@ from wsi_mil.stores import (
     create_patch_store,
     is_complete_store,
     mark_complete,
+    merge_csv_rows,
     open_patch_store,
     partial_path,
     remove_path,
     write_clam_coords,
-    write_text_atomic,
 )
 from wsi_mil.tissue import TissueParams, detect_tissue, save_qc_images, thumbnail_mpp
 
@@ -193,6 +203,7 @@ def store_attrs(info: SlideInfo, plan: ReadPlan, cfg: Config, key: str) -> dict[
         "slide_path": info.path,
         "slide_fingerprint": info.fingerprint,
         "reader": info.reader,
+        "reader_note": info.reader_note,
         "vendor": info.vendor,
         "width": info.width,
         "height": info.height,
@@ -321,9 +332,15 @@ def grid_boxes(coords: np.ndarray, size0: float, width: int, height: int, thumb_
 
 
 # ------------------------------------------------------------------------------------ worker tasks
-def _slide_failure(path: str, exc: BaseException, what: str) -> SlideError:
+def _slide_failure(path: str, exc: BaseException, what: str) -> BaseException:
+    """A :class:`SlideError` for a slide problem, else ``exc`` itself with the slide named in its notes.
+
+    Slide problems: :func:`~wsi_mil.errors.is_slide_problem`; anything else (a bug, a full disk) is to be raised.
+    """
     if isinstance(exc, SlideError):
         return exc
+    if not is_slide_problem(exc):
+        return name_slide(exc, path, what)
     forget_slide(path)  # an OpenSlide handle stays unusable after a read error
     text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, OSError) or type(exc).__module__.startswith("openslide"):
@@ -333,9 +350,13 @@ def _slide_failure(path: str, exc: BaseException, what: str) -> SlideError:
 
 def find_tissue_task(
     path: str, mpp0: float, tissue: TissueConfig, tiling: TilingConfig, with_thumbnail: bool,
-    slides: SlidesConfig | None = None,
+    slides: SlidesConfig | None = None, qc_paths: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Worker task: thumbnail, tissue mask and patch grid of one slide (and why they are empty, if so)."""
+    """Worker task: thumbnail, tissue mask and patch grid of one slide (and why they are empty, if so).
+
+    With ``qc_paths`` (:meth:`wsi_mil.layout.Layout.qc_images`) the worker also writes the QC images,
+    so PNG encoding runs beside the other slides' extraction instead of on the client.
+    """
     try:
         reader = open_slide(path, slides)
         params = TissueParams.from_config(tissue)
@@ -346,6 +367,9 @@ def find_tissue_task(
         coords, _ = patch_grid(found.mask, width, height, mpp0, tiling)
     except Exception as exc:
         raise _slide_failure(path, exc, "tissue detection") from None
+    if qc_paths is not None:
+        boxes = grid_boxes(coords, tiling.patch_size * tiling.target_mpp / mpp0, width, height, found.mask.shape)
+        save_qc_images(qc_paths, thumb, found.mask, boxes)
     return {"coords": coords, "mask": found.mask, "thumbnail": thumb if with_thumbnail else None,
             "tissue_area_um2": found.area_um2, "empty_reason": found.empty_reason(params)}
 
@@ -375,8 +399,12 @@ def extract_chunk_task(
 
 @lru_cache(maxsize=8)
 def _patch_array(store: str) -> zarr.Array:
-    """The ``patches`` array of a store being written, opened once per worker process."""
-    return zarr.open_array(store, path="patches", mode="r+")
+    """The ``patches`` array of a store being written, opened once per worker process.
+
+    Patch chunks are never empty, so zarr's per-chunk "all equal to the fill value?" scan (as costly
+    as the zstd compression itself) is switched off with ``write_empty_chunks``.
+    """
+    return zarr.open_array(store, path="patches", mode="r+").with_config({"write_empty_chunks": True})
 
 
 # ---------------------------------------------------------------------------------------- the cohort
@@ -405,11 +433,15 @@ class _CohortRun:
         self.client = client
         self.strict = strict
         self.report = TilingReport(tiling_key=self.key, tiles_dir=self.tiles_dir)
+        self.claims: Claims | None = None
+        self.deferred: list[_Job] = []  # slides another live process is tiling
 
     # -- bookkeeping
     def write_csv(self) -> None:
+        """Merge this call's rows into ``slides.csv`` (other commands' rows of existing slides stay)."""
         self.layout.root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.layout.slides_csv, self.report.to_csv())
+        merge_csv_rows(self.layout.slides_csv, CSV_COLUMNS, [r.row() for r in self.report.results], key="path",
+                       lock_dir=self.layout.locks_dir, keep=lambda row: bool(row.get("path")) and Path(row["path"]).exists())
 
     def fail(self, job: _Job | None, result: TiledSlide, exc: BaseException) -> None:
         result.status = "failed"
@@ -459,8 +491,10 @@ class _CohortRun:
                 result.plan = choose_level(info.downsamples, info.mpp, self.cfg.tiling.target_mpp,
                                            self.cfg.tiling.patch_size)
             except Exception as exc:
-                self.fail(None, result, exc if isinstance(exc, SlideError) else
-                          _slide_failure(str(entry.path), exc, "opening"))
+                failure = _slide_failure(str(entry.path), exc, "opening")
+                if not isinstance(failure, SlideError):
+                    raise  # failure is exc, the slide named
+                self.fail(None, result, failure)
                 continue
             final = self.layout.patch_store(self.key, info.slide_id)
             attrs = store_attrs(info, result.plan, self.cfg, self.key)
@@ -527,13 +561,25 @@ class _CohortRun:
         log.info("slide %s: %d patches", job.result.slide_id, len(job.coords))
 
     def run(self, jobs: list[_Job]) -> None:
-        """Tile ``jobs`` on the cluster: a few slides open at a time, chunks written as they arrive."""
+        """Tile ``jobs`` on the cluster: a few slides open at a time, chunks written as they arrive.
+
+        Each slide is claimed first (:mod:`wsi_mil.locks`); slides another live process claims are
+        left to it and waited for at the end (reused when it finishes them, taken over if it dies).
+        """
         self.tiles_dir.mkdir(parents=True, exist_ok=True)
-        removed = clean_partials(self.tiles_dir)
-        if removed:
-            log.info("removed %d partial store(s) of an interrupted run", removed)
+        timeout = self.cfg.compute.claim_timeout_s
+        with Claims(self.layout.locks_dir, timeout) as self.claims:
+            removed = clean_partials(self.tiles_dir, keep=lambda output: owner_alive(claim_path(output), timeout))
+            self.claims.sweep(self.tiles_dir)
+            if removed:
+                log.info("removed %d partial store(s) of an interrupted run", removed)
+            self._run(jobs)
+
+    def _run(self, jobs: list[_Job]) -> None:
         self.queue = list(jobs)
-        self.max_open = max(2, total_threads(self.client))
+        # two slides per thread: the next slides' tissue detection overlaps this one's extraction, and a
+        # thread never waits for the client's round trip (store creation) of a small slide
+        self.max_open = max(2, 2 * total_threads(self.client))
         self.open_jobs: dict[int, _Job] = {}
         self.kinds: dict[str, tuple[str, _Job, int]] = {}  # future key -> (tissue | chunk, job, first patch)
         self.completed = as_completed(loop=self.client.loop)
@@ -541,9 +587,13 @@ class _CohortRun:
         self.slide_bar.update(len(self.report.results) - len(jobs))
         self.patch_bar = tqdm(total=0, desc="patches", unit="patch", disable=None)
         try:
-            self.top_up()
-            for fut in self.completed:
-                self.collect(fut)
+            while True:
+                self.top_up()
+                for fut in self.completed:
+                    self.collect(fut)
+                if not self.deferred:
+                    break
+                self.wait_for_owners()
         finally:
             for job in list(self.open_jobs.values()):  # interrupted: drop what is unfinished
                 for f in job.futures:
@@ -553,21 +603,66 @@ class _CohortRun:
             self.slide_bar.close()
             self.patch_bar.close()
 
+    def take(self, job: _Job) -> bool:
+        """Claim a slide; False when another live process has it (deferred) or has just finished it (reused)."""
+        assert self.claims is not None
+        holder = self.claims.claim(job.final)
+        if holder is not None:
+            log.info("slide %s: %s is tiling it; waiting for it at the end", job.result.slide_id, holder)
+            self.deferred.append(job)
+            return False
+        if _stored_signature(job.final) == job.attrs["signature"]:  # another process finished it meanwhile
+            self.claims.release(job.final)
+            self.reuse(job)
+            return False
+        return True
+
+    def reuse(self, job: _Job) -> None:
+        """Record a slide whose complete store another process wrote."""
+        job.result.status = "reused"
+        job.result.output = job.final.resolve()
+        job.result.n_patches = int(zarr.open_group(str(job.final), mode="r").attrs.get("n_patches", 0))
+        self.slide_bar.update(1)
+        self.write_csv()
+
+    def wait_for_owners(self) -> None:
+        """Wait until a deferred slide is finished by its owner (reused) or its owner is gone (queued again)."""
+        waited = 0.0
+        timeout = self.cfg.compute.claim_timeout_s
+        while self.deferred:
+            for job in list(self.deferred):
+                if _stored_signature(job.final) == job.attrs["signature"]:
+                    self.deferred.remove(job)
+                    self.reuse(job)
+                elif not owner_alive(claim_path(job.final), timeout):
+                    self.deferred.remove(job)
+                    self.queue.append(job)
+            if self.queue:
+                return
+            pause = wait_pause(waited)
+            time.sleep(pause)
+            waited += pause
+
     def top_up(self) -> None:
         """Start tissue detection of queued slides until ``max_open`` slides are in flight."""
         while self.queue and len(self.open_jobs) < self.max_open:
             job = self.queue.pop(0)
+            if not self.take(job):
+                continue
             self.open_jobs[job.index] = job
             assert job.result.info is not None
+            qc = self.layout.qc_images(job.result.info.slide_id) if self.cfg.tiling.qc_images else None
             fut = self.client.submit(find_tissue_task, job.result.info.path, job.result.info.mpp,
-                                     self.cfg.tissue, self.cfg.tiling, self.cfg.tiling.qc_images,
-                                     self.cfg.slides, pure=False, priority=-job.index)
+                                     self.cfg.tissue, self.cfg.tiling, False, self.cfg.slides, qc,
+                                     pure=False, priority=-job.index)
             self.kinds[fut.key] = ("tissue", job, 0)
             self.completed.add(fut)
 
     def close(self, job: _Job) -> None:
         """A slide is finished (done or failed): record it and let the next one in."""
         self.open_jobs.pop(job.index, None)
+        if self.claims is not None:
+            self.claims.release(job.final)
         self.slide_bar.update(1)
         self.write_csv()
         self.top_up()
@@ -593,7 +688,7 @@ class _CohortRun:
                 self.completed.update(futures)
             else:
                 if not isinstance(value, int):  # write_from == "client"
-                    array = zarr.open_array(str(job.partial), path="patches", mode="r+")
+                    array = _patch_array.__wrapped__(str(job.partial))
                     array[start : start + len(value)] = value
                     value = len(value)
                 self.patch_bar.update(value)
@@ -602,8 +697,19 @@ class _CohortRun:
                     self.finish(job)
                     self.close(job)
         except Exception as exc:
-            self.fail(job, job.result, exc if isinstance(exc, SlideError) else
-                      _slide_failure(job.result.path, exc, "tiling"))
+            if isinstance(exc, KilledWorker):  # e.g. a decoder crashed on this slide's pixels
+                failure: BaseException = SlideError(f"slide {job.result.path}: a Dask worker died while tiling it "
+                                                    f"({exc}); the file may be corrupt.")
+            else:
+                failure = _slide_failure(job.result.path, exc, "tiling")
+            if not isinstance(failure, SlideError):
+                with contextlib.suppress(OSError):  # the table as far as it got (the disk may be full)
+                    self.write_csv()
+                if resource_problem(failure) is not None:
+                    raise resource_error(failure, job.partial or job.final,
+                                         f"finished stores are kept in {self.tiles_dir} and slides.csv lists them") from None
+                raise  # failure is exc, the slide named
+            self.fail(job, job.result, failure)
             self.close(job)
         finally:
             fut.release()

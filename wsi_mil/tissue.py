@@ -25,6 +25,7 @@ from skimage.filters.rank import median
 from wsi_mil.config import TissueConfig
 
 log = logging.getLogger(__name__)
+QC_PNG_LEVEL = 1  # zlib level of the QC PNGs: a third less CPU than the default 6 for ~10% larger files
 
 PEN_MIN_AREA_UM2 = 2_500.0  # smaller ink-coloured pieces are not marker strokes (blood, debris)
 PEN_GROUP_UM = 16.0  # ink fragments closer than this count as one stroke
@@ -67,8 +68,9 @@ def thumbnail_mpp(width: int, height: int, mpp0: float, params: TissueParams) ->
 
 def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV saturation and value (both uint8, 0-255) of an RGB uint8 image."""
-    cmax = rgb.max(axis=-1)
-    cmin = rgb.min(axis=-1)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    cmax = np.maximum(np.maximum(r, g), b)  # elementwise: several times faster than a reduction over a 3-axis
+    cmin = np.minimum(np.minimum(r, g), b)
     delta = (cmax - cmin).astype(np.uint16)
     sat = (delta * 255 + cmax // 2) // np.maximum(cmax, 1)
     return sat.astype(np.uint8), cmax
@@ -78,8 +80,8 @@ def hue_degrees(rgb: np.ndarray) -> np.ndarray:
     """HSV hue in degrees (0-360) of RGB pixels [..., 3] (0 for greys)."""
     rgbf = rgb.astype(np.float32)
     r, g, b = rgbf[..., 0], rgbf[..., 1], rgbf[..., 2]
-    cmax = rgbf.max(axis=-1)
-    delta = cmax - rgbf.min(axis=-1)
+    cmax = np.maximum(np.maximum(r, g), b)
+    delta = cmax - np.minimum(np.minimum(r, g), b)
     safe = np.maximum(delta, 1e-6)
     hue = np.select([cmax == r, cmax == g], [((g - b) / safe) % 6.0, (b - r) / safe + 2.0], default=(r - g) / safe + 4.0)
     return np.where(delta > 0, hue * 60.0, 0.0).astype(np.float32)
@@ -260,8 +262,8 @@ def save_qc_images(
     paths = {kind: Path(paths[kind]) for kind in ("thumb", "mask", "grid")}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(thumbnail).save(paths["thumb"])
-    Image.fromarray(mask.astype(np.uint8) * 255).save(paths["mask"])
+    Image.fromarray(thumbnail).save(paths["thumb"], compress_level=QC_PNG_LEVEL)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(paths["mask"], compress_level=QC_PNG_LEVEL)
     grid = thumbnail.astype(np.float32)
     outside = ~mask
     grid[outside] = grid[outside] * 0.55 + 255 * 0.45  # fade non-tissue
@@ -270,5 +272,5 @@ def save_qc_images(
     if boxes is not None:
         for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
             draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(0, 160, 0))
-    image.save(paths["grid"])
+    image.save(paths["grid"], compress_level=QC_PNG_LEVEL)
     return paths

@@ -54,10 +54,12 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import yaml
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
 
 from wsi_mil import __version__
 from wsi_mil.config import Config
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import WsiMilError, resource_error, resource_problem
 from wsi_mil.layout import Layout
 from wsi_mil.redaction import redact
 
@@ -87,12 +89,139 @@ def quiet_mlflow() -> None:
             logger.setLevel(logging.WARNING)
 
 
+LOCK_WAIT_S = 600.0  # longest wait for another process creating or migrating the same SQLite store
+LOCKED_DELAYS = tuple(min(0.05 * 2 ** i, 5.0) for i in range(14))  # back-off on "database is locked" (~40 s in all)
+
+
 def _client(uri: str):
     quiet_mlflow()
     from mlflow import MlflowClient
 
     quiet_mlflow()  # mlflow sets its own logger levels on import
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for any other URI)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def _is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is SQLite's "database is locked" (another writer holds the file)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if "database is locked" in text or "database table is locked" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def retry_locked(call: Callable[[], Any], what: str, delays: tuple[float, ...] = LOCKED_DELAYS) -> Any:
+    """Run ``call``; on SQLite's "database is locked" retry with growing pauses (``delays``, seconds).
+
+    Raises
+    ------
+    WsiMilError
+        When the database stayed locked through every retry (the message says so and what to do).
+    """
+    for pause in (*delays, None):
+        try:
+            return call()
+        except Exception as exc:
+            if not _is_locked(exc):
+                raise
+            if pause is None:
+                raise WsiMilError(f"the MLflow store stayed locked by another process for {sum(delays):.0f} s while "
+                                  f"{what}; wait for the other wsi-mil command to finish, or let several commands "
+                                  "share a tracking server (--tracking-uri http://...).") from None
+            time.sleep(pause * (0.5 + np.random.random()))  # jitter: processes that collided do not collide again
+    raise AssertionError("unreachable")
+
+
+class _RetryingClient:
+    """An ``MlflowClient`` whose public calls retry while SQLite says "database is locked"."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return retry_locked(lambda: attr(*args, **kwargs), f"calling {name}")
+
+        return call
+
+
+def _store_has_runs(db: Path) -> bool:
+    """Whether the SQLite file holds any run (a store without runs can be set aside and made again)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+            return bool(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+    except sqlite3.DatabaseError as exc:
+        return "no such table" not in str(exc)  # unreadable: assume it holds something worth keeping
+
+
+def _forget_engines(uri: str) -> None:
+    """Drop MLflow's cached SQLAlchemy engines of ``uri`` (their pooled connections hold the old file open)."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for cls in (TrackingStore, RegistryStore):
+        engine = getattr(cls, "_engine_map", {}).pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+
+
+def _open_sqlite_client(uri: str, db: Path) -> Any:
+    """Create (or open) the SQLite store ``db`` with its schema under an inter-process file lock.
+
+    MLflow creates and migrates the schema when a client first opens a store; two processes doing it at
+    once race (half-migrated tables). The lock ``<db>.lock`` lets one process set the store up while the
+    others wait. A store left broken by an interrupted set-up and holding no run is set aside
+    (``<db>.broken-<time>``) and made again; a broken store that holds runs gets one sentence with the fix.
+    """
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{db}.lock", timeout=LOCK_WAIT_S)
+    try:
+        with lock:
+            for attempt in (1, 2):
+                try:
+                    def init() -> Any:
+                        client = _client(uri)
+                        client.search_registered_models(max_results=1)  # the registry's half of the store
+                        return client
+                    return retry_locked(init, f"opening {db}")
+                except WsiMilError:
+                    raise
+                except Exception as exc:
+                    if resource_problem(exc) is not None:
+                        raise resource_error(exc, db, "no run was started; a store left half-created holds no run "
+                                             "and is set aside and made again") from None
+                    if attempt == 1 and db.exists() and not _store_has_runs(db):
+                        aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+                        _forget_engines(uri)
+                        os.replace(db, aside)
+                        log.warning("the MLflow store %s was left half-created (%s); it held no run, so it was moved "
+                                    "to %s and made again", db, _short(exc), aside.name)
+                        continue
+                    raise WsiMilError(
+                        f"the MLflow store {db} is damaged or half-migrated ({_short(exc)}); move it aside "
+                        f"(mv {db} {db}.broken) to start a new store, or upgrade it with `mlflow db upgrade "
+                        f"{redact(uri)}` after a backup.") from None
+    except LockTimeout:
+        raise WsiMilError(f"another process has held {db}.lock for over {LOCK_WAIT_S:.0f} s while setting up the "
+                          "MLflow store; if no wsi-mil command is running, delete that lock file.") from None
+    raise AssertionError("unreachable")
 
 
 def default_uri(out: Path, cfg: Config) -> str:
@@ -139,6 +268,7 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    start_time: int | None = None  # ms since the epoch
 
     @property
     def parent_id(self) -> str | None:
@@ -202,7 +332,9 @@ class Tracker:
     def __init__(self, uri: str, artifact_root: Path | None = None) -> None:
         self.uri = uri
         self.artifact_root = Path(artifact_root) if artifact_root is not None else None
-        self.client = _client(uri)
+        db = sqlite_path(uri)
+        client = _open_sqlite_client(uri, db) if db is not None else _client(uri)
+        self.client = _RetryingClient(client) if db is not None else client
 
     @property
     def shown_uri(self) -> str:
@@ -394,7 +526,9 @@ class Tracker:
         if run.tags.get(ROLE_TAG) == "fold":
             records = [run]
         else:
-            records = [r for r in self.child_runs(run_id) if r.tags.get(ROLE_TAG) == "fold"]
+            # a fold run killed or failed before it finished was trained again when the training resumed
+            records = [r for r in self.child_runs(run_id) if r.tags.get(ROLE_TAG) == "fold"
+                       and r.status not in ("KILLED", "FAILED")]
         if not records:
             raise WsiMilError(f"MLflow run {run_id} has no fold runs; pass the id of a `wsi-mil train` run.")
         out = [FoldRun(r.run_id, int(r.tags[FOLD_TAG]), int(r.tags[SEED_TAG])) for r in records]
@@ -672,13 +806,23 @@ def _param_value(value: Any) -> str:
 
 def _record(run: Any) -> RunRecord:
     return RunRecord(run.info.run_id, run.info.run_name or "", run.info.status, run.info.experiment_id,
-                     dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+                     dict(run.data.params), dict(run.data.metrics), dict(run.data.tags), run.info.start_time)
 
 
-def open_tracker(out: Path, cfg: Config) -> Tracker:
-    """The tracker for ``cfg.tracking.uri`` or the embedded SQLite store of ``out``."""
+def open_tracker(out: Path, cfg: Config, *, create: bool = True) -> Tracker:
+    """The tracker for ``cfg.tracking.uri`` or the embedded SQLite store of ``out``.
+
+    Raises
+    ------
+    WsiMilError
+        With ``create=False`` (commands that read a trained run: evaluate, heatmap, predict), when
+        ``out`` holds no store and no tracking URI is set: no empty store is made there.
+    """
     uri = default_uri(out, cfg)
     layout = Layout(out)
+    if uri == layout.tracking_uri and not create and not layout.mlflow_db.is_file():
+        raise WsiMilError(f"no MLflow store at {layout.mlflow_db}; pass --out OUT (the output directory of the "
+                          "`wsi-mil train` run) or --tracking-uri of the server that holds the run.")
     if uri == layout.tracking_uri:
         layout.root.mkdir(parents=True, exist_ok=True)
     return Tracker(uri, layout.mlflow_artifacts if _is_local(uri) else None)

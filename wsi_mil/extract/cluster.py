@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from wsi_mil.compute import dask_client
 from wsi_mil.config import Config, FeaturesConfig
 from wsi_mil.encoders import build_encoder
-from wsi_mil.errors import SlideError, WsiMilError
+from wsi_mil.errors import SlideError, WsiMilError, name_slide
 from wsi_mil.extract.device import run_jobs
 from wsi_mil.extract.embedder import Embedder
 from wsi_mil.extract.planning import Job, plan_slides
@@ -66,8 +66,14 @@ def run_on_cluster(out: Path, cfg: Config, tiling: str, jobs: list[Job], strict:
             slide_id = futures[future]
             try:
                 result = future.result()
-            except Exception as exc:  # a worker died or the task raised
+            except distributed.KilledWorker as exc:  # a worker died on this slide (crash, out of memory)
                 result = SlideResult(slide_id, "failed", f"Dask task failed ({exc.__class__.__name__}: {exc})")
+            except Exception as exc:  # the task raised: its own errors are results, this is a bug or a full disk
+                client.cancel(list(futures))
+                if isinstance(exc, WsiMilError):
+                    raise
+                name_slide(exc, slide_id, "embedding it on the Dask cluster")
+                raise
             results.append(result)
             if strict and result.status == "failed":
                 client.cancel(list(futures))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,10 +14,11 @@ from wsi_mil.errors import SlideError
 from wsi_mil.extract.cluster import run_on_cluster
 from wsi_mil.extract.device import run_jobs
 from wsi_mil.extract.embedder import Embedder
-from wsi_mil.extract.planning import discover_slides, plan_slides
+from wsi_mil.extract.planning import Job, discover_slides, plan_slides
 from wsi_mil.layout import Layout, tiling_key
+from wsi_mil.locks import Claims, claim_path, owner_alive, wait_pause
 from wsi_mil.reports import SlideResult, Status
-from wsi_mil.stores import clean_partials, write_text_atomic
+from wsi_mil.stores import clean_partials, merge_csv_rows
 
 log = logging.getLogger(__name__)
 
@@ -120,40 +119,79 @@ def extract_cohort(out: Path, cfg: Config, *, tiling: str | None = None, strict:
     key = encoder_key(cfg.features)
     features_dir = layout.features_dir(tiling, key)
     ids = discover_slides(layout, tiling, slide_ids)
-    removed = clean_partials(features_dir)
-    if removed:
-        log.info("removed %d leftovers of interrupted writes in %s", removed, features_dir)
-    jobs, finished = plan_slides(layout, tiling, cfg, ids)
-    if strict and any(r.status == "failed" for r in finished):
-        first = next(r for r in finished if r.status == "failed")
-        raise SlideError(f"slide {first.slide_id}: {first.error}")
-    if cfg.compute.scheduler:  # the workers resolve their own device
-        device_name = "dask:" + cfg.compute.scheduler
-        if jobs:
-            features_dir.mkdir(parents=True, exist_ok=True)
-            finished += run_on_cluster(Path(out), cfg, tiling, jobs, strict)
-    else:
-        device = resolve_device(cfg.features.device)
-        device_name = device.type
-        if jobs:
-            features_dir.mkdir(parents=True, exist_ok=True)
-            encoder = build_encoder(cfg.features)
-            embedder = Embedder(encoder, device, batch_size=cfg.features.batch_size, amp=cfg.features.amp)
-            finished += run_jobs(jobs, embedder, cfg.features, strict=strict, progress=progress)
+    timeout = cfg.compute.claim_timeout_s
+    with Claims(layout.locks_dir, timeout) as held:
+        removed = clean_partials(features_dir, keep=lambda output: owner_alive(claim_path(output), timeout))
+        held.sweep(features_dir)
+        if removed:
+            log.info("removed %d leftovers of interrupted writes in %s", removed, features_dir)
+        jobs, finished = plan_slides(layout, tiling, cfg, ids)
+        if strict and any(r.status == "failed" for r in finished):
+            first = next(r for r in finished if r.status == "failed")
+            raise SlideError(f"slide {first.slide_id}: {first.error}")
+        embed = _Embedding(Path(out), cfg, tiling, strict, progress)
+        waiting: list[str] = []
+        waited = 0.0
+        while jobs or waiting:
+            mine = []
+            for job in jobs:  # bags another live process is writing are left to it, and waited for
+                holder = held.claim(job.bag)
+                if holder is None:
+                    mine.append(job)
+                else:
+                    log.info("slide %s: %s is embedding it; waiting for it at the end", job.slide_id, holder)
+                    waiting.append(job.slide_id)
+            if mine:  # planned again now that they are ours: another process may have just finished some
+                mine, done = plan_slides(layout, tiling, cfg, [j.slide_id for j in mine])
+                finished += done
+                features_dir.mkdir(parents=True, exist_ok=True)
+                finished += embed(mine) if mine else []
+                for result in done:
+                    held.release(layout.bag(tiling, key, result.slide_id))
+                for job in mine:
+                    held.release(job.bag)
+            jobs = []
+            if waiting:  # finished by the other process (reused), or its owner is gone (embedded here)
+                if waited:
+                    time.sleep(wait_pause(waited))
+                waited += wait_pause(waited)
+                again, done = plan_slides(layout, tiling, cfg, waiting)
+                finished += done
+                jobs = [j for j in again if not owner_alive(claim_path(j.bag), timeout)]
+                taken = {j.slide_id for j in jobs}
+                waiting = [j.slide_id for j in again if j.slide_id not in taken]
+    device_name = embed.device_name
     order = {sid: i for i, sid in enumerate(ids)}
     finished.sort(key=lambda r: order[r.slide_id])
     report = ExtractReport(tiling, key, features_dir, device_name, finished, time.perf_counter() - started)
     if features_dir.is_dir():
-        _write_status(layout.extract_status(tiling, key), report)
+        _write_status(layout.extract_status(tiling, key), report, layout.locks_dir)
     for result in report.failed:
         log.warning("slide %s failed: %s", result.slide_id, result.error)
     return report
 
 
-def _write_status(path: Path, report: ExtractReport) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["slide_id", "status", "n_patches", "seconds", "error"])
-    for r in report.results:
-        writer.writerow([r.slide_id, r.status, r.n_patches, f"{r.seconds:.2f}", r.error])
-    write_text_atomic(path, buffer.getvalue())
+class _Embedding:
+    """Embeds jobs on the Dask cluster of ``compute.scheduler`` or on this machine's device (encoder built once)."""
+
+    def __init__(self, out: Path, cfg: Config, tiling: str, strict: bool, progress: bool) -> None:
+        self.out, self.cfg, self.tiling, self.strict, self.progress = out, cfg, tiling, strict, progress
+        self.embedder: Embedder | None = None
+        self.device_name = "dask:" + cfg.compute.scheduler if cfg.compute.scheduler else \
+            resolve_device(cfg.features.device).type
+
+    def __call__(self, jobs: list[Job]) -> list[SlideResult]:
+        if self.cfg.compute.scheduler:  # the workers resolve their own device
+            return run_on_cluster(self.out, self.cfg, self.tiling, jobs, self.strict)
+        if self.embedder is None:
+            features = self.cfg.features
+            self.embedder = Embedder(build_encoder(features), resolve_device(features.device),
+                                     batch_size=features.batch_size, amp=features.amp)
+        return run_jobs(jobs, self.embedder, self.cfg.features, strict=self.strict, progress=self.progress)
+
+
+def _write_status(path: Path, report: ExtractReport, lock_dir: Path) -> None:
+    """Merge this call's rows into the status CSV (rows of slides other calls embedded stay)."""
+    rows = [{"slide_id": r.slide_id, "status": r.status, "n_patches": r.n_patches, "seconds": f"{r.seconds:.2f}",
+             "error": r.error} for r in report.results]
+    merge_csv_rows(path, ["slide_id", "status", "n_patches", "seconds", "error"], rows, lock_dir=lock_dir)

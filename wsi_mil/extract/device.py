@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wsi_mil.config import FeaturesConfig
-from wsi_mil.errors import SlideError
+from wsi_mil.errors import SlideError, is_slide_problem, name_slide, resource_error, resource_problem
 from wsi_mil.extract.embedder import Embedder
 from wsi_mil.extract.planning import Job, write_pt
 from wsi_mil.extract.reader import PatchBlocks, block_spans, open_reader
@@ -49,7 +49,12 @@ def _finish(job: Job, features: torch.Tensor | None, encoder_attrs: dict[str, An
         write_bag(job.bag, stored, coords, {**job.attrs, **encoder_attrs})
         if cfg.export_pt:
             write_pt(job.bag, values)
-    except Exception as exc:  # disk full, permissions, unwritable attribute: this slide fails, others go on
+    except Exception as exc:  # permissions, unwritable attribute: this slide fails, others go on
+        if resource_problem(exc) is not None:  # a full disk fails every slide after it: stop, say so
+            raise resource_error(exc, job.bag, f"finished bags are kept in {job.bag.parent}") from None
+        if not isinstance(exc, (OSError, ValueError)):
+            name_slide(exc, job.slide_id, f"writing the bag {job.bag}")
+            raise
         return SlideResult(job.slide_id, "failed", f"cannot write {job.bag} ({exc.__class__.__name__}: {exc}); "
                            "check free disk space and permissions, then rerun.", job.n_patches, None, seconds)
     log.info("embedded %s: %d patches in %.1f s", job.slide_id, job.n_patches, seconds)
@@ -91,10 +96,12 @@ def run_jobs(jobs: list[Job], embedder: Embedder, cfg: FeaturesConfig, *, strict
                 else:
                     try:
                         job.parts.append(embedder(patches))
-                    except SlideError as exc:
-                        job.error = str(exc)
-                    except RuntimeError as exc:
-                        job.error = f"encoder failed on {job.store}: {exc.__class__.__name__}: {str(exc)[:300]}"
+                    except Exception as exc:
+                        if not is_slide_problem(exc):  # a bug or a broken encoder: every slide would fail
+                            name_slide(exc, job.slide_id, f"embedding patches {start}.. of {job.store}")
+                            raise
+                        job.error = str(exc) if isinstance(exc, SlideError) else \
+                            f"encoder failed on {job.store}: {exc.__class__.__name__}: {str(exc)[:300]}"
                     bar.update(len(patches))
                 job.remaining -= 1
                 if job.error or job.remaining == 0:

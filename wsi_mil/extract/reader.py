@@ -18,13 +18,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_mil.config import FeaturesConfig
+from wsi_mil.errors import is_slide_problem, name_slide
 
 
 class PatchBlocks(Dataset):
     """One item = one block of consecutive patches of one slide: ``(slide_index, start, uint8 tensor, error)``.
 
     Stores are opened lazily in whichever process reads (never pickled open); a read error is returned
-    as a message so that one corrupt chunk fails its slide, not the whole stream.
+    as a message so that one corrupt chunk fails its slide, not the whole stream; any other error (a
+    bug, a full disk: :func:`wsi_mil.errors.is_slide_problem`) propagates with the store named.
     """
 
     def __init__(self, stores: list[Path], blocks: list[tuple[int, int, int]]) -> None:
@@ -53,6 +55,9 @@ class PatchBlocks(Dataset):
             data = np.ascontiguousarray(self._array(slide)[start:stop])
             return slide, start, torch.from_numpy(data), ""
         except Exception as exc:
+            if not is_slide_problem(exc):  # a bug or a resource error: not this store's fault
+                name_slide(exc, self.stores[slide], f"reading patches {start}-{stop - 1}")
+                raise
             return slide, start, torch.empty(0, dtype=torch.uint8), f"{exc.__class__.__name__}: {exc}"
 
 
@@ -87,6 +92,8 @@ def _threadopen_reader(dataset: PatchBlocks, depth: int, pin: bool) -> Iterator[
                 if pin and data.numel():
                     data = data.pin_memory()
                 put((slide, start, data, error))
+        except BaseException as exc:  # a bug or a resource error: raised again in the consuming thread
+            put(exc)
         finally:
             put(_END)
 
@@ -94,6 +101,8 @@ def _threadopen_reader(dataset: PatchBlocks, depth: int, pin: bool) -> Iterator[
     thread.start()
     try:
         while (item := items.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
             yield item
     finally:
         stop.set()

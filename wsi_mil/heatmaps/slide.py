@@ -14,7 +14,7 @@ from wsi_mil.config import HeatmapConfig
 from wsi_mil.errors import WsiMilError
 from wsi_mil.heatmaps.geojson import scores_geojson, write_geojson
 from wsi_mil.heatmaps.montage import top_k_montage
-from wsi_mil.heatmaps.normalise import normalize_scores
+from wsi_mil.heatmaps.normalise import comparable_scores, normalize_scores, resolve_method
 from wsi_mil.heatmaps.rasterise import check_coords, score_grid
 from wsi_mil.heatmaps.render import as_rgb, overlay_rgb, render_overlay
 from wsi_mil.heatmaps.tiff import write_pyramidal_tiff
@@ -62,6 +62,8 @@ def render_slide_heatmap(
     score_label: str = "score",
     mpp_level0: float | None = None,
     properties: Mapping[str, Any] | None = None,
+    model_name: str = "",
+    bounds: tuple[float, float] | None = None,
 ) -> SlideHeatmap:
     """Write every heatmap output of one slide into ``out_dir`` (each file atomically).
 
@@ -93,12 +95,18 @@ def render_slide_heatmap(
         Level-0 um/px; the TIFF's MPP is ``mpp_level0 * downsample / cfg.tiff_scale``.
     properties : mapping, optional
         Extra collection properties of the GeoJSON (model, run id...).
+    model_name : str
+        The model's label; decides what ``cfg.normalize == "auto"`` means
+        (:func:`wsi_mil.heatmaps.normalise.resolve_method`).
+    bounds : tuple of float, optional
+        The cohort's clip range for the ``cohort`` scale (:func:`wsi_mil.heatmaps.normalise.cohort_bounds`
+        of every slide's :func:`~wsi_mil.heatmaps.normalise.comparable_scores`); without it the slide's own.
 
     Returns
     -------
     SlideHeatmap
         ``<id>.png`` (overlay with colour bar and tissue outline), ``<id>.geojson`` (``score`` = the given
-        score, ``measurements`` also ``score_<normalize>``), ``<id>_topk.png`` when ``patches`` is given
+        score, ``measurements`` also ``score_<scale>``, the scale being ``cfg.normalize`` resolved), ``<id>_topk.png`` when ``patches`` is given
         and ``cfg.top_k > 0``, ``<id>_heatmap.tif`` when ``cfg.pyramidal_tiff``.
 
     Raises
@@ -117,30 +125,40 @@ def render_slide_heatmap(
             f"heatmap for slide {slide_id}: the patch store has {patches.shape[0]} patches but there are "
             f"{raw.shape[0]} scores; re-extract the features from this patch store."
         )
-    norm = normalize_scores(raw, cfg.normalize, percentiles=(cfg.percentile_low, cfg.percentile_high))
+    method = resolve_method(cfg.normalize, model_name)
+    percentiles = (cfg.percentile_low, cfg.percentile_high)
+    shown, scaled = comparable_scores(raw) if method == "cohort" else (raw, False)
+    norm = normalize_scores(shown, method, percentiles=percentiles, bounds=bounds)
     shape = thumbnail.shape[:2]
     grid, coverage = score_grid(coords, norm, patch_size_level0, downsample, shape)
     if raw.size and not coverage.any():
         log.warning("%s: no scored patch falls inside the thumbnail (check coords and downsample)", slide_id)
 
-    finite = raw[np.isfinite(raw)]
-    if cfg.normalize == "raw" and finite.size:
+    finite = shown[np.isfinite(shown)]
+    value_range = (0.0, 1.0)
+    if method == "absolute":
+        label = f"{score_label} (absolute scale, 0-1)"
+    elif method == "cohort":
+        value_range = bounds if bounds is not None else (
+            tuple(float(v) for v in np.percentile(finite, percentiles)) if finite.size else (0.0, 1.0))
+        what = f"{score_label} x patches (1 = uniform)" if scaled else score_label
+        label = f"{what}, {'one scale for the cohort' if bounds is not None else 'scale of this slide only'}"
+    elif method == "raw" and finite.size:
         value_range = (float(finite.min()), float(finite.max()))
-        label = score_label
+        label = f"{score_label} (min-max of this slide only)"
     else:
-        value_range = (0.0, 1.0)
-        label = f"{score_label} ({cfg.normalize}-normalised)"
+        label = f"{score_label} ({method}-normalised, this slide only)"
     png = render_overlay(
         thumbnail, grid, tissue_mask=tissue_mask, cmap=cfg.colormap, alpha=cfg.alpha,
         title=title or slide_id, out_png=slide_file(out_dir, slide_id, ".png"), score_label=label, value_range=value_range,
     )
 
-    meta = {"normalize": cfg.normalize, "score_label": score_label}
+    meta = {"normalize": method, "score_label": score_label}
     meta.update(dict(properties or {}))
     collection = scores_geojson(
         coords, raw, patch_size_level0, properties=meta, slide_id=slide_id,
-        measurements={f"score_{cfg.normalize}": norm}, object_type=cfg.geojson_object_type,
-        classification=score_label, bin_by=f"score_{cfg.normalize}", colormap=cfg.colormap,
+        measurements={f"score_{method}": norm}, object_type=cfg.geojson_object_type,
+        classification=score_label, bin_by=f"score_{method}", colormap=cfg.colormap,
     )
     geojson = write_geojson(slide_file(out_dir, slide_id, ".geojson"), collection)
 
@@ -160,6 +178,6 @@ def render_slide_heatmap(
         mpp = mpp_level0 * downsample / scale if mpp_level0 else None
         tiff = write_pyramidal_tiff(slide_file(out_dir, slide_id, "_heatmap.tif"), rgb, mpp=mpp,
                                     compression=cfg.tiff_compression,
-                                    description=f"wsi-mil heatmap {slide_id} ({score_label}, {cfg.normalize})")
+                                    description=f"wsi-mil heatmap {slide_id} ({score_label}, {method})")
     log.info("heatmap %s: %d patches -> %s", slide_id, raw.size, out_dir)
     return SlideHeatmap(slide_id=slide_id, png=png, geojson=geojson, montage=montage, tiff=tiff)

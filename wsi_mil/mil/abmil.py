@@ -14,6 +14,12 @@ class ABMIL(MILModel):
 
     Plain: act = ReLU (as the MHIM-MIL reference code runs it, see docs/MHIM-MIL.md).
     Gated: tanh(V h) * sigmoid(U h). ``instance_scores`` is the attention a (sums to 1).
+
+    Ilse, Tomczak and Welling, "Attention-based Deep Multiple Instance Learning", ICML 2018, Eqs. 8-9.
+    Attention layers V, U and w have no bias terms, as in the MHIM-MIL v1 reference code's ABMIL (the
+    paper's equations have none either; Ilse's code has them). A bias on w cannot change a softmax over
+    instances; one on V would shift the ReLU/tanh hinge. Deviations from the MHIM-MIL reference: none in
+    the plain variant beyond Xavier-normal init; the gated variant follows Ilse et al. Eq. 9.
     """
 
     def __init__(
@@ -28,9 +34,9 @@ class ABMIL(MILModel):
         super().__init__()
         self.gated = gated
         self.embed = make_embed(in_dim, hidden_dim, dropout)
-        self.attention_v = nn.Linear(hidden_dim, attention_dim)
-        self.attention_u = nn.Linear(hidden_dim, attention_dim) if gated else None
-        self.attention_w = nn.Linear(attention_dim, 1)
+        self.attention_v = nn.Linear(hidden_dim, attention_dim, bias=False)
+        self.attention_u = nn.Linear(hidden_dim, attention_dim, bias=False) if gated else None
+        self.attention_w = nn.Linear(attention_dim, 1, bias=False)
         self.head = nn.Linear(hidden_dim, n_classes)
         xavier_init(self)
 

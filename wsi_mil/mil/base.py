@@ -74,6 +74,13 @@ class MILModel(nn.Module):
         """Supervised loss for one bag (target: scalar class index tensor)."""
         return nn.functional.cross_entropy(out.logits.unsqueeze(0), target.view(1))
 
+    def bag_probs(self, out: MILOutput) -> Tensor:
+        """Class probabilities [C] of one bag: the softmax of the bag logits (DSMIL overrides it).
+
+        Every score uses them: validation AUC, checkpoint and threshold choice, test metrics.
+        """
+        return torch.softmax(out.logits.float().reshape(-1), dim=0)
+
 
 @dataclass
 class Prediction:

@@ -56,8 +56,19 @@ from wsi_mil.mil.fit import FitResult, fit
 from wsi_mil.mil.methods import BagMethod, build_method, method_label, seed_everything
 from wsi_mil.mil.models import build_model
 from wsi_mil.mil.notes import cohort_note, fold_note, single_class_note, summary_note
+from wsi_mil.mil.resume import RESUME_TAG, finished_folds, owner_tags, resume_key, take_over_stale
 from wsi_mil.mil.splits import fold_ids, make_splits, split_counts
-from wsi_mil.tracking import FoldRun, Tracker, code_version, experiment_name, open_tracker, run_guard
+from wsi_mil.tracking import (
+    FOLD_TAG,
+    SEED_TAG,
+    FoldRun,
+    RunRecord,
+    Tracker,
+    code_version,
+    experiment_name,
+    open_tracker,
+    run_guard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +213,8 @@ class _FoldRunner:
                      "fit/stopped_early": float(result.stopped_early)}
             if threshold is not None:
                 final["fit/threshold"] = threshold
+            if cfg.model.name == "ins":  # INS: how long after pseudo-labelling began the checkpoint was taken
+                final["fit/best_epoch_from_proto_start"] = result.best_epoch - cfg.model.ins.proto_start
             final.update({f"fit/val_{k}": v for k, v in val_metrics.items()})
             final.update({f"test/{k}": v for k, v in test_metrics.items()})
             tracker.log_metrics(run_id, final, step=0)  # single values: bars in the UI, not one-dot curves
@@ -256,7 +269,11 @@ class _FoldRunner:
                            extras=FoldExtras(config=cfg, bag_paths=ctx.extras.bag_paths))
         method = BagMethod(build_model(model_name, ctx.in_dim, ctx.n_classes, cfg.model), cfg, bctx, model_name)
         method.setup(bctx)
-        result = fit(method, bctx, cfg.training, desc=f"baseline {model_name} s{ctx.seed}f{ctx.fold}",
+        mcfg = cfg.model.mhim
+        btcfg = cfg.training.model_copy(update={
+            "min_epochs": cfg.training.min_epochs if mcfg.baseline_min_epochs is None else mcfg.baseline_min_epochs,
+            "patience": cfg.training.patience if mcfg.baseline_patience is None else mcfg.baseline_patience})
+        result = fit(method, bctx, btcfg, desc=f"baseline {model_name} s{ctx.seed}f{ctx.fold}",
                      progress=cfg.training.progress,
                      log_epoch=lambda row, step: self.tracker.log_metrics(
                          run_id, {f"baseline/{k}": v for k, v in row.items()}, step))
@@ -297,6 +314,23 @@ class _FoldRunner:
             raise WsiMilError(f"model.mhim.baseline_run {run_id} was trained on {ckpt['in_dim']}-d features, "
                               f"these bags are {self.data.store.dim}-d.")
         return model_from_checkpoint(ckpt, self.cfg).to(self.device)
+
+
+def _reused_fold(runner: _FoldRunner, run: RunRecord) -> FoldResult:
+    """A finished fold of a resumed training, read back from its run (its checkpoint joins the model)."""
+    seed, fold = int(run.tags[SEED_TAG]), int(run.tags[FOLD_TAG])
+    with tempfile.TemporaryDirectory(prefix="wsi-mil-resume-") as tmp:
+        text = {str: ["slide_id", "patient_id", "split", "label_name", "pred_name"]}
+        preds = pd.read_csv(runner.tracker.download(run.run_id, "predictions.csv", Path(tmp)),
+                            dtype={c: t for t, cols in text.items() for c in cols})
+    if runner.log_model:
+        runner.checkpoints.append(load_checkpoint(runner.tracker, run.run_id))
+    m = run.metrics
+    log.info("seed %d fold %d: finished before the training was killed; reusing run %s", seed, fold, run.run_id)
+    return FoldResult(seed, fold, run.run_id, int(m.get("fit/best_epoch", -1)), int(m.get("fit/epochs_run", 0)),
+                      m.get("fit/threshold"), {k[len("fit/val_"):]: v for k, v in m.items() if k.startswith("fit/val_")},
+                      {k[len("test/"):]: v for k, v in m.items() if k.startswith("test/")}, preds, {},
+                      run.tags.get("wsi_mil.val_auc", "").removeprefix("undefined: ") or None)
 
 
 def _same(a: pd.DataFrame, b: pd.DataFrame, seed: Any, fold: Any) -> bool:
@@ -351,14 +385,16 @@ class ParentRun:
     tags: dict[str, str]  # shared by the parent and its fold runs
     head: str  # the start of its description
     pairs: list[tuple[int, int]]  # (seed, fold) of every fold training
+    resumed: bool = False  # an earlier parent run of the same settings, data and splits, going on
 
 
-def start_parent(out: Path, cfg: Config, tags: dict[str, str] | None = None, *, resume: str | None = None) -> ParentRun:
+def start_parent(out: Path, cfg: Config, *, resume: str | None = None, take_over: bool = True) -> ParentRun:
     """Read the cohort, open the parent run and log its params, dataset, config and splits.
 
-    ``tags`` are added to the parent run only. The run is ended FAILED when this logging fails.
-    ``resume``: the id of an unfinished parent run of the same settings and data, marked RUNNING again
-    and not logged twice.
+    A new parent run is tagged with its resume key and owner (:mod:`wsi_mil.mil.resume`); it is ended
+    FAILED when this logging fails. ``take_over``: a stale parent of a killed training with the same
+    key is resumed instead. ``resume``: the id of an ended (FAILED, KILLED) parent with the same key to
+    go on with, marked RUNNING again. A resumed parent is not logged twice.
     """
     data = load_cohort(out, cfg)
     tracker = open_tracker(out, cfg)
@@ -368,10 +404,14 @@ def start_parent(out: Path, cfg: Config, tags: dict[str, str] | None = None, *, 
               "wsi_mil.tiling": tiling_key(cfg), "wsi_mil.data_fingerprint": data.fingerprint,
               "wsi_mil.code_version": code_version(), "wsi_mil.features_dir": str(data.features_dir.resolve()),
               "wsi_mil.classes": ",".join(data.labels.classes)}
-    if resume is not None:
+    key = resume_key(cfg, data.fingerprint, data.splits)
+    resumed = take_over_stale(tracker, experiment_id, key) if take_over else None  # a killed training goes on
+    if resume is not None and resumed is None:
         tracker.reopen_run(resume)
-    parent = resume or tracker.start_run(experiment_id, cfg.tracking.run_name or f"{label} cv",
-                                         tags={**shared, **(tags or {}), "wsi_mil.role": "cv"})
+        tracker.set_tags(resume, owner_tags())
+        resumed = resume
+    parent = resumed or tracker.start_run(experiment_id, cfg.tracking.run_name or f"{label} cv",
+                                          tags={**shared, "wsi_mil.role": "cv", RESUME_TAG: key, **owner_tags()})
     log.info("training %s on %d slides (%d classes, %d-d features) -> MLflow run %s (%s)", label,
              len(data.labels.df), data.labels.n_classes, data.store.dim, parent, tracker.shown_uri)
     pairs = sorted({(int(s), int(f)) for s, f in zip(data.splits["seed"], data.splits["fold"], strict=True)})
@@ -379,8 +419,8 @@ def start_parent(out: Path, cfg: Config, tags: dict[str, str] | None = None, *, 
     head = cohort_note(model=label, labels=data.labels, source=source, encoder=shared["wsi_mil.encoder"],
                        tiling=shared["wsi_mil.tiling"], n_folds=len({f for _, f in pairs}),
                        seeds=sorted({s for s, _ in pairs}), in_dim=data.store.dim)
-    if resume is not None:
-        return ParentRun(cfg, data, tracker, experiment_id, parent, shared, head, pairs)
+    if resumed is not None:  # a resumed parent holds these already
+        return ParentRun(cfg, data, tracker, experiment_id, parent, shared, head, pairs, resumed=True)
     try:
         tracker.set_description(parent, head)
         tracker.log_params(parent, {**cfg.flat(), "n_slides": len(data.labels.df),
@@ -445,9 +485,10 @@ def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> Trai
     parent = start_parent(out, cfg)
     with run_guard(parent.tracker, parent.run_id):
         runner = fold_runner(parent, method_factory=method_factory)
+        done = finished_folds(parent.tracker, parent.run_id) if parent.resumed else {}
         results = []
         for seed, fold in parent.pairs:
-            r = runner.run(seed, fold)
+            r = _reused_fold(runner, done[(seed, fold)]) if (seed, fold) in done else runner.run(seed, fold)
             log.info("seed %d fold %d: best epoch %d/%d, test AUC %.4f", seed, fold, r.best_epoch, r.epochs_run,
                      r.test_metrics.get("auc", float("nan")))
             results.append(r)

@@ -27,8 +27,6 @@ floating-point differences between machines and thread counts).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import socket
 import tempfile
@@ -56,12 +54,13 @@ from wsi_mil.mil.cv import (
     start_parent,
     summarise_parent,
 )
+from wsi_mil.mil.resume import RESUME_TAG, resume_key
 from wsi_mil.tracking import FOLD_TAG, ROLE_TAG, SEED_TAG, RunRecord, Tracker, experiment_name, open_tracker
 
 log = logging.getLogger(__name__)
 
 GPU_RESOURCE = "GPU"
-HOST_TAG, WORKER_TAG, RESUME_TAG = "wsi_mil.host", "wsi_mil.worker", "wsi_mil.resume_key"
+HOST_TAG, WORKER_TAG = "wsi_mil.host", "wsi_mil.worker"
 POLL_S = 0.5  # how often the client looks at its fold tasks and at the workers that can run them
 
 
@@ -129,14 +128,6 @@ def train_fold_task(out: str, cfg: Config, parent_id: str, experiment_id: str, t
 
 
 # ------------------------------------------------------------------------------------------ client side
-def resume_key(cfg: Config, *, fingerprint: str, labels: pd.DataFrame) -> str:
-    """Hash of what a parent run's folds depend on: model, training and logging settings, labels, bags."""
-    data = {"config": cfg.model_dump(mode="json", include={"model", "training"}),
-            "log": [cfg.tracking.log_checkpoints, cfg.tracking.log_model],
-            "labels": pd.util.hash_pandas_object(labels, index=False).tolist(), "bags": fingerprint}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def fold_of(tracker: Tracker, parent_id: str, seed: int, fold: int, *, load_checkpoint: bool) -> FoldOutcome | None:
     """The finished fold run (seed, fold) of ``parent_id`` read back from MLflow, or None.
 
@@ -223,8 +214,9 @@ class ClusterTrainer:
             log.warning("training on a Dask cluster with the SQLite store in %s: every worker writes it over the "
                         "shared file system; an MLflow server (--tracking-uri http://HOST:PORT) is safer", self.out)
         data = load_cohort(self.out, cfg)
-        key = resume_key(cfg, fingerprint=data.fingerprint, labels=data.labels.df)
+        key = resume_key(cfg, data.fingerprint, data.splits)
         earlier = tracker.find_runs(experiment_name(cfg), f"tags.`{RESUME_TAG}` = '{key}'") if resume else []
+        earlier = [r for r in earlier if r.status != "RUNNING"]  # a running one is live, or stale (taken over below)
         if earlier and earlier[0].status == "FINISHED":
             log.info("%s: reusing finished MLflow run %s (same settings, labels and bags)", cfg.model.name,
                      earlier[0].run_id)
@@ -232,12 +224,11 @@ class ClusterTrainer:
             job.result = _finished_result(tracker, earlier[0].run_id)
             self.jobs.append(job)
             return job.parent.run_id
-        unfinished = earlier[0].run_id if earlier else None
-        parent = start_parent(self.out, cfg, {RESUME_TAG: key}, resume=unfinished)
+        parent = start_parent(self.out, cfg, resume=earlier[0].run_id if earlier else None, take_over=resume)
         job = _Job(parent)
         need_checkpoint = cfg.tracking.log_model
-        if unfinished is not None:
-            for run in tracker.child_runs(unfinished):
+        if parent.resumed:
+            for run in tracker.child_runs(parent.run_id):
                 if run.tags.get(ROLE_TAG) != "fold":
                     continue
                 outcome = _finished_fold(tracker, run, need_checkpoint)
@@ -246,7 +237,7 @@ class ClusterTrainer:
                     job.done[pair] = outcome
                 else:  # killed, failed or a duplicate: trained again
                     tracker.delete_run(run.run_id)
-            log.info("%s: resuming MLflow run %s, %d of %d folds already trained", cfg.model.name, unfinished,
+            log.info("%s: resuming MLflow run %s, %d of %d folds already trained", cfg.model.name, parent.run_id,
                      len(job.done), len(parent.pairs))
         baseline_id = cfg.model.mhim.baseline_run if cfg.model.name == "mhim" else None
         job.baseline = next((j for j in self.jobs if baseline_id and j.parent.run_id == baseline_id), None)

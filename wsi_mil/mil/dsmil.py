@@ -1,4 +1,4 @@
-"""DSMIL (Li et al., CVPR 2021): max-instance stream + critical-instance attention stream."""
+"""DSMIL (Li, Li and Eliceiri, CVPR 2021): max-instance stream + critical-instance attention stream."""
 
 from __future__ import annotations
 
@@ -14,13 +14,28 @@ from wsi_mil.mil.layers import make_embed, xavier_init
 class DSMIL(MILModel):
     """Dual-stream MIL on embedded instances h [N, hidden].
 
-    1. Instance classifier: instance logits [N, C]; the critical instance of class c is argmax_i.
-    2. Queries q = tanh(W2 relu(W1 h)); A = softmax over N of <q_i, q_crit_c> / sqrt(d_q) -> [N, C].
-    3. B = A^T V [C, hidden] (V = Dropout + Linear on h); bag logits = Conv1d(C, C, kernel=hidden)(B).
+    Li, Li and Eliceiri, "Dual-stream Multiple Instance Learning Network for Whole Slide Image
+    Classification with Self-supervised Contrastive Learning", CVPR 2021:
+
+    1. Instance classifier (Eq. 1): instance logits [N, C]; the critical instance of class c is
+       ``argmax_i`` of its logits (the max-pooling stream).
+    2. Queries ``q = tanh(W2 relu(W1 h))`` (Eq. 2); ``A = softmax_N(<q_i, q_crit_c> / sqrt(d_q))`` -> [N, C]
+       (Eq. 3, with the 1/sqrt(d) scaling of the reference code).
+    3. ``B = A^T V`` [C, hidden] (Eq. 4); bag logits = ``Conv1d(C, C, kernel=hidden)(B)`` (Eq. 5).
+    4. Score (Eq. 6 and the reference code's test step): the mean of the bag softmax and the softmax
+       of the max-instance logits (:meth:`bag_probs`); loss = 0.5 CE(bag) + 0.5 CE(max-instance logits).
+
+    Value layer V: ``Linear(hidden, hidden) + ReLU`` (after an optional Dropout, ``value_dropout`` = 0),
+    as the MHIM-MIL v1 reference code's DSMIL student runs it. The dsmil-wsi reference code
+    (binli123/dsmil-wsi, ``passing_v=False`` by default) uses the identity instead; we follow MHIM-MIL
+    because DSMIL's published MHIM numbers and our MHIM student come from that code.
+
+    Deviations from the reference code: the instance embedding (``embed``: Linear + ReLU + Dropout) is
+    shared by both streams, as in MHIM-MIL v1 (dsmil-wsi feeds raw features to the instance classifier);
+    weights are Xavier-normal initialised.
 
     ``embedding`` is B [C, hidden]; ``instance_scores`` is the class-1 attention column for binary
     tasks (the mean over classes otherwise), so it sums to 1; ``instance_logits`` are returned.
-    ``bag_loss`` = 0.5 CE(bag) + 0.5 CE(max over instances of the instance logits).
     """
 
     def __init__(
@@ -38,13 +53,13 @@ class DSMIL(MILModel):
         self.query = nn.Sequential(
             nn.Linear(hidden_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh()
         )
-        self.value = nn.Sequential(nn.Dropout(value_dropout), nn.Linear(hidden_dim, hidden_dim))
+        self.value = nn.Sequential(nn.Dropout(value_dropout), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
         self.bag_classifier = nn.Conv1d(n_classes, n_classes, kernel_size=hidden_dim)
         self.query_dim = query_dim
         xavier_init(self)
 
     def aggregate(self, h: Tensor) -> MILOutput:
-        """Dual-stream aggregation (Li et al., CVPR 2021; the steps of the class docstring).
+        """Dual-stream aggregation (Li et al., CVPR 2021, Eqs. 1-5; the steps of the class docstring).
 
         h [N, hidden] -> MILOutput:
             ``logits`` [C], ``embedding`` B [C, hidden], ``instance_scores`` [N] (attention of class 1,
@@ -68,3 +83,14 @@ class DSMIL(MILModel):
         max_logits = out.instance_logits.max(dim=0).values
         inst_ce = nn.functional.cross_entropy(max_logits.unsqueeze(0), target)
         return 0.5 * bag_ce + 0.5 * inst_ce
+
+    def bag_probs(self, out: MILOutput) -> Tensor:
+        """``0.5 softmax(bag logits) + 0.5 softmax(max over instances of the instance logits)`` [C].
+
+        The score of the reference codes (dsmil-wsi and MHIM-MIL v1 test steps): the two streams' class
+        probabilities averaged; it drives validation AUC, checkpoint and threshold choice and test metrics.
+        """
+        assert out.instance_logits is not None
+        bag = torch.softmax(out.logits.float().reshape(-1), dim=0)
+        inst = torch.softmax(out.instance_logits.float().max(dim=0).values, dim=0)
+        return 0.5 * bag + 0.5 * inst

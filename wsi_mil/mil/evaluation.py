@@ -135,7 +135,7 @@ def evaluate_run(run_id: str, out: Path, cfg: Config, *, method_factory: MethodF
         When the run, its checkpoints or the bags of its test slides cannot be found.
     """
     out = Path(out)
-    tracker = open_tracker(out, cfg)
+    tracker = open_tracker(out, cfg, create=False)
     run_id = tracker.parent_of(run_id)
     run = tracker.get_run(run_id)
     run_cfg = tracker.load_config(run_id)

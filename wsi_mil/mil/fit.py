@@ -4,6 +4,9 @@ After every epoch the validation bags are scored; the state with the best valida
 validation loss) is kept. Training stops after ``training.patience`` epochs without a validation-AUC
 gain of more than ``training.min_delta`` (never before ``training.min_epochs``). With a validation split
 of one class, early stopping follows the validation loss; without validation bags every epoch runs.
+A method with a ``first_checkpoint_epoch`` attribute (INS: ``proto_start``) has no checkpoint chosen
+from the epochs before it, and patience counts from there (the last such epoch is
+kept only when training ends before it).
 
 Per-epoch metrics are named ``train/<name>`` (what the method's ``train_epoch`` reports: ``loss``,
 ``lr``, ...) and ``val/auc``, ``val/loss`` (:func:`epoch_metric_name`); the history keeps the same names.
@@ -38,6 +41,7 @@ class FitResult:
     best_val_loss: float
     stopped_early: bool
     history: dict[str, list[float]] = field(default_factory=dict)
+    first_checkpoint_epoch: int = 0  # epochs before it were never candidates (INS: proto_start)
 
 
 def epoch_metric_name(key: str) -> str:
@@ -69,6 +73,7 @@ def fit(method: MILMethod, ctx: FoldContext, tcfg: TrainingConfig, *,
     history: dict[str, list[float]] = {}
     best: tuple[float, float] = (-math.inf, math.inf)  # (val AUC or -loss, val loss)
     best_epoch, best_state, since, epoch = -1, None, 0, -1
+    first = max(0, int(getattr(method, "first_checkpoint_epoch", 0) or 0))
     bar = tqdm(range(epochs), desc=desc or "train", unit="ep", leave=False,
                disable=None if progress else True)
     stopped = False
@@ -87,6 +92,10 @@ def fit(method: MILMethod, ctx: FoldContext, tcfg: TrainingConfig, *,
             history.setdefault(k, []).append(v)
         if log_epoch is not None:
             log_epoch(row, epoch)
+        if epoch < first:  # before pseudo-labelling: a fallback only, never the best
+            if epoch == epochs - 1:
+                best_epoch, best_state = epoch, copy_state(method.state_dict())
+            continue
         gained = score > best[0] + (tcfg.min_delta if monitor_auc else 0.0)
         tie_better = score == best[0] and (val_loss < best[1])
         if gained or tie_better or best_state is None:
@@ -102,4 +111,4 @@ def fit(method: MILMethod, ctx: FoldContext, tcfg: TrainingConfig, *,
     if best_state is not None:
         method.load_state_dict(best_state)
     best_auc = history.get("val/auc", [float("nan")] * (best_epoch + 1))[best_epoch] if best_epoch >= 0 else float("nan")
-    return FitResult(best_epoch, epoch + 1, float(best_auc), float(best[1]), stopped, history)
+    return FitResult(best_epoch, epoch + 1, float(best_auc), float(best[1]), stopped, history, first)

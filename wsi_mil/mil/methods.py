@@ -1,7 +1,8 @@
 """Training methods (what the trainer drives per fold) and their registry.
 
 - :class:`BagMethod` trains a plain bag-level :class:`~wsi_mil.mil.base.MILModel` (mean/max pooling,
-  ABMIL, TransMIL, DSMIL): one bag per step, Adam/AdamW, cosine learning rate per epoch.
+  ABMIL, TransMIL, DSMIL): one bag per step, Adam/AdamW, cosine learning rate per epoch
+  (``torch.optim.lr_scheduler.CosineAnnealingLR``).
 - :func:`build_method` picks the method for ``cfg.model.name`` from :mod:`wsi_mil.registry`: a training
   method's own builder (``mhim`` -> MHIM-MIL, ``ins`` -> INS, bound here), or :class:`BagMethod` around
   :func:`wsi_mil.mil.models.build_model` for an aggregator.
@@ -13,7 +14,6 @@ nothing (so :func:`wsi_mil.mil.checkpoints.load_fold_method` can rebuild it from
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any
 
@@ -26,6 +26,7 @@ from wsi_mil.mil.base import BagItem, FoldContext, MILMethod, MILModel, Predicti
 from wsi_mil.mil.ins import INSMethod
 from wsi_mil.mil.mhim import MHIMMethod
 from wsi_mil.mil.models import build_model
+from wsi_mil.mil.schedules import EpochLR
 from wsi_mil.registry import builder, model_spec
 
 
@@ -40,19 +41,6 @@ def make_optimizer(params: Any, cfg: TrainingConfig) -> torch.optim.Optimizer:
     """Adam or AdamW with the configured learning rate and weight decay."""
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def cosine_lr(base_lr: float, epoch: int, num_epochs: int, min_lr: float = 0.0) -> float:
-    """Cosine-annealed learning rate for ``epoch`` (0-based) of ``num_epochs``."""
-    if num_epochs <= 1:
-        return base_lr
-    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * epoch / num_epochs))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -72,6 +60,7 @@ class BagMethod:
         self.model_name = model_name or cfg.model.name
         self.model = model.to(ctx.device)
         self.optimizer = make_optimizer(self.model.parameters(), cfg.training)
+        self.lr_schedule = EpochLR(self.optimizer, cfg.training.scheduler)
 
     def setup(self, fold: FoldContext) -> None:
         """Nothing to prepare for plain training."""
@@ -79,9 +68,7 @@ class BagMethod:
 
     def train_epoch(self, epoch: int, num_epochs: int) -> dict[str, float]:
         """One pass over the training bags in a shuffled order; returns the mean loss and the lr."""
-        tcfg = self.cfg.training
-        lr = cosine_lr(tcfg.lr, epoch, num_epochs) if tcfg.scheduler == "cosine" else tcfg.lr
-        set_lr(self.optimizer, lr)
+        lr = self.lr_schedule.start_epoch(epoch, num_epochs)
         self.model.train()
         total, count = 0.0, 0
         for i in epoch_order(len(self.ctx.train), self.ctx.seed, epoch):
@@ -118,7 +105,8 @@ def predict_with(model: nn.Module, bag: BagItem) -> Prediction:
     out = model(bag.features)
     if was_training:
         model.train()
-    probs = torch.softmax(out.logits.float().reshape(-1), dim=0).cpu().numpy()
+    probs = model.bag_probs(out).cpu().numpy() if isinstance(model, MILModel) else \
+        torch.softmax(out.logits.float().reshape(-1), dim=0).cpu().numpy()
     scores = out.instance_scores.detach().float().reshape(-1).cpu().numpy()
     return Prediction(probs=probs, instance_scores=scores)
 

@@ -8,6 +8,18 @@ per head, taken from the first layer's own queries/keys (not the Nystrom approxi
 over the N real instances only (cls itself and the repeated padding tokens are left out). ``head_scores`` [H, N] holds
 the per-head rows (each sums to 1), ``instance_scores`` [N] their mean over heads. These are what
 MHIM-MIL masks with and what heatmaps draw; they are detached from the graph.
+
+Source: Shao, Bian, Chen, Wang, Zhang, Ji and Zhang, "TransMIL: Transformer based Correlated Multiple
+Instance Learning for Whole Slide Image Classification", NeurIPS 2021, Sec. 4 (TPT module, Algorithm 1;
+PPEG); Nystrom attention from Xiong et al., "Nystromformer", AAAI 2021 (Eq. 14-15, iterative
+pseudo-inverse Eq. 16). Reference codes: szc19990412/TransMIL and the MHIM-MIL v1 TransMIL student.
+
+Deviations: (1) layout: Shao's padding (repeat the first tokens up to a square, cls prepended) is kept
+for both the stand-alone model and the MHIM student/teacher; MHIM-MIL v1 lays its student out the same
+way but computes the masking attention from the padded Nystrom layer. (2) Masking/heatmap attention is
+exact (see above); ``benchmarks/nystrom_topk.py`` measures its top-k overlap with the Nystrom cls row on
+real-size bags. (3) Nystrom padding is masked out of the keys (the reference lets zero padding tokens
+take part in attention).
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ class SlideInfo:
     mpp_note: str
     fingerprint: dict[str, Any]
     mpp_error: str = ""
+    reader_note: str = ""  # why readers tried before ``reader`` refused the file (e.g. the JPEG fast path)
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a plain dict."""
@@ -114,4 +115,5 @@ def inspect_slide(path: Path, cfg: SlidesConfig) -> SlideInfo:
         mpp_note=mpp.note,
         fingerprint=fingerprint,
         mpp_error=error,
+        reader_note=reader.fallback_note,
     )

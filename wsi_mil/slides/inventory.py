@@ -151,6 +151,14 @@ def _scan(directory: Path, cfg: SlidesConfig, extensions: tuple[str, ...], top: 
     use_dicom = ".dcm" in extensions
     dcm = [p for p in files if use_dicom and p.suffix.lower() == ".dcm" and not p.name.startswith(".")]
     entries = _dicom_entries(directory, dcm) if dcm else []
+    for path in children:  # neither file nor folder: a symbolic link whose target is gone
+        if path.is_symlink() and not path.exists():
+            target = os.readlink(path)
+            reason = f"{path} is a symbolic link to {target}, which does not exist; fix or remove the link."
+            if _is_slide_name(path.name, extensions) and not path.name.startswith("."):
+                entries.append(FolderEntry(path, slide_id(path), "failed", reason, "dangling link"))
+            else:
+                entries.append(FolderEntry(path, path.name, "skipped", reason, "dangling link"))
     for path in files:
         if path in dcm:
             continue

@@ -74,15 +74,19 @@ def read_patch(reader: SlideReader, x: int, y: int, plan: ReadPlan, out: np.ndar
     ``patch_size``: whole-number reductions average each k x k block (box, exact footprint), other
     factors use Lanczos (antialiased). Pixels outside the slide are white.
     """
-    image = reader.read_region_image((int(x), int(y)), plan.level, (plan.read_size, plan.read_size))
     method = plan.resample_filter
-    if method == "box":
-        image = image.reduce(plan.read_size // plan.patch_size)
-    elif method == "lanczos":
-        image = image.resize((plan.patch_size, plan.patch_size), Image.Resampling.LANCZOS)
+    size = (plan.read_size, plan.read_size)
+    if method == "box":  # readers that decode at a reduced scale do so here (shrink-on-load)
+        return reader.read_region_reduced_array((int(x), int(y)), plan.level, size,
+                                                plan.read_size // plan.patch_size, out=out)
+    if method == "none":
+        array = reader.read_region((int(x), int(y)), plan.level, size)
+    else:
+        image = reader.read_region_image((int(x), int(y)), plan.level, size)
+        array = np.asarray(image.resize((plan.patch_size, plan.patch_size), Image.Resampling.LANCZOS))
     if out is None:
-        return np.asarray(image)
-    out[...] = np.asarray(image)
+        return array
+    out[...] = array
     return out
 
 

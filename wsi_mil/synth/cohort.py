@@ -291,7 +291,7 @@ def generate_cohort(out: Path, *, n_slides: int, seed: int, size: int = 8192, fm
     clean_partials(slides_dir)
     clean_partials(truth_dir)
     plans = plan_cohort(int(n_slides), int(seed), tumour, float(positive_fraction), bool(artefacts))
-    for plan in tqdm(plans, desc="synth", unit="slide", disable=None):
+    for i, plan in enumerate(tqdm(plans, desc="synth", unit="slide", disable=None), 1):
         slide_path = slides_dir / f"{plan.slide_id}{FORMATS[fmt]}"
         params = {"seed": plan.seed, "width": size, "height": size, "mpp": float(mpp), "format": fmt,
                   "tumour": plan.tumour, "artefacts": list(plan.artefacts), "truth_version": TRUTH_VERSION}
@@ -302,6 +302,7 @@ def generate_cohort(out: Path, *, n_slides: int, seed: int, size: int = 8192, fm
                             tumour=plan.tumour, artefacts=plan.artefacts, slide_id=plan.slide_id)
         save_truth(truth_dir, truth, seed=plan.seed, format=fmt, tumour=plan.tumour,
                    artefacts=list(plan.artefacts), patient_id=plan.patient_id)
+        log.info("synth: slide %d of %d written (%s)", i, len(plans), slide_path.name)  # progress where no bar shows
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["slide_id", "label", "patient_id"])

@@ -45,9 +45,12 @@ class InstanceIndex:
     def __len__(self) -> int:
         return int(self.bag.shape[0])
 
-    def epoch_order(self, rng: np.random.Generator, max_instances: int | None) -> np.ndarray:
-        """A shuffled permutation of instance ids (a random subset when ``max_instances`` is set)."""
-        order = rng.permutation(len(self))
+    def epoch_order(self, rng: np.random.Generator, max_instances: int | None,
+                    positive_only: bool = False) -> np.ndarray:
+        """A shuffled permutation of instance ids (a random subset when ``max_instances`` is set);
+        ``positive_only``: the instances of positive bags only (the reference's warm-up)."""
+        ids = np.flatnonzero(self.bag_label == 1) if positive_only else np.arange(len(self))
+        order = ids[rng.permutation(ids.shape[0])]
         return order[:max_instances] if max_instances else order
 
 

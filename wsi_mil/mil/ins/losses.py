@@ -107,3 +107,13 @@ def infonce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Ten
     logits = torch.cat([pos, neg], dim=1) / temperature
     target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, target)
+
+
+def moco_warmup_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """Warm-up contrastive loss of the reference (SupCon with ``mask=None``): each q_i must pick its own
+    key k_i out of every other query, every key and the queued keys (instance identity as the class)."""
+    b = q.shape[0]
+    ids = torch.arange(b, device=q.device)
+    pool = torch.cat([q, k, queue], dim=0)
+    pool_ids = torch.cat([ids, ids, torch.full((queue.shape[0],), -1, device=q.device, dtype=ids.dtype)])
+    return supcon_loss(q, pool, ids, pool_ids, temperature)

@@ -1,6 +1,37 @@
 """INS as a :class:`~wsi_mil.mil.base.MILMethod`: train an instance classifier from slide labels with
 prototype-based pseudo labels (PPLG) and instance-level contrastive learning (IWSCL); bags are scored by
-the mean or max of instance probabilities, the aggregator chosen on the validation split."""
+the mean or max of instance probabilities, the aggregator chosen on the validation split.
+
+Source: Qu, Luo, Wang, Wang and Song (INS), "Rethinking Multiple Instance Learning for Whole Slide
+Image Classification: A Good Instance Classifier is All You Need", IEEE TCSVT 2024 (arXiv 2307.02249),
+Sec. III: IWSCL (supervised contrastive loss over queries, keys and a queue, positives by pseudo label)
+and PPLG (prototype EMA, soft targets ``conf <- phi conf + (1 - phi) onehot(argmax(s * Y))``, phi 0.95 ->
+0.8), built on PiCO (Wang et al., ICLR 2022). Reference code: miccaiif/INS (train_withbag_cam.py,
+train_bag_TCGA.py).
+
+Follows the reference code in: SGD (momentum 0.9, lr 0.01 constant, weight decay 1e-3 CAMELYON16 /
+1e-5 TCGA), batch 64, queue 8192, prototype momentum 0.9, key EMA 0.999, contrastive weight 0.5,
+temperature 0.07; warm-up before ``proto_start`` on positive-slide instances only with uniform targets
+[0.5, 0.5] and a MoCo-style contrastive loss, prototypes and queue untouched, plus a classifier-only
+pass with the bag label as target (CAMELYON16: both in epoch 0; TCGA: epoch 0 classifier-only, 1-19
+warm-up); the candidate set Y from slide labels only.
+
+Deviations (each a setting; the reference value is one setting away):
+
+- ``initial_positive_conf`` / ``pretrain_target`` None (auto, prevalence-aware: the soft target of
+  positive-slide instances starts where the classifier's 0.5 boundary falls between the two
+  populations); 0.5 / 1.0 = the reference, which collapses to all-negative pseudo labels when tumour is
+  rare.
+- ``checkpoint_from_proto_start`` true: no checkpoint from before pseudo-labelling; patience counts from
+  ``proto_start``; ``fit/best_epoch_from_proto_start`` is logged (the reference picked the best epoch on
+  the test set).
+- Feature variant: an MLP on frozen features with real feature augmentation (dropout, Gaussian noise)
+  for the two views (the reference feature scripts used identical views); features standardised.
+- Bag score: the mean or the max of instance probabilities, chosen on the validation split (the
+  reference reported several aggregators on the test set); no label leak from patch ground truth.
+- The reference's attention bag head trained in ``train_bag`` is not built; the classifier-only pass
+  trains the instance classifier on bag labels instead.
+"""
 
 from __future__ import annotations
 
@@ -38,8 +69,8 @@ from wsi_mil.mil.ins.losses import (
     auto_positive_target,
     bag_targets,
     candidate_labels,
-    infonce_loss,
     initial_confidence,
+    moco_warmup_loss,
     phi_at,
     pplg_update,
     restricted_probs,
@@ -49,6 +80,7 @@ from wsi_mil.mil.ins.losses import (
 from wsi_mil.mil.ins.memory import KeyQueue, Prototypes
 from wsi_mil.mil.ins.networks import INSNet, cnn_backbone, ema_update, feature_backbone
 from wsi_mil.mil.metrics import roc_auc
+from wsi_mil.mil.schedules import EpochLR
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +128,7 @@ class INSMethod:
         self.prototypes = Prototypes(2, self.ins.embed_dim).to(self.device)
         self.optimizer = torch.optim.SGD(self.enc_q.parameters(), lr=self.ins.lr, momentum=self.ins.momentum,
                                          weight_decay=self.ins.weight_decay)
+        self.lr_schedule = EpochLR(self.optimizer, self.ins.lr_schedule)
         self.aggregator = "mean" if self.ins.bag_aggregator == "auto" else self.ins.bag_aggregator
         self.val_auc: dict[str, float] = {}
         self.normalizer: FeatureNormalizer | None = None
@@ -150,70 +183,101 @@ class INSMethod:
         raw = to_chw(gather_patches(self.train_patch_bags, self.index, ids, self._chunk_cache), self.device)
         return self._weak(raw), self._augment(raw)
 
-    def _epoch_order(self) -> np.ndarray:
-        order = self.index.epoch_order(self.rng, self.ins.max_instances_per_epoch)
+    def _epoch_order(self, positive_only: bool = False) -> np.ndarray:
+        order = self.index.epoch_order(self.rng, self.ins.max_instances_per_epoch, positive_only)
         if self.variant == "patches":
             order = chunked_order(order, self.index, self.chunk_of, self.rng, self.ins.shuffle_chunks)
         return order
 
-    def _set_lr(self, epoch: int, num_epochs: int) -> float:
-        lr = self.ins.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, num_epochs)))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+    @property
+    def first_checkpoint_epoch(self) -> int:
+        """First epoch whose state may become the checkpoint (``proto_start`` unless switched off)."""
+        return int(self.ins.proto_start) if self.ins.checkpoint_from_proto_start else 0
 
-    def train_epoch(self, epoch: int, num_epochs: int) -> dict[str, float]:
-        """One pass over (a sample of) the training instances in shuffled cross-bag batches."""
-        if not self._ready:
-            self.setup(self.ctx)
-        self._cache.clear()
+    def phases(self, epoch: int) -> list[str]:
+        """The passes over the training instances that ``epoch`` runs, in order.
+
+        - ``main`` (``epoch >= proto_start``): every instance; PPLG soft targets, SupCon on pseudo
+          labels, prototypes and queue updated.
+        - ``warmup`` (before ``proto_start``, from ``warmup_contrastive_from``): positive-bag instances only,
+          uniform targets [0.5, 0.5], MoCo-style contrastive loss; prototypes and queue are not updated.
+        - ``pretrain`` (warm-up epochs ``< pretrain_epochs``, and warm-up epochs before
+          ``warmup_contrastive_from``): classifier only, every instance, its bag label as target.
+        """
         ins = self.ins
-        lr = self._set_lr(epoch, num_epochs)
-        phi = phi_at(epoch, num_epochs, ins.phi_start, ins.phi_end)
-        use_pplg = epoch >= ins.proto_start
-        pretrain = epoch < ins.pretrain_epochs
-        self.enc_q.train()
-        self.enc_k.train()
-        sums = {"loss": 0.0, "loss_cls": 0.0, "loss_cont": 0.0}
-        steps = 0
-        order = self._epoch_order()
-        n_batches = math.ceil(order.shape[0] / ins.batch_size)
-        for ids in tqdm(batches(order, ins.batch_size), total=n_batches, desc=f"INS epoch {epoch}",
-                        leave=False, disable=None):
-            ids_t = torch.as_tensor(ids, device=self.device)
-            cand = self.candidates[ids_t]
-            x_q, x_k = self._views(ids)
+        if epoch >= ins.proto_start:
+            return ["main"]
+        phases = ["warmup"] if epoch >= ins.warmup_contrastive_from else []
+        if epoch < ins.pretrain_epochs or not phases:
+            phases.append("pretrain")
+        return phases
+
+    def _step(self, ids: np.ndarray, phase: str, phi: float) -> tuple[Tensor, Tensor, Tensor]:
+        """One SGD step of ``phase`` on the instances ``ids``; returns (loss, classifier loss, contrastive loss)."""
+        ins = self.ins
+        ids_t = torch.as_tensor(ids, device=self.device)
+        x_q, x_k = self._views(ids)
+        zero = torch.zeros((), device=self.device)
+        if phase == "pretrain":
+            loss_cls = soft_cross_entropy(self.enc_q.classify(x_q), self.bag_targets[ids_t])
+            loss_cont = zero
+        else:
             logits, q = self.enc_q(x_q)
-            probs = restricted_probs(logits.detach(), cand)
-            pseudo = probs.argmax(dim=1)
-            proto_scores = self.prototypes.similarity(q.detach())
-            self.prototypes.update(q.detach(), pseudo, ins.proto_momentum)
             with torch.no_grad():
                 ema_update(self.enc_k, self.enc_q, ins.ema)
                 _, k = self.enc_k(x_k)
             queue_keys, queue_probs = (t.clone() for t in self.queue.contents())
-            if use_pplg:
+            if phase == "warmup":
+                loss_cont = moco_warmup_loss(q, k, queue_keys, ins.temperature)
+                loss_cls = soft_cross_entropy(logits, torch.full_like(logits, 0.5))
+            else:
+                cand = self.candidates[ids_t]
+                probs = restricted_probs(logits.detach(), cand)
+                pseudo = probs.argmax(dim=1)
+                proto_scores = self.prototypes.similarity(q.detach())
+                self.prototypes.update(q.detach(), pseudo, ins.proto_momentum)
                 self.conf[ids_t] = pplg_update(self.conf[ids_t], proto_scores, cand, phi)
                 pool = torch.cat([q, k, queue_keys], dim=0)
                 pool_labels = torch.cat([pseudo, pseudo, queue_probs.argmax(dim=1)], dim=0)
                 loss_cont = supcon_loss(q, pool, pseudo, pool_labels, ins.temperature)
-            else:
-                loss_cont = infonce_loss(q, k, queue_keys, ins.temperature)
-            self.queue.enqueue(k, probs)
-            target = self.bag_targets[ids_t] if pretrain else self.conf[ids_t]
-            loss_cls = soft_cross_entropy(logits, target)
-            loss = loss_cls + ins.contrastive_weight * loss_cont
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            sums["loss"] += float(loss.detach())
-            sums["loss_cls"] += float(loss_cls.detach())
-            sums["loss_cont"] += float(loss_cont.detach())
-            steps += 1
+                self.queue.enqueue(k, probs)
+                loss_cls = soft_cross_entropy(logits, self.conf[ids_t])
+        loss = loss_cls + ins.contrastive_weight * loss_cont
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), loss_cls.detach(), loss_cont.detach()
+
+    def train_epoch(self, epoch: int, num_epochs: int) -> dict[str, float]:
+        """The passes of :meth:`phases` over (a sample of) the training instances in shuffled cross-bag batches."""
+        if not self._ready:
+            self.setup(self.ctx)
+        self._cache.clear()
+        ins = self.ins
+        lr = self.lr_schedule.start_epoch(epoch, num_epochs)
+        phi = phi_at(epoch, num_epochs, ins.phi_start, ins.phi_end)
+        self.enc_q.train()
+        self.enc_k.train()
+        sums = {"loss": 0.0, "loss_cls": 0.0, "loss_cont": 0.0}
+        steps = seen = 0
+        phases = self.phases(epoch)
+        for phase in phases:
+            order = self._epoch_order(positive_only=phase == "warmup")
+            seen += int(order.shape[0])
+            n_batches = math.ceil(order.shape[0] / ins.batch_size)
+            for ids in tqdm(batches(order, ins.batch_size), total=n_batches, desc=f"INS epoch {epoch} {phase}",
+                            leave=False, disable=None):
+                loss, loss_cls, loss_cont = self._step(ids, phase, phi)
+                sums["loss"] += float(loss)
+                sums["loss_cls"] += float(loss_cls)
+                sums["loss_cont"] += float(loss_cont)
+                steps += 1
         metrics = {key: value / max(1, steps) for key, value in sums.items()}
         positive = self.candidates[:, 1] > 0
         pos_frac = float((self.conf[positive, 1] > 0.5).float().mean()) if bool(positive.any()) else 0.0
-        metrics.update({"lr": lr, "phi": phi, "pseudo_positive_fraction": pos_frac, "instances": float(order.shape[0])})
+        metrics.update({"lr": lr, "phi": phi, "pseudo_positive_fraction": pos_frac, "instances": float(seen),
+                        "warmup": float(phases != ["main"]),
+                        "epochs_from_proto_start": float(epoch - ins.proto_start)})
         metrics.update(self._choose_aggregator())
         return metrics
 

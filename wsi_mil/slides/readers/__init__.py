@@ -6,11 +6,16 @@
 file                            readers tried, in order
 ==============================  ===========================================================
 .png .jpg .jpeg .bmp .webp      pillow
-TIFF that OpenSlide recognises  openslide, then tifffile (codecs OpenSlide lacks)
+Aperio SVS, generic tiled TIFF  jpeg-tiles (tiled JPEG pages decoded directly, OpenSlide's
+                                metadata), then openslide, then tifffile
+other TIFF OpenSlide reads      openslide, then tifffile (codecs OpenSlide lacks)
 OME-TIFF                        tifffile (MPP from the OME-XML), then openslide
 other TIFF (flat, stripped)     tifffile
 anything else (DICOM, MRXS...)  openslide
 ==============================  ===========================================================
+
+``slides.fast_jpeg: false`` leaves JPEG tiles to OpenSlide. When a reader refuses a file (e.g.
+jpeg-tiles on a JPEG 2000 SVS), the next one is tried and its ``fallback_note`` says why.
 
 Readers are cached per process, one per slide path and file version, because opening is expensive;
 Dask tasks therefore carry slide paths, never readers, and each worker process keeps its own.
@@ -29,12 +34,16 @@ from wsi_mil.config import SlidesConfig
 from wsi_mil.errors import SlideError
 from wsi_mil.slides.readers.base import DeclaredMpp, SlideReader
 from wsi_mil.slides.readers.image import IMAGE_SUFFIXES, ImageReader
+from wsi_mil.slides.readers.jpeg_tiles import VENDORS as JPEG_TILE_VENDORS
+from wsi_mil.slides.readers.jpeg_tiles import JpegTiffReader
 from wsi_mil.slides.readers.openslide_reader import OpenSlideReader
 from wsi_mil.slides.readers.tiff import TiffReader
 
 __all__ = ["READERS", "DeclaredMpp", "SlideReader", "close_all_slides", "forget_slide", "open_slide"]
 
-READERS: dict[str, type[SlideReader]] = {"openslide": OpenSlideReader, "tifffile": TiffReader, "pillow": ImageReader}
+READERS: dict[str, type[SlideReader]] = {
+    "jpeg-tiles": JpegTiffReader, "openslide": OpenSlideReader, "tifffile": TiffReader, "pillow": ImageReader,
+}
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PER_PROCESS = 16
 
@@ -48,7 +57,7 @@ def is_tiff(path: Path) -> bool:
         return False
 
 
-def candidate_readers(path: Path) -> list[str]:
+def candidate_readers(path: Path, fast_jpeg: bool = True) -> list[str]:
     """Reader names to try for ``path``, best first (see the module docstring)."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return ["pillow"]
@@ -59,6 +68,8 @@ def candidate_readers(path: Path) -> list[str]:
         return ["tifffile"]
     if vendor == "generic-tiff" and _is_ome(path):
         return ["tifffile", "openslide"]
+    if fast_jpeg and vendor in JPEG_TILE_VENDORS:
+        return ["jpeg-tiles", "openslide", "tifffile"]
     return ["openslide", "tifffile"]
 
 
@@ -78,7 +89,8 @@ def _message(exc: BaseException) -> str:
 
 
 def _open_uncached(path: Path, choice: str) -> SlideReader:
-    names = [choice] if choice != "auto" else candidate_readers(path)
+    reader, _, decoder = choice.partition("/")
+    names = [reader] if reader != "auto" else candidate_readers(path, fast_jpeg=decoder != "openslide")
     problems: list[str] = []
     for name in names:
         try:
@@ -150,14 +162,17 @@ def open_slide(path: Path | str, cfg: SlidesConfig | None = None) -> SlideReader
     path:
         A slide file (for a DICOM slide, any of its instances).
     cfg:
-        ``slides`` settings; ``cfg.reader`` forces one reader (default ``auto``, see the module docstring).
+        ``slides`` settings; ``cfg.reader`` forces one reader (default ``auto``, see the module docstring),
+        ``cfg.fast_jpeg: false`` keeps the jpeg-tiles reader out of ``auto``.
 
     Raises
     ------
     SlideError
         Naming the file, every reader tried and why it failed, and the fix.
     """
-    return _CACHE.get(Path(path), cfg.reader if cfg is not None else "auto")
+    if cfg is None:
+        return _CACHE.get(Path(path), "auto")
+    return _CACHE.get(Path(path), f"{cfg.reader}/{'fast' if cfg.fast_jpeg else 'openslide'}")
 
 
 def forget_slide(path: Path | str) -> None:

@@ -44,7 +44,7 @@ class SlideReader(ABC):
     Attributes
     ----------
     name:
-        The reader ("openslide", "tifffile", "pillow"), recorded in ``slides.csv`` and the store.
+        The reader ("jpeg-tiles", "openslide", "tifffile", "pillow"), recorded in ``slides.csv`` and the store.
     path:
         The file that was opened (for a DICOM slide, one of its instances).
     vendor:
@@ -92,6 +92,25 @@ class SlideReader(ABC):
     def read_region_image(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         """:meth:`read_region` as an RGB PIL image (readers that decode to PIL override it to skip a copy)."""
         return Image.fromarray(self.read_region(location, level, size))
+
+    def read_region_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                            factor: int) -> Image.Image:
+        """:meth:`read_region_image` reduced ``factor`` times: each output pixel the mean of a factor x factor block.
+
+        ``size`` is the region read, in pixels of ``level``; the image is ``ceil(size / factor)``.
+        Readers that can decode at a reduced scale (:class:`~wsi_mil.slides.readers.jpeg_tiles.JpegTiffReader`)
+        override it.
+        """
+        return self.read_region_image(location, level, size).reduce(int(factor))
+
+    def read_region_reduced_array(self, location: tuple[int, int], level: int, size: tuple[int, int], factor: int,
+                                  out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`read_region_reduced` as RGB uint8 [ceil(h / factor), ceil(w / factor), 3], written into ``out`` if given."""
+        image = np.asarray(self.read_region_reduced(location, level, size, factor))
+        if out is None:
+            return image
+        out[...] = image
+        return out
 
     def close(self) -> None:  # noqa: B027 - readers without resources keep the default
         """Release the file (the reader is unusable afterwards)."""
