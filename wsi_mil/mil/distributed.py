@@ -287,9 +287,14 @@ class ClusterTrainer:
                     kind = "with a GPU resource " if self.gpu else ""
                     for future, (job, pair) in list(pending.items()):
                         future.cancel()
-                        job.errors[pair] = f"no Dask worker {kind}is left to train it"
-                        log.error("%s seed %d fold %d failed: %s", job.label, *pair, job.errors[pair])
                         pending.pop(future)
+                        logged = fold_of(job.parent.tracker, job.parent.run_id, *pair,
+                                         load_checkpoint=job.parent.cfg.tracking.log_model)
+                        if logged is not None:  # it finished, but its worker died before handing the result over
+                            job.done[pair] = logged
+                        else:
+                            job.errors[pair] = f"no Dask worker {kind}is left to train it"
+                            log.error("%s seed %d fold %d failed: %s", job.label, *pair, job.errors[pair])
                         if len(job.done) + len(job.errors) == len(job.parent.pairs):
                             self._finish(job)
             else:
