@@ -97,6 +97,7 @@ def test_cluster_training_matches_local_tags_its_worker_and_resumes_after_a_kill
         assert "the same command again trains only the failed ones" in str(failed.value)
         kept = {r["info"]["run_id"] for r in _fold_runs(url) if r["info"]["status"] == "FINISHED"}
         assert 1 <= len(kept) < 4
+        assert f"{4 - len(kept)} fold training(s) failed" in str(failed.value)  # the finished ones are not listed
 
         # a new GPU worker joins; the same call again reuses the finished folds and trains the rest
         cluster.add_worker("GPU=1")
