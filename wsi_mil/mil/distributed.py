@@ -15,10 +15,11 @@ where every worker shares OUT's file system). Each fold run is tagged ``wsi_mil.
   call waits, fold by fold, for that fold's baseline task only (a task dependency, no barrier).
 - A parent run is summarised (tables, pooled plots, MLflow Model, registration) as soon as its own
   folds have finished.
-- A fold that fails (its task raised, its worker died, no worker can run it) is reported with its
-  error; the other folds go on and stay logged. The parent run stays unfinished and is tagged with a
-  key of its settings and data (``wsi_mil.resume_key``): the same command again resumes it, keeps the
-  folds that finished and trains only the others.
+- A fold that fails (its task raised, no worker can run it) is reported with its error; the other
+  folds go on and stay logged, and the parent run ends FAILED. Like every training parent it carries
+  the resume key of its settings, data and splits (:mod:`wsi_mil.mil.resume`): the same command again
+  resumes it, keeps the folds that finished and trains only the others. A task is idempotent: run
+  again (Dask retries a task whose worker died), it returns its fold's finished run from MLflow.
 
 Each fold sets ``seed_everything`` from its own (seed, fold), so a fold's result does not depend on
 where or in which order it ran: the metrics equal those of the local run for the same seeds (up to
