@@ -342,6 +342,7 @@ def test_run_against_real_dask_cluster_and_mlflow_server(finished, cohort, tmp_p
         with Client(scheduler, timeout=30) as client:
             ran = set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
         assert {"find_tissue_task", "extract_chunk_task", "extract"} <= ran  # extract: one task per slide
+        assert "train" in ran  # and the folds trained there: one task per (model, seed, fold)
         experiment = rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=e2e")["experiment"]
         found = rest(url, "/api/2.0/mlflow/runs/search", {
             "experiment_ids": [experiment["experiment_id"]], "filter": "tags.`wsi_mil.role` = 'cv'"})["runs"]

@@ -41,6 +41,7 @@ from wsi_mil.extract import ExtractReport, extract_cohort
 from wsi_mil.layout import Layout
 from wsi_mil.mil.cv import train_cohort
 from wsi_mil.mil.data import LabelTable, load_labels, match_slides, resolve_features_dir
+from wsi_mil.mil.distributed import ClusterTrainer
 from wsi_mil.mil.ensemble import register_run_model
 from wsi_mil.mil.splits import make_splits
 from wsi_mil.slides import find_slides, slide_id
@@ -132,8 +133,14 @@ def _summary_of(tracker: Tracker, run_id: str) -> dict[str, tuple[float, float]]
 
 
 def train_models(out: Path, cfg: Config, *, heatmaps: bool = True, clock: StageClock | None = None) -> list[ModelOutcome]:
-    """Train (or reuse) each model of ``cfg.run.models`` and draw its test-slide heatmaps (timed on ``clock``)."""
+    """Train (or reuse) each model of ``cfg.run.models`` and draw its test-slide heatmaps (timed on ``clock``).
+
+    With ``compute.scheduler`` every model's folds are trained as tasks on that Dask cluster at once
+    (:mod:`wsi_mil.mil.distributed`), then heatmaps are drawn model by model.
+    """
     clock = clock or StageClock()
+    if cfg.compute.scheduler:
+        return _train_models_on_cluster(out, cfg, heatmaps=heatmaps, clock=clock)
     features_dir = resolve_features_dir(out, cfg)
     tracker = open_tracker(out, cfg)
     trained: dict[str, str] = {}
@@ -147,25 +154,51 @@ def train_models(out: Path, cfg: Config, *, heatmaps: bool = True, clock: StageC
             log.info("training %s", name)
             with clock(f"train {name}"):
                 run_id = train_cohort(out, mcfg).parent_run_id
-        else:
-            log.info("%s: reusing finished MLflow run %s (same settings and bags)", name, run_id)
-            if mcfg.tracking.register_as:
-                register_run_model(tracker, run_id, mcfg.tracking.register_as)
         trained[name] = run_id
-        outcome = ModelOutcome(name, run_id, reused, _summary_of(tracker, run_id))
-        has_maps = bool(tracker.list_artifacts(run_id, "heatmaps"))
-        if heatmaps and not has_maps:
-            with clock(f"heatmaps {name}"):
-                drawn = heatmaps_for_run(run_id, out, mcfg)
-            outcome.heatmaps, outcome.localisation_auc = len(drawn.slides), drawn.localisation_auc
-        else:
-            outcome.localisation_auc = tracker.get_run(run_id).metric("heatmap/localisation_auc")
-        if not reused:  # tagged last: a run interrupted before its heatmaps is redone
-            tracker.set_tags(run_id, {WORKFLOW_TAG: key})
-        outcome.predictions_csv = write_model_results(out, tracker, run_id)
-        outcome.heatmaps_dir = Layout(out).heatmaps_dir(run_id, tracker.get_run(run_id).tags.get(MODEL_TAG, name))
-        outcomes.append(outcome)
+        outcomes.append(_model_outcome(out, tracker, name, mcfg, key, run_id, reused, heatmaps, clock))
     return outcomes
+
+
+def _train_models_on_cluster(out: Path, cfg: Config, *, heatmaps: bool, clock: StageClock) -> list[ModelOutcome]:
+    features_dir = resolve_features_dir(out, cfg)
+    tracker = open_tracker(out, cfg)
+    trained: dict[str, str] = {}
+    planned = []
+    with clock("train on the Dask cluster"), dask_client(cfg.compute) as client:
+        trainer = ClusterTrainer(out, client)
+        for name in cfg.run.models:
+            mcfg = model_config(cfg, name, trained)
+            key = workflow_key(mcfg, features_dir)
+            run_id = finished_run(tracker, mcfg, key)
+            reused = run_id is not None
+            if run_id is None:
+                run_id = trainer.submit(mcfg)
+            trained[name] = run_id
+            planned.append((name, mcfg, key, run_id, reused))
+        trainer.wait()
+    return [_model_outcome(out, tracker, *plan, heatmaps, clock) for plan in planned]
+
+
+def _model_outcome(out: Path, tracker: Tracker, name: str, mcfg: Config, key: str, run_id: str, reused: bool,
+                   heatmaps: bool, clock: StageClock) -> ModelOutcome:
+    """A trained model's outcome: its summary, its heatmaps drawn unless there, its workflow tag, its results."""
+    if reused:
+        log.info("%s: reusing finished MLflow run %s (same settings and bags)", name, run_id)
+        if mcfg.tracking.register_as:
+            register_run_model(tracker, run_id, mcfg.tracking.register_as)
+    outcome = ModelOutcome(name, run_id, reused, _summary_of(tracker, run_id))
+    has_maps = bool(tracker.list_artifacts(run_id, "heatmaps"))
+    if heatmaps and not has_maps:
+        with clock(f"heatmaps {name}"):
+            drawn = heatmaps_for_run(run_id, out, mcfg)
+        outcome.heatmaps, outcome.localisation_auc = len(drawn.slides), drawn.localisation_auc
+    else:
+        outcome.localisation_auc = tracker.get_run(run_id).metric("heatmap/localisation_auc")
+    if not reused:  # tagged last: a run interrupted before its heatmaps is redone
+        tracker.set_tags(run_id, {WORKFLOW_TAG: key})
+    outcome.predictions_csv = write_model_results(out, tracker, run_id)
+    outcome.heatmaps_dir = Layout(out).heatmaps_dir(run_id, tracker.get_run(run_id).tags.get(MODEL_TAG, name))
+    return outcome
 
 
 def _log_summary(out: Path, cfg: Config, outcome: CohortOutcome, markdown: str) -> str:

@@ -1,6 +1,7 @@
 """`wsi-mil train` and `wsi-mil evaluate`.
 
-`train` (like `run`) does not train a model again whose MLflow run finished with the same model and
+With ``compute.scheduler`` (``--scheduler``) each (seed, fold) trains as a task on that Dask cluster
+(:mod:`wsi_mil.mil.distributed`). `train` (like `run`) does not train a model again whose MLflow run finished with the same model and
 training settings, labels and bags: it finds that run by its ``wsi_mil.workflow_key`` tag and prints
 its results; ``--force`` trains anew.
 """
@@ -24,6 +25,7 @@ from wsi_mil.encoders import encoder_key
 from wsi_mil.layout import tiling_key
 from wsi_mil.mil.cv import train_cohort
 from wsi_mil.mil.data import resolve_features_dir
+from wsi_mil.mil.distributed import train_on_cluster
 from wsi_mil.mil.ensemble import model_uri, register_run_model
 from wsi_mil.mil.evaluation import evaluate_run
 from wsi_mil.mil.metrics import format_summary
@@ -80,7 +82,10 @@ def cli_train(args: argparse.Namespace, cfg: Config) -> int:
             version = register_run_model(tracker, run_id, cfg.tracking.register_as)
             out.write(f"registered model: models:/{cfg.tracking.register_as}/{version}\n")
     else:
-        result = train_cohort(args.out, cfg)
+        if cfg.compute.scheduler:
+            result = train_on_cluster(args.out, cfg, force=args.force)
+        else:
+            result = train_cohort(args.out, cfg)
         tracker.set_tags(result.parent_run_id, {WORKFLOW_TAG: key})
         run_id, per_fold, summary = result.parent_run_id, result.per_fold, result.summary
         if result.model_version is not None:

@@ -405,6 +405,14 @@ class Tracker:
         """Mark a run FINISHED / FAILED / KILLED."""
         self.client.set_terminated(run_id, status=status)
 
+    def reopen_run(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again (a resumed training adds to it)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run (MLflow's soft delete: searches and :meth:`fold_runs` no longer see it)."""
+        self.client.delete_run(run_id)
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         """Log params in batches (values as redacted strings, cut to MLflow's 6000-character limit)."""
         from mlflow.entities import Param

@@ -62,29 +62,66 @@ def _wait(check, what: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
 
 
+class DaskProcesses:
+    """A running `dask scheduler` and its `dask worker` processes (each one thread, optional resources)."""
+
+    def __init__(self, address: str, log, env: dict[str, str]) -> None:
+        self.address, self._log, self._env = address, log, env
+        self.workers: list[subprocess.Popen] = []
+
+    def add_worker(self, resources: str | None = None) -> subprocess.Popen:
+        """Start one more `dask worker` (``resources`` e.g. ``"GPU=1"``); returns its process."""
+        extra = ["--resources", resources] if resources else []
+        proc = subprocess.Popen([str(BIN / "dask"), "worker", self.address, "--nworkers", "1", "--nthreads", "1",
+                                 "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "2GiB", *extra],
+                                stdout=self._log, stderr=self._log, env=self._env)
+        self.workers.append(proc)
+        return proc
+
+    def wait_for_workers(self, n: int) -> None:
+        """Block until the scheduler knows ``n`` workers."""
+        from distributed import Client
+
+        with Client(self.address, timeout=30) as client:
+            client.wait_for_workers(n, timeout=60)
+
+    def kill_worker(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a worker's nanny and the worker process under it, as a crashed machine would vanish."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(proc.pid)
+            for p in [*tree.children(recursive=True), tree]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+        proc.wait(timeout=10)
+
+
 @contextlib.contextmanager
-def dask_cluster(n_workers: int = 2, log_dir: Path | None = None) -> Iterator[str]:
-    """`dask scheduler` + ``n_workers`` `dask worker` processes (1 thread each); yields the address."""
+def dask_processes(resources: list[str | None], log_dir: Path | None = None) -> Iterator[DaskProcesses]:
+    """`dask scheduler` + one `dask worker` per entry of ``resources`` (None: no resources); all stopped on exit."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     log = open(os.devnull, "w") if log_dir is None else open(Path(log_dir) / "dask.log", "w")  # noqa: SIM115
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], stdout=log, stderr=log, env=env)]
+    scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--no-dashboard"], stdout=log, stderr=log, env=env)
+    cluster = DaskProcesses(address, log, env)
     try:
         _wait(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, "dask scheduler")
-        for _ in range(n_workers):
-            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                           "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "2GiB"],
-                                          stdout=log, stderr=log, env=env))
-        from distributed import Client
-
-        with Client(address, timeout=30) as client:
-            client.wait_for_workers(n_workers, timeout=60)
-        yield address
+        for res in resources:
+            cluster.add_worker(res)
+        cluster.wait_for_workers(len(resources))
+        yield cluster
     finally:
-        _stop(procs)
+        _stop([p for p in cluster.workers if p.poll() is None])
+        _stop([scheduler])
         log.close()
+
+
+@contextlib.contextmanager
+def dask_cluster(n_workers: int = 2, log_dir: Path | None = None) -> Iterator[str]:
+    """`dask scheduler` + ``n_workers`` `dask worker` processes (1 thread each); yields the address."""
+    with dask_processes([None] * n_workers, log_dir) as cluster:
+        yield cluster.address
 
 
 @contextlib.contextmanager

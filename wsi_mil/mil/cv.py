@@ -373,68 +373,127 @@ def train_cohort(out: Path, cfg: Config, *, method_factory: MethodFactory = buil
         torch.set_num_threads(threads)
 
 
-def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> TrainResult:
+@dataclass
+class ParentRun:
+    """A started cross-validation parent run: what its fold trainings and its summary need."""
+
+    cfg: Config
+    data: CohortData
+    tracker: Tracker
+    experiment_id: str
+    run_id: str
+    tags: dict[str, str]  # shared by the parent and its fold runs
+    head: str  # the start of its description
+    pairs: list[tuple[int, int]]  # (seed, fold) of every fold training
+    resumed: bool = False  # an earlier parent run of the same settings, data and splits, going on
+
+
+def start_parent(out: Path, cfg: Config, *, resume: str | None = None, take_over: bool = True) -> ParentRun:
+    """Read the cohort, open the parent run and log its params, dataset, config and splits.
+
+    A new parent run is tagged with its resume key and owner (:mod:`wsi_mil.mil.resume`); it is ended
+    FAILED when this logging fails. ``take_over``: a stale parent of a killed training with the same
+    key is resumed instead. ``resume``: the id of an ended (FAILED, KILLED) parent with the same key to
+    go on with, marked RUNNING again. A resumed parent is not logged twice.
+    """
     data = load_cohort(out, cfg)
-    device = resolve_device(cfg.training.device)
     tracker = open_tracker(out, cfg)
     experiment_id = tracker.experiment(experiment_name(cfg))
     label = method_label(cfg)
-    tags = {"wsi_mil.model": label, "wsi_mil.encoder": _encoder_tag(data.store, cfg),
-            "wsi_mil.tiling": tiling_key(cfg), "wsi_mil.data_fingerprint": data.fingerprint,
-            "wsi_mil.code_version": code_version(), "wsi_mil.features_dir": str(data.features_dir.resolve()),
-            "wsi_mil.classes": ",".join(data.labels.classes)}
+    shared = {"wsi_mil.model": label, "wsi_mil.encoder": _encoder_tag(data.store, cfg),
+              "wsi_mil.tiling": tiling_key(cfg), "wsi_mil.data_fingerprint": data.fingerprint,
+              "wsi_mil.code_version": code_version(), "wsi_mil.features_dir": str(data.features_dir.resolve()),
+              "wsi_mil.classes": ",".join(data.labels.classes)}
     key = resume_key(cfg, data.fingerprint, data.splits)
-    resumed = take_over_stale(tracker, experiment_id, key)  # a killed training of the same folds goes on
+    resumed = take_over_stale(tracker, experiment_id, key) if take_over else None  # a killed training goes on
+    if resume is not None and resumed is None:
+        tracker.reopen_run(resume)
+        tracker.set_tags(resume, owner_tags())
+        resumed = resume
     parent = resumed or tracker.start_run(experiment_id, cfg.tracking.run_name or f"{label} cv",
-                                          tags={**tags, "wsi_mil.role": "cv", RESUME_TAG: key, **owner_tags()})
+                                          tags={**shared, "wsi_mil.role": "cv", RESUME_TAG: key, **owner_tags()})
     log.info("training %s on %d slides (%d classes, %d-d features) -> MLflow run %s (%s)", label,
              len(data.labels.df), data.labels.n_classes, data.store.dim, parent, tracker.shown_uri)
     pairs = sorted({(int(s), int(f)) for s, f in zip(data.splits["seed"], data.splits["fold"], strict=True)})
     source = str(Path(cfg.training.labels_csv).resolve()) if cfg.training.labels_csv else str(data.labels.source)
-    head = cohort_note(model=label, labels=data.labels, source=source, encoder=tags["wsi_mil.encoder"],
-                       tiling=tags["wsi_mil.tiling"], n_folds=len({f for _, f in pairs}),
+    head = cohort_note(model=label, labels=data.labels, source=source, encoder=shared["wsi_mil.encoder"],
+                       tiling=shared["wsi_mil.tiling"], n_folds=len({f for _, f in pairs}),
                        seeds=sorted({s for s, _ in pairs}), in_dim=data.store.dim)
-    model_id = None
-    with run_guard(tracker, parent):
-        if resumed is None:  # a resumed parent holds these already
-            tracker.set_description(parent, head)
-            tracker.log_params(parent, {**cfg.flat(), "n_slides": len(data.labels.df),
-                                        "n_patients": data.labels.df["patient_id"].nunique(), "in_dim": data.store.dim})
-            tracker.log_dataset(parent, data.labels.df, name=f"{Path(source).parent.name}/{Path(source).name}",
-                                source=source, targets="label")
-            tracker.log_text(parent, dump_config(cfg), "config.yaml")
-            tracker.log_dataframe(parent, data.splits, "splits.csv")
-            tracker.log_dataframe(parent, split_counts(data.splits, data.labels.classes), "split_counts.csv")
-            tracker.log_dataframe(parent, data.labels.df, "labels.csv")
-        runner = _FoldRunner(cfg, data, tracker, experiment_id, parent, method_factory, device, tags)
-        done = finished_folds(tracker, parent) if resumed else {}
+    if resumed is not None:  # a resumed parent holds these already
+        return ParentRun(cfg, data, tracker, experiment_id, parent, shared, head, pairs, resumed=True)
+    try:
+        tracker.set_description(parent, head)
+        tracker.log_params(parent, {**cfg.flat(), "n_slides": len(data.labels.df),
+                                    "n_patients": data.labels.df["patient_id"].nunique(), "in_dim": data.store.dim})
+        tracker.log_dataset(parent, data.labels.df, name=f"{Path(source).parent.name}/{Path(source).name}",
+                            source=source, targets="label")
+        tracker.log_text(parent, dump_config(cfg), "config.yaml")
+        tracker.log_dataframe(parent, data.splits, "splits.csv")
+        tracker.log_dataframe(parent, split_counts(data.splits, data.labels.classes), "split_counts.csv")
+        tracker.log_dataframe(parent, data.labels.df, "labels.csv")
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    return ParentRun(cfg, data, tracker, experiment_id, parent, shared, head, pairs)
+
+
+def fold_runner(parent: ParentRun, *, method_factory: MethodFactory = build_method,
+                device: torch.device | None = None, tags: dict[str, str] | None = None) -> _FoldRunner:
+    """The trainer of ``parent``'s folds: ``fold_runner(parent).run(seed, fold)`` trains and logs one fold.
+
+    ``tags`` are added to every fold run (e.g. the host that trained it); ``device`` defaults to
+    ``training.device`` resolved on this machine.
+    """
+    device = resolve_device(parent.cfg.training.device) if device is None else device
+    return _FoldRunner(parent.cfg, parent.data, parent.tracker, parent.experiment_id, parent.run_id, method_factory,
+                       device, {**parent.tags, **(tags or {})})
+
+
+def summarise_parent(parent: ParentRun, results: list[FoldResult], checkpoints: list[dict[str, Any]]) -> TrainResult:
+    """Log the parent run's summary, tables, pooled plots, description and MLflow Model (from ``checkpoints``).
+
+    The run is not ended here; ``results`` are in (seed, fold) order.
+    """
+    cfg, tracker, data = parent.cfg, parent.tracker, parent.data
+    rows = [r.test_metrics for r in results]
+    extra = ["instance_auc"] if any("instance_auc" in r for r in rows) else []
+    summary = M.summarize(rows, [*M.METRICS, *extra])
+    per_fold = per_fold_frame(results)
+    predictions = pd.concat([r.predictions for r in results], ignore_index=True)
+    metrics = _log_summary(tracker, parent.run_id, summary, per_fold, predictions, data.labels.classes)
+    ensemble = FoldEnsemble.from_checkpoints(checkpoints, cfg) if checkpoints else None
+    model_id = log_ensemble(tracker, parent.run_id, ensemble, metrics=metrics) if ensemble is not None else None
+    thresholds = [r.threshold for r in results if r.threshold is not None]
+    tracker.set_description(parent.run_id, summary_note(
+        parent.head, summary, threshold=float(np.median(thresholds)) if thresholds else None,
+        threshold_rule=cfg.training.threshold,
+        single_class=[f"seed{r.seed}-fold{r.fold}: {r.single_class}" for r in results if r.single_class],
+        model_uri=model_uri(parent.run_id) if model_id else None))
+    return TrainResult(parent.run_id, parent.experiment_id, results, summary, per_fold, predictions,
+                       data.labels.classes, model_id)
+
+
+def register_parent(parent: ParentRun, result: TrainResult) -> TrainResult:
+    """Register the finished run's MLflow Model as a new version of ``tracking.register_as``, if set."""
+    if result.model_id is not None and parent.cfg.tracking.register_as:
+        result.model_version = register_run_model(parent.tracker, parent.run_id, parent.cfg.tracking.register_as)
+        log.info("registered as models:/%s/%d", parent.cfg.tracking.register_as, result.model_version)
+    return result
+
+
+def _train_cohort(out: Path, cfg: Config, method_factory: MethodFactory) -> TrainResult:
+    parent = start_parent(out, cfg)
+    with run_guard(parent.tracker, parent.run_id):
+        runner = fold_runner(parent, method_factory=method_factory)
+        done = finished_folds(parent.tracker, parent.run_id) if parent.resumed else {}
         results = []
-        for seed, fold in pairs:
+        for seed, fold in parent.pairs:
             r = _reused_fold(runner, done[(seed, fold)]) if (seed, fold) in done else runner.run(seed, fold)
             log.info("seed %d fold %d: best epoch %d/%d, test AUC %.4f", seed, fold, r.best_epoch, r.epochs_run,
                      r.test_metrics.get("auc", float("nan")))
             results.append(r)
-        rows = [r.test_metrics for r in results]
-        extra = ["instance_auc"] if any("instance_auc" in r for r in rows) else []
-        summary = M.summarize(rows, [*M.METRICS, *extra])
-        per_fold = per_fold_frame(results)
-        predictions = pd.concat([r.predictions for r in results], ignore_index=True)
-        metrics = _log_summary(tracker, parent, summary, per_fold, predictions, data.labels.classes)
-        ensemble = FoldEnsemble.from_checkpoints(runner.checkpoints, cfg) if runner.checkpoints else None
-        if ensemble is not None:
-            model_id = log_ensemble(tracker, parent, ensemble, metrics=metrics)
-        thresholds = [r.threshold for r in results if r.threshold is not None]
-        tracker.set_description(parent, summary_note(
-            head, summary, threshold=float(np.median(thresholds)) if thresholds else None,
-            threshold_rule=cfg.training.threshold,
-            single_class=[f"seed{r.seed}-fold{r.fold}: {r.single_class}" for r in results if r.single_class],
-            model_uri=model_uri(parent) if model_id else None))
-    version = None
-    if model_id is not None and cfg.tracking.register_as:
-        version = register_run_model(tracker, parent, cfg.tracking.register_as)
-        log.info("registered as models:/%s/%d", cfg.tracking.register_as, version)
-    return TrainResult(parent, experiment_id, results, summary, per_fold, predictions, data.labels.classes,
-                       model_id, version)
+        result = summarise_parent(parent, results, runner.checkpoints)
+    return register_parent(parent, result)
 
 
 def _log_summary(tracker: Tracker, parent: str, summary: pd.DataFrame, per_fold: pd.DataFrame,
