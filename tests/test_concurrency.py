@@ -286,6 +286,21 @@ def test_slides_csv_is_merged_not_overwritten(tmp_path):
     assert rows == {"a": "done", "b": "pending"}  # a pending row never hides a finished one
 
 
+def test_slides_csv_rows_are_one_per_slide_id_and_file(tmp_path):
+    """Two ids of one file (links to it) and one id of two files (DICOM instances) each keep their row."""
+    path = tmp_path / "slides.csv"
+    cols = ["slide_id", "path", "status"]
+    rows = [{"slide_id": "link1", "path": "/d/real.svs", "status": "done"},
+            {"slide_id": "link2", "path": "/d/real.svs", "status": "failed"},
+            {"slide_id": "boxes", "path": "/d/boxes_0.dcm", "status": "done"},
+            {"slide_id": "boxes", "path": "/d/boxes_1.dcm", "status": "skipped"}]
+    merge_csv_rows(path, cols, rows, key=("slide_id", "path"), lock_dir=tmp_path / ".locks")
+    merge_csv_rows(path, cols, rows[:1], key=("slide_id", "path"), lock_dir=tmp_path / ".locks")
+    with open(path, newline="") as fh:
+        found = sorted((r["slide_id"], r["path"], r["status"]) for r in csv.DictReader(fh))
+    assert found == sorted((r["slide_id"], r["path"], r["status"]) for r in rows)
+
+
 # ------------------------------------------------------------------------------------------ killed train
 def _finished_folds_in(db: Path) -> int:
     if not db.is_file():

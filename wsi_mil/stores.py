@@ -118,11 +118,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def merge_csv_rows(path: Path, columns: list[str], rows: list[dict[str, Any]], *, lock_dir: Path,
-                   key: str = "slide_id", keep: Callable[[dict[str, str]], bool] | None = None) -> None:
+                   key: str | tuple[str, ...] = "slide_id", keep: Callable[[dict[str, str]], bool] | None = None) -> None:
     """Write ``rows`` into the shared CSV ``path`` merged with what other commands wrote there.
 
     Under an inter-process lock (:func:`wsi_mil.locks.file_lock`, its file in ``lock_dir``): a row of ``rows`` replaces the
-    file's row with the same ``key``, except that a ``pending`` row never replaces a finished one
+    file's row with the same ``key`` (a column, or several whose values together name a row), except that a ``pending`` row never replaces a finished one
     (another command finished that slide); the file's other rows stay when ``keep(row)`` is true (all,
     without ``keep``). Rows of ``rows`` come first, in their order, then the others by key. The file
     is replaced atomically.
@@ -132,6 +132,11 @@ def merge_csv_rows(path: Path, columns: list[str], rows: list[dict[str, Any]], *
 
     from wsi_mil.locks import file_lock
 
+    keys = (key,) if isinstance(key, str) else key
+
+    def ident(row: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(str(row[c]) for c in keys)
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path, lock_dir):
@@ -139,10 +144,10 @@ def merge_csv_rows(path: Path, columns: list[str], rows: list[dict[str, Any]], *
         if path.is_file():
             try:
                 with open(path, newline="") as fh:
-                    existing = {r[key]: r for r in csv.DictReader(fh) if r.get(key)}
+                    existing = {ident(r): r for r in csv.DictReader(fh) if all(r.get(c) for c in keys)}
             except (OSError, csv.Error, UnicodeDecodeError, KeyError):
                 existing = {}  # unreadable: this call's rows alone
-        ours = {str(r[key]): {c: "" if r.get(c) is None else str(r.get(c)) for c in columns} for r in rows}
+        ours = {ident(r): {c: "" if r.get(c) is None else str(r.get(c)) for c in columns} for r in rows}
         merged: list[dict[str, str]] = []
         for k, row in ours.items():
             old = existing.get(k)

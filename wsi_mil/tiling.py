@@ -440,7 +440,8 @@ class _CohortRun:
     def write_csv(self) -> None:
         """Merge this call's rows into ``slides.csv`` (other commands' rows of existing slides stay)."""
         self.layout.root.mkdir(parents=True, exist_ok=True)
-        merge_csv_rows(self.layout.slides_csv, CSV_COLUMNS, [r.row() for r in self.report.results], key="path",
+        merge_csv_rows(self.layout.slides_csv, CSV_COLUMNS, [r.row() for r in self.report.results],
+                       key=("slide_id", "path"),
                        lock_dir=self.layout.locks_dir, keep=lambda row: bool(row.get("path")) and Path(row["path"]).exists())
 
     def fail(self, job: _Job | None, result: TiledSlide, exc: BaseException) -> None:
