@@ -182,7 +182,8 @@ def _patch_stores(out: Path, cfg: Config, n: int = 6, patches: int = 160) -> Non
 EXTRACT_FLAGS = ["--encoder", "tiny_cnn", "--weights", "random", "--device", "cpu", "--batch-size", "16"]
 
 
-def test_two_extracts_on_one_out_both_exit_0_and_every_bag_equals_a_single_run(tmp_path):
+def _extracted_once_and_a_shared_out(tmp_path: Path) -> tuple[Config, Path, Path, list[str]]:
+    """Patch stores in ``single`` (embedded once, alone) and in ``out`` (for concurrent extracts); the command."""
     cfg = Config()
     cfg.features = FeaturesConfig(encoder="tiny_cnn", weights="random", device="cpu", batch_size=16)
     single, out = tmp_path / "single", tmp_path / "out"
@@ -191,6 +192,11 @@ def test_two_extracts_on_one_out_both_exit_0_and_every_bag_equals_a_single_run(t
     cmd = [str(BIN / "wsi-mil"), "-q", "extract"]
     done = subprocess.run([*cmd, str(single), *EXTRACT_FLAGS], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return cfg, single, out, cmd
+
+
+def test_two_extracts_on_one_out_both_exit_0_and_every_bag_equals_a_single_run(tmp_path):
+    cfg, single, out, cmd = _extracted_once_and_a_shared_out(tmp_path)
     procs = [subprocess.Popen([*cmd, str(out), *EXTRACT_FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     embedded = 0
@@ -211,14 +217,7 @@ def test_two_extracts_on_one_out_both_exit_0_and_every_bag_equals_a_single_run(t
 
 
 def test_a_killed_extract_leaves_its_bags_to_the_other_which_finishes_them(tmp_path):
-    cfg = Config()
-    cfg.features = FeaturesConfig(encoder="tiny_cnn", weights="random", device="cpu", batch_size=16)
-    single, out = tmp_path / "single", tmp_path / "out"
-    for folder in (single, out):
-        _patch_stores(folder, cfg)
-    cmd = [str(BIN / "wsi-mil"), "-q", "extract"]
-    done = subprocess.run([*cmd, str(single), *EXTRACT_FLAGS], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    cfg, single, out, cmd = _extracted_once_and_a_shared_out(tmp_path)
     features = Layout(out).features_dir(tiling_key(cfg), encoder_key(cfg.features))
     first = subprocess.Popen([*cmd, str(out), *EXTRACT_FLAGS], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

@@ -127,6 +127,14 @@ def model_config(cfg: Config, name: str, trained: dict[str, str]) -> Config:
     return cfg
 
 
+def _listed_model(tracker: Tracker, cfg: Config, name: str, trained: dict[str, str],
+                  features_dir: Path) -> tuple[Config, str, str | None]:
+    """Model ``name`` of ``run.models``: its config, its reuse key and its finished run (None: train it)."""
+    mcfg = model_config(cfg, name, trained)
+    key = workflow_key(mcfg, features_dir)
+    return mcfg, key, finished_run(tracker, mcfg, key)
+
+
 def _summary_of(tracker: Tracker, run_id: str) -> dict[str, tuple[float, float]]:
     run = tracker.get_run(run_id)
     return {m: (run.metric(f"test/{m}_mean"), run.metric(f"test/{m}_std")) for m in SUMMARY_METRICS}
@@ -146,9 +154,7 @@ def train_models(out: Path, cfg: Config, *, heatmaps: bool = True, clock: StageC
     trained: dict[str, str] = {}
     outcomes = []
     for name in cfg.run.models:
-        mcfg = model_config(cfg, name, trained)
-        key = workflow_key(mcfg, features_dir)
-        run_id = finished_run(tracker, mcfg, key)
+        mcfg, key, run_id = _listed_model(tracker, cfg, name, trained, features_dir)
         reused = run_id is not None
         if run_id is None:
             log.info("training %s", name)
@@ -167,9 +173,7 @@ def _train_models_on_cluster(out: Path, cfg: Config, *, heatmaps: bool, clock: S
     with clock("train on the Dask cluster"), dask_client(cfg.compute) as client:
         trainer = ClusterTrainer(out, client)
         for name in cfg.run.models:
-            mcfg = model_config(cfg, name, trained)
-            key = workflow_key(mcfg, features_dir)
-            run_id = finished_run(tracker, mcfg, key)
+            mcfg, key, run_id = _listed_model(tracker, cfg, name, trained, features_dir)
             reused = run_id is not None
             if run_id is None:
                 run_id = trainer.submit(mcfg)
