@@ -202,3 +202,22 @@ def test_save_load_roundtrip(tmp_path):
     table = make_splits(labels, TrainingConfig(folds=3))
     back = load_splits(save_splits(table, tmp_path / "s" / "splits.csv"))
     pd.testing.assert_frame_equal(table, back, check_dtype=False)
+
+
+def test_folds_short_of_a_class_name_the_largest_fold_count_that_works(tmp_path):
+    """A cohort that passes the patient count check but whose 5 grouped folds leave a test fold without tumour."""
+    path = tmp_path / "labels.csv"
+    pairs = [("tumor", 0), ("tumor", 1), ("normal", 1), ("normal", 2), ("normal", 3), ("normal", 4), ("tumor", 5),
+             ("normal", 6), ("normal", 7), ("tumor", 6), ("tumor", 8), ("tumor", 8)]  # a `wsi-mil synth` cohort's shape
+    path.write_text("slide_id,label,patient_id\n" + "".join(f"s{i},{lab},P{p}\n" for i, (lab, p) in enumerate(pairs)))
+    labels = read_labels(path)
+    with pytest.raises(WsiMilError) as info:
+        make_splits(labels, TrainingConfig(folds=5))
+    msg = str(info.value)
+    assert "has no 'tumor' slide" in msg
+    proposed = int(msg.split("--set training.folds=")[1].split(":")[0])
+    assert 2 <= proposed < 5
+    make_splits(labels, TrainingConfig(folds=proposed))  # what the message proposes works
+    for more in range(proposed + 1, 5):  # and it is the largest that does
+        with pytest.raises(WsiMilError):
+            make_splits(labels, TrainingConfig(folds=more))

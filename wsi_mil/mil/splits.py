@@ -73,7 +73,7 @@ def check_feasible(labels: LabelTable, cfg: TrainingConfig) -> None:
     problems += [f"'{name}' has {row.slides} slide(s) on {row.patients} patient(s)" for name, row in short.iterrows()]
     most = int(min(n_patients, support["patients"].min()))
     fix = "add patients" if short.empty else "add patients with slides of the short class(es)"
-    fix = f"Lower training.folds to {most}, or {fix}" if most >= 2 else fix[0].upper() + fix[1:]
+    fix = f"Lower training.folds to {most} (--set training.folds={most}), or {fix}" if most >= 2 else fix[0].upper() + fix[1:]
     raise WsiMilError(
         f"{_source(labels)}: {folds} folds need slides of every class on at least {folds} patients (one per "
         f"test fold; a patient's slides stay in one fold): {'; '.join(problems)}. {fix}."
@@ -113,8 +113,26 @@ def _carve_val(rows: pd.DataFrame, fraction: float, seed: int) -> set[str]:
 
 
 def kfold_splits(labels: LabelTable, cfg: TrainingConfig) -> pd.DataFrame:
-    """Patient-grouped, slide-label-stratified k-fold with a grouped validation carve-out, per seed."""
+    """Patient-grouped, slide-label-stratified k-fold with a grouped validation carve-out, per seed.
+
+    Raises
+    ------
+    WsiMilError
+        When the folds cannot give every class to every test fold and training part; the message names
+        the largest ``training.folds`` that would.
+    """
     check_feasible(labels, cfg)
+    table = _split_table(labels, cfg)
+    short = _missing_classes(table, labels, warn=True)
+    if short:
+        raise WsiMilError(
+            f"{_source(labels)}: the patient-level folds could not give every class to every fold ("
+            + "; ".join(short[:10]) + f"). {_fewer_folds_fix(labels, cfg)}"
+        )
+    return table
+
+
+def _split_table(labels: LabelTable, cfg: TrainingConfig) -> pd.DataFrame:
     slides = labels.df[["slide_id", "patient_id", "y"]].reset_index(drop=True)
     y, groups = slides["y"].to_numpy(), slides["patient_id"].to_numpy()
     frames = []
@@ -128,13 +146,11 @@ def kfold_splits(labels: LabelTable, cfg: TrainingConfig) -> pd.DataFrame:
             val = _carve_val(train_rows, cfg.val_fraction, int(draws[fold + 1]))
             role[(role == "train") & slides["patient_id"].isin(val).to_numpy()] = "val"
             frames.append(slides.assign(seed=seed, fold=fold, role=role)[COLUMNS])
-    table = pd.concat(frames, ignore_index=True)
-    _check_classes(table, labels)
-    return table
+    return pd.concat(frames, ignore_index=True)
 
 
-def _check_classes(table: pd.DataFrame, labels: LabelTable) -> None:
-    """Raise when a test fold or a training part lacks a class; warn when a validation part does."""
+def _missing_classes(table: pd.DataFrame, labels: LabelTable, *, warn: bool) -> list[str]:
+    """Test folds or training parts lacking a class; with ``warn``, a warning per validation part lacking one."""
     wanted = set(range(labels.n_classes))
     short: list[str] = []
     for (seed, fold), group in table.groupby(["seed", "fold"], sort=True):
@@ -142,16 +158,22 @@ def _check_classes(table: pd.DataFrame, labels: LabelTable) -> None:
             missing = wanted - set(group.loc[group["role"] == role, "y"])
             names = ", ".join(f"'{labels.classes[c]}'" for c in sorted(missing))
             if missing and role == "val":
-                log.warning("seed %s fold %s: the validation patients hold no %s slide (too few training "
-                            "patients of that class); early stopping and the threshold see fewer classes",
-                            seed, fold, names)
+                if warn:
+                    log.warning("seed %s fold %s: the validation patients hold no %s slide (too few training "
+                                "patients of that class); early stopping and the threshold see fewer classes",
+                                seed, fold, names)
             elif missing:
                 short.append(f"seed {seed} fold {fold} {role} has no {names} slide")
-    if short:
-        raise WsiMilError(
-            f"{_source(labels)}: the patient-level folds could not give every class to every fold ("
-            + "; ".join(short[:10]) + "). Lower training.folds or add patients of those classes."
-        )
+    return short
+
+
+def _fewer_folds_fix(labels: LabelTable, cfg: TrainingConfig) -> str:
+    """The fix for folds short of a class: the largest fold count below ``cfg.folds`` that works, if any."""
+    for folds in range(cfg.folds - 1, 1, -1):
+        if not _missing_classes(_split_table(labels, cfg.model_copy(update={"folds": folds})), labels, warn=False):
+            return (f"Lower training.folds to {folds} (--set training.folds={folds}: the most that gives every "
+                    "class to every fold here), or add patients of those classes.")
+    return "Add patients of those classes: no number of folds from 2 up gives every class to every fold."
 
 
 # ------------------------------------------------------------------------------------------ fixed
