@@ -238,3 +238,15 @@ def test_cli_extract(tmp_path, capsys):
     assert "unknown encoder 'no_such_net'" in capsys.readouterr().err
     assert main(["extract", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_failed_offline_extract_leaves_no_empty_bag_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # empty caches, offline
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("WSI_MIL_OFFLINE", "1")
+    cfg = make_config()
+    make_cohort(tmp_path, cfg, sizes=(20,))
+    assert main(["extract", str(tmp_path), "--encoder", "resnet18", "--weights", "pretrained", "--device", "cpu"]) == 2
+    assert "--weights random" in capsys.readouterr().err
+    tiling = Layout(tmp_path).features_dir(tiling_key(cfg), "x").parent
+    assert not (tiling / "resnet18-imagenet").exists() and not list(tiling.glob("resnet18-*"))

@@ -32,7 +32,7 @@ from wsi_mil.workflows.heatmap import heatmaps_for_run
 from wsi_mil.workflows.results import MODEL_TAG, markdown_table, write_model_results
 from wsi_mil.workflows.train import WORKFLOW_TAG, finished_run, workflow_key
 
-from wsi_mil.annotations import find_annotation
+from wsi_mil.annotations import find_annotation, find_truth
 from wsi_mil.compute import dask_client
 from wsi_mil.config import Config
 from wsi_mil.encoders import build_encoder
@@ -271,31 +271,6 @@ def check_cohort(slides_dir: Path, cfg: Config) -> LabelTable:
         labels = match_slides(labels, ids, Path(slides_dir))
     make_splits(labels, cfg.training)
     return labels
-
-
-TRUTH_FOLDERS = ("truth", "annotations")  # beside the slide folder (`wsi-mil synth` writes OUT/slides and OUT/truth)
-
-
-def find_truth(slides_dir: Path, slide_ids: list[str]) -> tuple[Path, int] | None:
-    """A folder of ground truth beside (or inside) ``slides_dir`` that annotates some of ``slide_ids``.
-
-    Looks in ``slides_dir/../truth``, ``slides_dir/../annotations``, ``slides_dir/truth`` and
-    ``slides_dir/annotations`` for the files :func:`wsi_mil.annotations.find_annotation` reads.
-
-    Returns
-    -------
-    tuple of (Path, int) or None
-        The first folder with annotations and how many of the slides it annotates.
-    """
-    slides_dir = Path(slides_dir)
-    for base in (slides_dir.parent, slides_dir):
-        for name in TRUTH_FOLDERS:
-            folder = base / name
-            if folder.is_dir():
-                found = sum(find_annotation(folder, sid) is not None for sid in slide_ids)
-                if found:
-                    return folder, found
-    return None
 
 
 def check_encoder(cfg: Config) -> None:

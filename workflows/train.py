@@ -20,11 +20,12 @@ import pandas as pd
 from wsi_mil.workflows.results import update_results
 from wsi_mil.workflows.reuse import model_settings
 
+from wsi_mil.annotations import find_truth
 from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key
-from wsi_mil.layout import tiling_key
+from wsi_mil.layout import Layout, tiling_key
 from wsi_mil.mil.cv import train_cohort
-from wsi_mil.mil.data import resolve_features_dir
+from wsi_mil.mil.data import load_labels, resolve_features_dir
 from wsi_mil.mil.distributed import train_on_cluster
 from wsi_mil.mil.ensemble import model_uri, register_run_model
 from wsi_mil.mil.evaluation import evaluate_run
@@ -67,9 +68,49 @@ def _table(per_fold: pd.DataFrame, columns: list[str]) -> str:
     return per_fold[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
+def _tiled_slides_dir(out: Path) -> Path | None:
+    """The folder of the first slide in ``OUT/slides.csv`` (None without a readable inventory)."""
+    try:
+        paths = pd.read_csv(Layout(out).slides_csv, usecols=["path"])["path"].dropna()
+    except (OSError, ValueError):
+        return None
+    return Path(str(paths.iloc[0])).parent if len(paths) else None
+
+
+def with_found_truth(out: Path, cfg: Config) -> Config:
+    """``cfg`` with ``training.annotations_dir`` set to a ground-truth folder found as `wsi-mil run` finds it.
+
+    Only when ``training.annotations_dir`` is not set: :func:`wsi_mil.annotations.find_truth` beside
+    the tiled slides' folder (from ``OUT/slides.csv``) and beside the labels file (``truth/`` or
+    ``annotations/``). What it found, or that it found nothing, is logged.
+
+    Raises
+    ------
+    WsiMilError
+        The labels file is missing or unreadable (as training would raise).
+    """
+    if cfg.training.annotations_dir is not None or cfg.training.labels_csv is None:
+        return cfg
+    ids = list(load_labels(cfg.training).slide_ids)
+    labels_dir = Path(cfg.training.labels_csv).resolve().parent
+    truth = find_truth(_tiled_slides_dir(Path(out)), ids, beside=[labels_dir])
+    if truth is None:
+        log.info("no truth/ or annotations/ folder beside the slides or %s: instance metrics are n/a "
+                 "(set training.annotations_dir to use ground truth)", labels_dir)
+        return cfg
+    log.info("ground truth for %d of %d slides found in %s: instance metrics use it (training.annotations_dir)",
+             truth[1], len(ids), truth[0])
+    return cfg.with_overrides({"training.annotations_dir": str(truth[0].resolve())})
+
+
 def cli_train(args: argparse.Namespace, cfg: Config) -> int:
-    """Cross-validate ``cfg.model.name`` on the bags in OUT; print the test metrics and the MLflow run id."""
+    """Cross-validate ``cfg.model.name`` on the bags in OUT; print the test metrics and the MLflow run id.
+
+    Without ``training.annotations_dir`` the ground truth is looked up as `wsi-mil run` does
+    (:func:`with_found_truth`).
+    """
     out = sys.stdout
+    cfg = with_found_truth(args.out, cfg)
     key = workflow_key(cfg, resolve_features_dir(args.out, cfg))
     tracker = open_tracker(args.out, cfg)
     run_id = None if args.force else finished_run(tracker, cfg, key)

@@ -480,6 +480,33 @@ def read_mask_png(png: Path, meta_json: Path | None) -> TumourRaster:
 
 
 # --------------------------------------------------------------------------------------------- detection
+TRUTH_FOLDERS = ("truth", "annotations")  # beside the slide folder (`wsi-mil synth` writes OUT/slides and OUT/truth)
+
+
+def find_truth(slides_dir: Path | None, slide_ids: Sequence[str], *,
+               beside: Sequence[Path] = ()) -> tuple[Path, int] | None:
+    """A folder of ground truth beside (or inside) ``slides_dir`` that annotates some of ``slide_ids``.
+
+    Looks in ``slides_dir/../truth``, ``slides_dir/../annotations``, ``slides_dir/truth`` and
+    ``slides_dir/annotations``, then in ``truth`` and ``annotations`` inside each folder of ``beside``
+    (e.g. the labels file's folder), for the files :func:`find_annotation` reads.
+
+    Returns
+    -------
+    tuple of (Path, int) or None
+        The first folder with annotations and how many of the slides it annotates.
+    """
+    bases = [Path(slides_dir).parent, Path(slides_dir)] if slides_dir is not None else []
+    for base in [*bases, *map(Path, beside)]:
+        for name in TRUTH_FOLDERS:
+            folder = base / name
+            if folder.is_dir():
+                found = sum(find_annotation(folder, sid) is not None for sid in slide_ids)
+                if found:
+                    return folder, found
+    return None
+
+
 def find_annotation(annotations_dir: Path, slide_id: str) -> tuple[str, Path] | None:
     """The annotation source for a slide: ('mask' | 'geojson' | 'asap', path), or None."""
     candidates = [(kind, slide_file(annotations_dir, slide_id, suffix)) for kind, suffix in (

@@ -98,6 +98,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="Output directory holding features/.")
     p.add_argument("--labels", type=Path, help="CSV with slide_id,label[,patient_id][,split].")
     p.add_argument("--model", help="mean | max | abmil | gated_abmil | transmil | dsmil | mhim | ins.")
+    p.add_argument("--encoder", help="Encoder the bags were made with (as for `extract`; picks the features folder).")
+    p.add_argument("--weights", help="Weights the bags were made with: pretrained | random | path (as for `extract`).")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite inside OUT).")
     p.add_argument("--scheduler", help="Train each (seed, fold) as a task on an existing Dask cluster (tcp://HOST:PORT).")
     p.add_argument("--epochs", type=int, help="Maximum epochs.")

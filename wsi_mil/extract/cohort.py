@@ -130,6 +130,8 @@ def extract_cohort(out: Path, cfg: Config, *, tiling: str | None = None, strict:
             first = next(r for r in finished if r.status == "failed")
             raise SlideError(f"slide {first.slide_id}: {first.error}")
         embed = _Embedding(Path(out), cfg, tiling, strict, progress)
+        if jobs:  # the encoder loads before any claim or bag creates the bag folder: a failed load leaves none
+            embed.prepare()
         waiting: list[str] = []
         waited = 0.0
         while jobs or waiting:
@@ -180,13 +182,18 @@ class _Embedding:
         self.device_name = "dask:" + cfg.compute.scheduler if cfg.compute.scheduler else \
             resolve_device(cfg.features.device).type
 
-    def __call__(self, jobs: list[Job]) -> list[SlideResult]:
-        if self.cfg.compute.scheduler:  # the workers resolve their own device
-            return run_on_cluster(self.out, self.cfg, self.tiling, jobs, self.strict)
-        if self.embedder is None:
+    def prepare(self) -> None:
+        """Build the local encoder once (raises WsiMilError when it cannot load); nothing to do on a cluster."""
+        if self.embedder is None and not self.cfg.compute.scheduler:
             features = self.cfg.features
             self.embedder = Embedder(build_encoder(features), resolve_device(features.device),
                                      batch_size=features.batch_size, amp=features.amp)
+
+    def __call__(self, jobs: list[Job]) -> list[SlideResult]:
+        if self.cfg.compute.scheduler:  # the workers resolve their own device
+            return run_on_cluster(self.out, self.cfg, self.tiling, jobs, self.strict)
+        self.prepare()
+        assert self.embedder is not None
         return run_jobs(jobs, self.embedder, self.cfg.features, strict=self.strict, progress=self.progress)
 
 

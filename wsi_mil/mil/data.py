@@ -278,7 +278,10 @@ def resolve_features_dir(out: Path, cfg: Config) -> Path:
         return Path(cfg.training.features_dir)
     features_dir = Layout(out).features_dir(tiling_key(cfg), encoder_key(cfg.features))
     if not features_dir.is_dir():
-        raise WsiMilError(f"features directory {features_dir} does not exist; {_bag_folders_hint(features_dir)}")
+        raise WsiMilError(f"features directory {features_dir} does not exist; "
+                          f"{_bag_folders_hint(features_dir, cfg)}")
+    if not _count_bags(features_dir) and _bag_folders(features_dir.parent):
+        raise WsiMilError(f"features directory {features_dir} holds no bags; {_bag_folders_hint(features_dir, cfg)}")
     return features_dir
 
 
@@ -297,16 +300,44 @@ def _count_bags(folder: Path) -> int:
     return sum(1 for p in folder.glob("*.h5") if PARTIAL_TAG not in p.name)
 
 
-def _bag_folders_hint(features_dir: Path) -> str:
+def _bag_folders(tiling: Path) -> list[tuple[Path, int]]:
+    """The encoder folders of one tiling folder that hold bags, with their bag counts."""
+    return [(p, n) for p in sorted(tiling.glob("*/")) if (n := _count_bags(p))]
+
+
+def _flags_for(folder: Path, cfg: Config) -> str | None:
+    """The ``--encoder``/``--weights`` flags that select ``folder`` (read from its first bag's attributes)."""
+    try:
+        attrs = read_bag_attrs(next(p for p in sorted(folder.glob("*.h5")) if PARTIAL_TAG not in p.name))
+    except (OSError, StopIteration):
+        return None
+    flags = {}
+    for flag in ("encoder", "weights"):
+        value = attrs.get(flag)
+        if isinstance(value, str) and value and value != getattr(cfg.features, flag):
+            flags[flag] = value
+    if not flags:
+        return None
+    shown = " ".join(f"--{k} {v}" for k, v in flags.items())
+    sets = " ".join(f"--set features.{k}={v}" for k, v in flags.items())
+    return f"bags in {folder.name} were made with {shown}: add {shown} (or {sets})"
+
+
+def _bag_folders_hint(features_dir: Path, cfg: Config | None = None) -> str:
     """What exists next to a missing features directory, and how to point training at it.
 
     The layout is ``OUT/features/<tiling key>/<encoder key>``: list the encoder folders of this tiling
-    with their bag counts, or (none there) the tiling folders that hold bags.
+    with their bag counts and, when ``cfg`` is given, the exact ``--encoder``/``--weights`` flags that
+    select each (from the bags' ``encoder``/``weights`` attributes); or (none there) the tiling folders
+    that hold bags.
     """
     tiling = features_dir.parent
-    folders = [(p.name, n) for p in sorted(tiling.glob("*/")) if (n := _count_bags(p))]
+    folders = _bag_folders(tiling)
     if folders:
-        listing = ", ".join(f"{name} ({n} bags)" for name, n in folders)
+        listing = ", ".join(f"{p.name} ({n} bags)" for p, n in folders)
+        flags = [f for p, _ in folders if cfg is not None and (f := _flags_for(p, cfg))]
+        if flags:
+            return f"bag folders for this tiling: {listing}. " + "; ".join(flags) + "."
         return (f"bag folders for this tiling: {listing}. Set features.encoder / features.weights so that the "
                 f"folder name <encoder>-<weights> matches one (e.g. --set features.weights=random for "
                 f"*-random), or set training.features_dir to it.")
