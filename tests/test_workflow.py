@@ -131,7 +131,7 @@ def finished(cohort, tmp_path_factory):
 
 def test_run_produces_every_output(finished, cohort):
     summary = Layout(finished).summary_md.read_text()
-    for model in ("abmil", "mhim", "ins"):
+    for model in ("abmil", "mhim(abmil)", "ins"):  # as `wsi-mil runs` names them
         assert f"| {model} |" in summary
     tracker = open_tracker(finished, load_config())
     runs = tracker.find_runs("e2e")
