@@ -238,3 +238,13 @@ def test_cli_extract(tmp_path, capsys):
     assert "unknown encoder 'no_such_net'" in capsys.readouterr().err
     assert main(["extract", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_each_slides_seconds_are_its_own_not_a_running_total(tmp_path):
+    cfg = make_config()
+    make_cohort(tmp_path, cfg, sizes=(40, 40, 40, 40))
+    report = extract_cohort(tmp_path, cfg)
+    seconds = [r.seconds for r in report.results]
+    assert [r.status for r in report.results] == ["done"] * 4 and all(s > 0 for s in seconds)
+    # running totals would add up to about twice the whole extraction; each slide's own time adds up to less
+    assert sum(seconds) <= report.seconds
