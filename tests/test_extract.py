@@ -250,3 +250,13 @@ def test_failed_offline_extract_leaves_no_empty_bag_folder(tmp_path, monkeypatch
     assert "--weights random" in capsys.readouterr().err
     tiling = Layout(tmp_path).features_dir(tiling_key(cfg), "x").parent
     assert not (tiling / "resnet18-imagenet").exists() and not list(tiling.glob("resnet18-*"))
+
+
+def test_each_slides_seconds_are_its_own_not_a_running_total(tmp_path):
+    cfg = make_config()
+    make_cohort(tmp_path, cfg, sizes=(40, 40, 40, 40))
+    report = extract_cohort(tmp_path, cfg)
+    seconds = [r.seconds for r in report.results]
+    assert [r.status for r in report.results] == ["done"] * 4 and all(s > 0 for s in seconds)
+    # running totals would add up to about twice the whole extraction; each slide's own time adds up to less
+    assert sum(seconds) <= report.seconds

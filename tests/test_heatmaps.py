@@ -561,3 +561,16 @@ def test_oracle_heatmap_on_a_synthetic_slide_matches_its_tumour_truth(tmp_path):
                                thumbnail=thumb, downsample=d, out_dir=tmp_path / "hm", cfg=HeatmapConfig(),
                                tissue_mask=truth.tissue_mask, mpp_level0=truth.mpp)
     assert res.png.is_file() and res.geojson.is_file() and res.montage is None
+
+
+def test_predict_heatmap_title_gives_prediction_probability_and_threshold():
+    from wsi_mil.workflows.heatmap import predict_title
+
+    below = predict_title("slide_000", np.array([0.38, 0.62]), ["normal", "tumor"], 0.629, "mhim(abmil)", 3)
+    assert "predicted normal" in below and "p(tumor) = 0.620" in below and "threshold 0.629" in below
+    assert "true" not in below  # new slides have no known label
+    above = predict_title("slide_001", np.array([0.2, 0.8]), ["normal", "tumor"], 0.629, "mhim(abmil)", 3)
+    assert "predicted tumor" in above and "p(tumor) = 0.800" in above
+    assert "mhim(abmil)" in above and "3 fold models" in above
+    multi = predict_title("s", np.array([0.1, 0.7, 0.2]), ["a", "b", "c"], None, "abmil", 1)
+    assert "predicted b (p = 0.700)" in multi

@@ -127,3 +127,20 @@ def test_heatmap_folders_are_per_model_and_per_run_so_a_new_run_never_overwrites
     assert layout.heatmaps_dir(a, "mhim(abmil)") == tmp_path / "heatmaps" / "mhim-abmil" / "01234567"
     assert layout.heatmaps_dir(a, "abmil") != layout.heatmaps_dir(b, "abmil")
     assert layout.model_predictions_csv("mhim(transmil)") == tmp_path / "results" / "mhim-transmil" / "predictions.csv"
+
+
+def test_run_summary_names_models_as_the_runs_command_does(tmp_path):
+    from wsi_mil.workflows.cohort import CohortOutcome, ModelOutcome, summary_markdown
+
+    from wsi_mil.extract import ExtractReport
+    from wsi_mil.tiling import TilingReport
+
+    layout = Layout(tmp_path)
+    mhim = ModelOutcome("mhim", "run-1", False, {}, label="mhim(abmil)",
+                        predictions_csv=layout.model_predictions_csv("mhim(abmil)"),
+                        heatmaps_dir=layout.heatmaps_dir("run-1", "mhim(abmil)"))
+    outcome = CohortOutcome(TilingReport("t", tmp_path / "tiles"), ExtractReport("t", "e", tmp_path / "f", "cpu"),
+                            models=[mhim])
+    text = summary_markdown(outcome)
+    assert "| mhim(abmil) | run-1 |" in text and "| mhim |" not in text
+    assert "- mhim(abmil): `" in text and "mhim-abmil" in str(mhim.predictions_csv)  # folders: the file-safe form

@@ -131,7 +131,7 @@ def finished(cohort, tmp_path_factory):
 
 def test_run_produces_every_output(finished, cohort):
     summary = Layout(finished).summary_md.read_text()
-    for model in ("abmil", "mhim", "ins"):
+    for model in ("abmil", "mhim(abmil)", "ins"):  # as `wsi-mil runs` names them
         assert f"| {model} |" in summary
     tracker = open_tracker(finished, load_config())
     runs = tracker.find_runs("e2e")
@@ -247,9 +247,15 @@ def test_heatmap_and_predict_commands(finished, cohort, tmp_path, capsys):
     (new / "broken.svs").write_bytes(b"not a slide")
     code = main(["predict", str(new), "--run", run.run_id, "--out", str(finished)])
     assert code == 1  # one slide failed, and says so
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if "slide_id" in line)
+    assert "threshold" in header.split() and "pred" in header.split()
     frame = pd.read_csv(Layout(Layout(finished).predictions_dir(run.run_id)).predictions_csv)
     ok = frame[frame["slide_id"].str.startswith("new_")]
     assert len(ok) == 2 and ok["prob_tumor"].between(0, 1).all()
+    assert ok["threshold"].between(0, 1).all()  # the decision is readable from the table itself
+    negative = next(c[len("prob_"):] for c in ok.columns if c.startswith("prob_") and c != "prob_tumor")
+    assert (ok["pred"] == np.where(ok["prob_tumor"] >= ok["threshold"], "tumor", negative)).all()
     assert frame.loc[frame["slide_id"] == "broken", "error"].str.len().iloc[0] > 10
     assert "predictions/predictions.csv" in tracker.list_artifacts(run.run_id, "predictions")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 from wsi_mil.workflows.heatmap import heatmaps_for_run
-from wsi_mil.workflows.results import MODEL_TAG, markdown_table, write_model_results
+from wsi_mil.workflows.results import markdown_table, model_label, write_model_results
 from wsi_mil.workflows.train import WORKFLOW_TAG, finished_run, workflow_key
 
 from wsi_mil.annotations import find_annotation, find_truth
@@ -66,6 +66,12 @@ class ModelOutcome:
     heatmaps: int = 0
     predictions_csv: Path | None = None  # OUT/results/<model>/predictions.csv
     heatmaps_dir: Path | None = None  # OUT/heatmaps/<model>/<run>/
+    label: str = ""  # the model as `wsi-mil runs` names it, e.g. mhim(abmil); name: as listed in run.models
+
+    @property
+    def shown(self) -> str:
+        """The model's name in the summary: its label, or its ``run.models`` name without one."""
+        return self.label or self.name
 
 
 class StageClock:
@@ -110,7 +116,7 @@ class CohortOutcome:
         """One row per model: test metrics (mean +- std) and localisation AUC."""
         rows = []
         for m in self.models:
-            row: dict[str, object] = {"model": m.name, "run_id": m.run_id}
+            row: dict[str, object] = {"model": m.shown, "run_id": m.run_id}
             for metric in SUMMARY_METRICS:
                 mean, std = m.summary.get(metric, (math.nan, math.nan))
                 row[metric] = "n/a" if math.isnan(mean) else f"{mean:.3f} +- {std:.3f}"
@@ -201,7 +207,8 @@ def _model_outcome(out: Path, tracker: Tracker, name: str, mcfg: Config, key: st
     if not reused:  # tagged last: a run interrupted before its heatmaps is redone
         tracker.set_tags(run_id, {WORKFLOW_TAG: key})
     outcome.predictions_csv = write_model_results(out, tracker, run_id)
-    outcome.heatmaps_dir = Layout(out).heatmaps_dir(run_id, tracker.get_run(run_id).tags.get(MODEL_TAG, name))
+    outcome.label = model_label(tracker.get_run(run_id))  # as `wsi-mil runs` and results/summary.md name it
+    outcome.heatmaps_dir = Layout(out).heatmaps_dir(run_id, outcome.label)
     return outcome
 
 
@@ -248,7 +255,7 @@ def summary_markdown(outcome: CohortOutcome) -> str:
         lines += ["", "Per-slide test predictions (slide, patient, label, fold, seed, probability, predicted class, "
                   "threshold, run id) and heatmaps:", ""]
         for m in files:
-            lines.append(f"- {m.name}: `{m.predictions_csv}`, `{m.heatmaps_dir}/`")
+            lines.append(f"- {m.shown}: `{m.predictions_csv}`, `{m.heatmaps_dir}/`")
     return "\n".join(lines) + "\n"
 
 

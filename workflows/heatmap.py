@@ -116,15 +116,34 @@ def slide_title(slide_id: str, truth: str, probs: np.ndarray, classes: list[str]
     ``probs`` float [C] of the fold model; binary: the predicted class is the second one when its
     probability reaches ``threshold`` (0.5 without one), and that probability is shown.
     """
+    role = "test fold" if in_test_fold else "not in any test fold"
+    guess = prediction_text(probs, classes, threshold)
+    return f"{slide_id}: true {truth}, {guess}\n{model_name}, seed {fold.seed} fold {fold.fold} model ({role})"
+
+
+def prediction_text(probs: np.ndarray, classes: list[str], threshold: float | None) -> str:
+    """``predicted <class> (p(<positive>) = 0.620, threshold 0.629)``: a heatmap title's prediction part.
+
+    ``probs`` float [C]; binary: the second class is predicted when its probability reaches
+    ``threshold`` (0.5 without one); more classes: the largest probability, shown without a threshold.
+    """
     pred = int(predict_labels(probs[None, :], threshold)[0]) if len(probs) else 0
     name = classes[pred] if pred < len(classes) else str(pred)
     if len(probs) == 2 and len(classes) == 2:
         cut = 0.5 if threshold is None else threshold
-        guess = f"predicted {name} (p({classes[1]}) = {probs[1]:.3f}, threshold {cut:.3f})"
-    else:
-        guess = f"predicted {name} (p = {probs[pred]:.3f})" if len(probs) else "no prediction"
-    role = "test fold" if in_test_fold else "not in any test fold"
-    return f"{slide_id}: true {truth}, {guess}\n{model_name}, seed {fold.seed} fold {fold.fold} model ({role})"
+        return f"predicted {name} (p({classes[1]}) = {probs[1]:.3f}, threshold {cut:.3f})"
+    return f"predicted {name} (p = {probs[pred]:.3f})" if len(probs) else "no prediction"
+
+
+def predict_title(slide_id: str, probs: np.ndarray, classes: list[str], threshold: float | None,
+                  model_name: str, n_folds: int) -> str:
+    """A `wsi-mil predict` heatmap's title: the slide, the prediction, its probability and threshold, the model.
+
+    Like :func:`slide_title` without the true label (unknown for new slides); ``probs`` float [C] is
+    the mean over the ``n_folds`` fold models and ``threshold`` the ensemble's (median of the folds').
+    """
+    guess = prediction_text(np.asarray(probs, dtype=np.float64).reshape(-1), classes, threshold)
+    return f"{slide_id}: {guess}\n{model_name}, mean of {n_folds} fold models"
 
 
 def draw_slide(slide_id: str, bag: stores.Bag, scores: np.ndarray, out_dir: Path, hcfg: HeatmapConfig, layout: Layout,

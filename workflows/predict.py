@@ -5,7 +5,9 @@ run id or as an MLflow model (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, 
 The slides are tiled and embedded with the tiling and encoder settings the model carries (into
 ``OUT/predictions/<run or model>/``, apart from the training cohort's files), then scored by every
 fold model; the reported probability is the mean over fold models and the decision uses the median
-of the folds' validation thresholds. Writes ``predictions.csv`` and per-slide heatmaps there, and
+of the folds' validation thresholds (the ``threshold`` column). Heatmap titles give the prediction,
+its probability and the threshold; attention maps share one scale across the slides of the call
+(``heatmap.normalize: auto``). Writes ``predictions.csv`` and per-slide heatmaps there, and
 logs both to the training run under ``predictions/`` (heatmaps as
 ``predictions/heatmaps/<predicted class>/<slide>__p<probability>.png``).
 """
@@ -17,14 +19,16 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-from wsi_mil.workflows.heatmap import draw_slide, log_heatmaps
+from wsi_mil.workflows.heatmap import draw_slide, log_heatmaps, predict_title
 
 from wsi_mil import stores
 from wsi_mil.config import Config
 from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
 from wsi_mil.extract import extract_cohort
+from wsi_mil.heatmaps.normalise import cohort_bounds, comparable_scores, resolve_method
 from wsi_mil.layout import Layout, slide_file, tiling_key
 from wsi_mil.mil.ensemble import is_model_uri, load_ensemble
 from wsi_mil.mil.methods import method_label
@@ -60,8 +64,9 @@ def predict_slides(source: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
     Returns
     -------
     pandas.DataFrame
-        One row per slide: ``slide_id``, ``prob_<class>`` (mean over the fold models), ``pred``,
-        ``n_patches``, ``heatmap``; or ``error`` for a slide that failed. Also written to
+        One row per slide: ``slide_id``, ``prob_<class>`` (mean over the fold models), ``threshold``
+        (binary: the median of the folds' thresholds; ``pred`` is the positive class when its
+        probability reaches it; empty for more classes), ``pred``, ``n_patches``, ``heatmap``; or ``error`` for a slide that failed. Also written to
         ``predictions.csv`` and logged to the training run under ``predictions/``.
 
     Raises
@@ -84,19 +89,27 @@ def predict_slides(source: str, slides_dir: Path, out: Path, cfg: Config) -> pd.
     classes = ensemble.classes
     features_dir = layout.features_dir(tiling_key(run_cfg), encoder_key(run_cfg.features))
     model_name = method_label(run_cfg)
-    rows, drawn = [], []
+    rows, drawn, scored = [], [], []
     for result in extraction.done + extraction.reused:
         bag = stores.read_bag(slide_file(features_dir, result.slide_id, ".h5"))
         pred = ensemble.predict(bag.features, slide_id=result.slide_id)
-        heatmap = draw_slide(result.slide_id, bag, pred.instance_scores, layout.heatmaps_root, cfg.heatmap, layout,
-                             title=f"{result.slide_id} - {model_name}, mean of {len(ensemble.folds)} fold models",
-                             model_name=model_name, run_id=run_id or source,
-                             slides_dir=Path(slides_dir), slides_cfg=run_cfg.slides)
+        scored.append((result.slide_id, bag, pred))
+    bounds = None
+    if resolve_method(cfg.heatmap.normalize, model_name) == "cohort" and scored:
+        # one scale for the slides of this call, as training heatmaps share one for the run's test slides
+        pooled = [comparable_scores(np.asarray(p.instance_scores, dtype=np.float64).reshape(-1))[0] for _, _, p in scored]
+        bounds = cohort_bounds(pooled, (cfg.heatmap.percentile_low, cfg.heatmap.percentile_high))
+    for slide_id, bag, pred in scored:
+        title = predict_title(slide_id, pred.probs, classes, pred.threshold, model_name, len(ensemble.folds))
+        heatmap = draw_slide(slide_id, bag, pred.instance_scores, layout.heatmaps_root, cfg.heatmap, layout,
+                             title=title, model_name=model_name, run_id=run_id or source,
+                             slides_dir=Path(slides_dir), slides_cfg=run_cfg.slides, bounds=bounds)
         shown = pred.probs[1] if len(classes) == 2 else pred.probs[classes.index(pred.label)]
         drawn.append((heatmap, pred.label, float(shown)))
-        rows.append({"slide_id": result.slide_id,
+        rows.append({"slide_id": slide_id,
                      **{f"prob_{c}": float(p) for c, p in zip(classes, pred.probs, strict=True)},
-                     "pred": pred.label, "n_patches": len(bag.coords), "heatmap": str(heatmap.png)})
+                     "threshold": pred.threshold, "pred": pred.label, "n_patches": len(bag.coords),
+                     "heatmap": str(heatmap.png)})
     failed = [(r.slide_id, r.error) for r in tiling.failed] + [(r.slide_id, r.error) for r in extraction.failed]
     for slide_id, error in failed:
         rows.append({"slide_id": slide_id, "pred": "", "error": error})

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def _finish(job: Job, features: torch.Tensor | None, encoder_attrs: dict[str, Any],
             cfg: FeaturesConfig) -> SlideResult:
     """Check and write one slide's bag (runs in the writer thread)."""
-    seconds = time.perf_counter() - job.started
+    seconds = job.seconds  # reading and embedding this slide's blocks; the write overlaps the next slide's
     if job.error or features is None:
         return SlideResult(job.slide_id, "failed", job.error, job.n_patches, None, seconds)
     values = features.numpy()
@@ -85,11 +85,17 @@ def run_jobs(jobs: list[Job], embedder: Embedder, cfg: FeaturesConfig, *, strict
     bar = tqdm(total=sum(j.n_patches for j in jobs), unit="patch", desc="extract", disable=not progress or None,
                leave=False)
     reader = open_reader(dataset, embedder.device, cfg, processes)
+    begun: set[int] = set()
+    waiting_since = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-mil-bag-writer") as writer:
         try:
             for index, start, patches, error in reader:
                 job = jobs[index]
+                if index not in begun:  # a slide's seconds start when the stream began waiting for its first block
+                    begun.add(index)
+                    job.started = waiting_since
                 if job.remaining <= 0:  # slide already failed: drain its remaining blocks
+                    waiting_since = time.perf_counter()
                     continue
                 if error:
                     job.error = f"cannot read patches {start}.. of {job.store} ({error}); rerun `wsi-mil tile` to redo it."
@@ -106,9 +112,11 @@ def run_jobs(jobs: list[Job], embedder: Embedder, cfg: FeaturesConfig, *, strict
                 job.remaining -= 1
                 if job.error or job.remaining == 0:
                     features = None if job.error else torch.cat(job.parts).cpu()
+                    job.seconds = time.perf_counter() - job.started
                     job.parts, job.remaining = [], 0
                     pending[index] = writer.submit(_finish, job, features, encoder_attrs, cfg)
                 collect(block=False)
+                waiting_since = time.perf_counter()
             collect(block=True)
         finally:
             for name in ("close", "_shutdown_workers"):  # generator / DataLoader iterator

@@ -49,7 +49,8 @@ class Job:
     parts: list[torch.Tensor] = field(default_factory=list)
     remaining: int = 0
     error: str = ""
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # reset when the stream reaches this slide
+    seconds: float = 0.0  # from the stream reaching this slide to its last block embedded (this slide only)
 
 
 def store_signature(store: PatchStore) -> str:
