@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -122,7 +123,7 @@ def test_markdown_table():
 
 def test_ui_command_serves_the_embedded_store(tmp_path):
     command = ui_command(Layout(tmp_path), 5123)
-    assert command[1] == "ui" and f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}" in command
+    assert command[:4] == [sys.executable, "-m", "mlflow", "ui"] and f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}" in command
     assert command[command.index("--port") + 1] == "5123" and "127.0.0.1" in command
 
 

@@ -10,7 +10,6 @@ import argparse
 import errno
 import logging
 import os
-import shutil
 import socket
 import sys
 
@@ -24,9 +23,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def ui_command(layout: Layout, port: int, host: str = "127.0.0.1") -> list[str]:
     """The `mlflow ui` command line that serves ``layout``'s store on ``host:port`` (also shown to the user)."""
-    mlflow = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
     return [
-        mlflow, "ui",
+        sys.executable, "-m", "mlflow", "ui",  # this Python's mlflow: no `mlflow` script on PATH needed
         "--backend-store-uri", layout.tracking_uri,
         "--default-artifact-root", str(layout.mlflow_artifacts.resolve()),
         "--host", host, "--port", str(port), "--workers", "1",

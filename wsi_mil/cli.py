@@ -65,15 +65,15 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="Directory for the cohort (slides/, truth/, labels.csv).")
-    p.add_argument("--slides", type=int, default=8, help="Number of slides.")
-    p.add_argument("--seed", type=int, default=0, help="Random seed (same seed, same bytes).")
-    p.add_argument("--size", type=int, default=8192, help="Slide width and height in level-0 pixels.")
-    p.add_argument("--format", choices=["svs", "tiff"], default="svs", help="Aperio SVS or generic pyramidal TIFF.")
+    p.add_argument("--slides", type=int, default=8, help="Number of slides (default: %(default)s).")
+    p.add_argument("--seed", type=int, default=0, help="Random seed (same seed, same bytes) (default: %(default)s).")
+    p.add_argument("--size", type=int, default=8192, help="Slide width and height in level-0 pixels (default: %(default)s).")
+    p.add_argument("--format", choices=["svs", "tiff"], default="svs", help="Aperio SVS or generic pyramidal TIFF (default: %(default)s).")
     p.add_argument("--tumour", choices=["micro", "small", "large", "mixed"], default="small",
-                   help="Tumour size on positive slides.")
-    p.add_argument("--positive-fraction", type=float, default=0.5, help="Share of positive slides.")
+                   help="Tumour size on positive slides (default: %(default)s).")
+    p.add_argument("--positive-fraction", type=float, default=0.5, help="Share of positive slides (default: %(default)s).")
     p.add_argument("--artefacts", action="store_true", help="Add pen marks, blur and folds to some slides.")
-    p.add_argument("--mpp", type=float, default=0.25, help="Level-0 microns per pixel.")
+    p.add_argument("--mpp", type=float, default=0.25, help="Level-0 microns per pixel (default: %(default)s).")
 
 
 def _add_tile(p: argparse.ArgumentParser) -> None:
