@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.milcore import write_cohort
+from helpers.patches import EXTRACT_FLAGS, write_patch_stores
 from helpers.tiler import build_tiler_slides
 
 from wsi_mil.config import Config, FeaturesConfig, load_config
@@ -25,7 +26,7 @@ from wsi_mil.encoders import encoder_key
 from wsi_mil.errors import WsiMilError
 from wsi_mil.layout import Layout, tiling_key
 from wsi_mil.locks import CLAIMS_DIR, Claims, claim_path, owner_alive
-from wsi_mil.stores import create_patch_store, mark_complete, merge_csv_rows, open_patch_store, read_bag
+from wsi_mil.stores import merge_csv_rows, open_patch_store, read_bag
 from wsi_mil.tracking import Tracker
 
 BIN = Path(sys.executable).parent
@@ -166,29 +167,13 @@ def test_a_killed_tile_leaves_its_slides_to_the_other_which_finishes_them(six_sl
     _no_leftovers(tiles)
 
 
-def _patch_stores(out: Path, cfg: Config, n: int = 6, patches: int = 160) -> None:
-    layout, key = Layout(out), tiling_key(cfg)
-    rng = np.random.default_rng(1)
-    for i in range(n):
-        final = layout.patch_store(key, f"s{i}")
-        group = create_patch_store(final, n_patches=patches, patch_size=96, chunk_patches=16, attrs={
-            "slide_id": f"s{i}", "mpp_level0": 0.25, "target_mpp": 0.5, "patch_size_level0": 192, "level": 0,
-            "downsample": 1.0, "read_size": 192, "slide_path": f"/slides/s{i}.svs"})
-        group["patches"][:] = rng.integers(0, 256, (patches, 96, 96, 3), dtype=np.uint8)
-        group["coords"][:] = np.stack([np.arange(patches) * 192, np.full(patches, 1000 * i)], axis=1)
-        mark_complete(final)
-
-
-EXTRACT_FLAGS = ["--encoder", "tiny_cnn", "--weights", "random", "--device", "cpu", "--batch-size", "16"]
-
-
 def _extracted_once_and_a_shared_out(tmp_path: Path) -> tuple[Config, Path, Path, list[str]]:
     """Patch stores in ``single`` (embedded once, alone) and in ``out`` (for concurrent extracts); the command."""
     cfg = Config()
     cfg.features = FeaturesConfig(encoder="tiny_cnn", weights="random", device="cpu", batch_size=16)
     single, out = tmp_path / "single", tmp_path / "out"
     for folder in (single, out):
-        _patch_stores(folder, cfg)
+        write_patch_stores(folder, cfg, n=6, patches=160, patch_size=96, chunk_patches=16, seed=1)
     cmd = [str(BIN / "wsi-mil"), "-q", "extract"]
     done = subprocess.run([*cmd, str(single), *EXTRACT_FLAGS], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

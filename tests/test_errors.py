@@ -5,11 +5,10 @@ from __future__ import annotations
 import errno
 import shutil
 import zlib
-from pathlib import Path
 
 import distributed
-import numpy as np
 import pytest
+from helpers.patches import write_patch_stores
 from helpers.tiler import build_tiler_slides
 
 import wsi_mil.extract.device as extract_device
@@ -18,7 +17,6 @@ from wsi_mil.config import Config, FeaturesConfig, load_config
 from wsi_mil.errors import ResourceError, SlideError, is_slide_problem, resource_error, resource_problem
 from wsi_mil.extract import extract_cohort
 from wsi_mil.layout import Layout, tiling_key
-from wsi_mil.stores import create_patch_store, mark_complete
 
 BASE = ["tiling.target_mpp=1.0", "tiling.patch_size=64", "tiling.chunk_patches=8"]
 
@@ -96,19 +94,6 @@ def test_a_corrupt_slide_is_still_a_per_slide_failure_on_the_same_cluster(slides
     assert status == {"good": "done", slides.truncated.stem: "failed"}
 
 
-def _extract_cohort(out: Path, cfg: Config, n: int = 2) -> None:
-    layout, key = Layout(out), tiling_key(cfg)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        final = layout.patch_store(key, f"s{i}")
-        group = create_patch_store(final, n_patches=12, patch_size=32, chunk_patches=4, attrs={
-            "slide_id": f"s{i}", "mpp_level0": 0.25, "target_mpp": 0.5, "patch_size_level0": 64, "level": 0,
-            "downsample": 1.0, "read_size": 64, "slide_path": f"/slides/s{i}.svs"})
-        group["patches"][:] = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
-        group["coords"][:] = np.stack([np.arange(12) * 64, np.zeros(12)], axis=1)
-        mark_complete(final)
-
-
 def _features_cfg() -> Config:
     cfg = Config()
     cfg.features = FeaturesConfig(encoder="tiny_cnn", weights="random", batch_size=8, device="cpu")
@@ -117,7 +102,7 @@ def _features_cfg() -> Config:
 
 def test_a_bug_in_the_embedding_step_propagates_instead_of_failing_the_slide(tmp_path, monkeypatch):
     cfg = _features_cfg()
-    _extract_cohort(tmp_path, cfg)
+    write_patch_stores(tmp_path, cfg, n=2, patches=12, patch_size=32, chunk_patches=4, seed=0)
 
     def broken(self, patches):
         raise IndexError("injected bug")

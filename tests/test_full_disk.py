@@ -10,14 +10,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from helpers.milcore import write_cohort
+from helpers.patches import EXTRACT_FLAGS, write_patch_stores
 from helpers.tiler import build_tiler_slides
 
 from wsi_mil.config import Config, load_config
 from wsi_mil.layout import Layout, tiling_key
-from wsi_mil.stores import create_patch_store, mark_complete
 from wsi_mil.tracking import Tracker
 
 BIN = Path(sys.executable).parent
@@ -80,22 +79,14 @@ def test_tile_on_a_full_disk_says_so_in_one_line_and_a_rerun_with_space_complete
 def test_extract_on_a_full_disk_says_so_in_one_line_and_a_rerun_with_space_completes(tmp_path):
     cfg = Config()
     layout, key = Layout(tmp_path / "out"), tiling_key(cfg)
-    rng = np.random.default_rng(2)
-    for i in range(4):  # patch stores on the roomy disk, bags on the small one
-        final = layout.patch_store(key, f"s{i}")
-        group = create_patch_store(final, n_patches=64, patch_size=32, chunk_patches=16, attrs={
-            "slide_id": f"s{i}", "mpp_level0": 0.25, "target_mpp": 0.5, "patch_size_level0": 64, "level": 0,
-            "downsample": 1.0, "read_size": 64, "slide_path": f"/slides/s{i}.svs"})
-        group["patches"][:] = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-        group["coords"][:] = np.stack([np.arange(64) * 64, np.zeros(64)], axis=1)
-        mark_complete(final)
+    # patch stores on the roomy disk, bags on the small one
+    write_patch_stores(layout.root, cfg, n=4, patches=64, patch_size=32, chunk_patches=16, seed=2)
     disk = SmallDisk(layout.root / "features", "40k")
     try:
-        flags = ["--encoder", "tiny_cnn", "--weights", "random", "--device", "cpu", "--batch-size", "16"]
-        err = _one_line_resource_error(_wsi_mil("extract", str(layout.root), *flags), "extract")
+        err = _one_line_resource_error(_wsi_mil("extract", str(layout.root), *EXTRACT_FLAGS), "extract")
         assert ".h5" in err and "finished bags are kept" in err
         disk.grow()
-        again = _wsi_mil("extract", str(layout.root), *flags)
+        again = _wsi_mil("extract", str(layout.root), *EXTRACT_FLAGS)
         assert again.returncode == 0, again.stderr[-3000:]
         assert " 0 failed" in again.stdout and len(list(layout.features_dir(key, "tiny_cnn-random").glob("*.h5"))) == 4
     finally:
