@@ -30,9 +30,9 @@ from pathlib import Path
 import pandas as pd
 from wsi_mil.workflows.heatmap import heatmaps_for_run
 from wsi_mil.workflows.results import markdown_table, model_label, write_model_results
-from wsi_mil.workflows.train import WORKFLOW_TAG, finished_run, workflow_key
+from wsi_mil.workflows.train import WORKFLOW_TAG, finished_run, with_truth_beside, workflow_key
 
-from wsi_mil.annotations import find_annotation, find_truth
+from wsi_mil.annotations import find_annotation
 from wsi_mil.compute import dask_client
 from wsi_mil.config import Config
 from wsi_mil.encoders import build_encoder
@@ -301,7 +301,7 @@ def preflight(slides_dir: Path, cfg: Config) -> Config:
 
     In order: each model of ``run.models`` fits the settings; labels and folds fit the slide folder
     (:func:`check_cohort`); the encoder's weights load (:func:`check_encoder`); ground truth: when
-    ``training.annotations_dir`` is not set, a truth folder beside the slides (:func:`find_truth`)
+    ``training.annotations_dir`` is not set, a truth folder beside the slides (:func:`with_truth_beside`)
     is used and said so; when it is set but annotates none of the slides, a warning says so.
 
     Raises
@@ -320,11 +320,7 @@ def preflight(slides_dir: Path, cfg: Config) -> Config:
     check_encoder(cfg)
     ids = list(labels.df["slide_id"])
     if cfg.training.annotations_dir is None:
-        truth = find_truth(Path(slides_dir), ids)
-        if truth is not None:
-            log.info("ground truth for %d of %d slides found in %s: instance metrics use it "
-                     "(training.annotations_dir)", truth[1], len(ids), truth[0])
-            cfg = cfg.with_overrides({"training.annotations_dir": str(truth[0].resolve())})
+        cfg = with_truth_beside(cfg, Path(slides_dir), ids) or cfg
     elif not any(find_annotation(Path(cfg.training.annotations_dir), sid) for sid in ids):
         log.warning("training.annotations_dir %s annotates none of the %d slides (looked for <slide id>.geojson, "
                     "_tumour.png, .xml...): instance metrics will be n/a", cfg.training.annotations_dir, len(ids))

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -93,11 +94,24 @@ def with_found_truth(out: Path, cfg: Config) -> Config:
         return cfg
     ids = list(load_labels(cfg.training).slide_ids)
     labels_dir = Path(cfg.training.labels_csv).resolve().parent
-    truth = find_truth(_tiled_slides_dir(Path(out)), ids, beside=[labels_dir])
-    if truth is None:
+    found = with_truth_beside(cfg, _tiled_slides_dir(Path(out)), ids, beside=[labels_dir])
+    if found is None:
         log.info("no truth/ or annotations/ folder beside the slides or %s: instance metrics are n/a "
                  "(set training.annotations_dir to use ground truth)", labels_dir)
         return cfg
+    return found
+
+
+def with_truth_beside(cfg: Config, slides_dir: Path | None, ids: list[str], *,
+                      beside: Sequence[Path] = ()) -> Config | None:
+    """``cfg`` pointing ``training.annotations_dir`` at ground truth found beside the slides, or None.
+
+    :func:`wsi_mil.annotations.find_truth` looks beside (or inside) ``slides_dir`` and in ``beside``;
+    what it found is logged. Used by `wsi-mil run` and `wsi-mil train` alike.
+    """
+    truth = find_truth(slides_dir, ids, beside=beside)
+    if truth is None:
+        return None
     log.info("ground truth for %d of %d slides found in %s: instance metrics use it (training.annotations_dir)",
              truth[1], len(ids), truth[0])
     return cfg.with_overrides({"training.annotations_dir": str(truth[0].resolve())})
