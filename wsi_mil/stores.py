@@ -22,6 +22,8 @@ a reader never sees a half-written output and a crash never damages a finished o
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import math
 import os
@@ -127,9 +129,6 @@ def merge_csv_rows(path: Path, columns: list[str], rows: list[dict[str, Any]], *
     without ``keep``). Rows of ``rows`` come first, in their order, then the others by key. The file
     is replaced atomically.
     """
-    import csv
-    import io
-
     from wsi_mil.locks import file_lock
 
     keys = (key,) if isinstance(key, str) else key
@@ -140,7 +139,7 @@ def merge_csv_rows(path: Path, columns: list[str], rows: list[dict[str, Any]], *
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path, lock_dir):
-        existing: dict[str, dict[str, str]] = {}
+        existing: dict[tuple[str, ...], dict[str, str]] = {}
         if path.is_file():
             try:
                 with open(path, newline="") as fh:
