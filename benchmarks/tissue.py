@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from wsi_mil.synthetic import generate_cohort, load_truth
 
 from wsi_mil.config import Config, TilingConfig
 from wsi_mil.slides import open_slide, read_thumbnail
+from wsi_mil.synth import generate_cohort, load_truth
 from wsi_mil.synth.fields import make_fields
 from wsi_mil.tiling import patch_grid
 from wsi_mil.tissue import TissueParams, detect_tissue, thumbnail_mpp

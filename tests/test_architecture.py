@@ -9,6 +9,8 @@ docs/ARCHITECTURE.md draws the same layers.
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -166,6 +168,22 @@ def test_nothing_imports_the_workflows_folder_as_a_top_level_package():
                 if any(n == "workflows" or n.startswith("workflows.") for n in names):
                     offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_every_wsi_mil_name_the_benchmarks_import_exists():
+    """A benchmark script is not run by the suite; a moved module must still not break its imports."""
+    missing = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("wsi_mil"):
+                try:
+                    module = importlib.import_module(node.module)
+                except ImportError as exc:
+                    missing.append(f"{path.name}: {exc}")
+                    continue
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert missing == []
 
 
 STAGE_ENTRY_POINTS = [

@@ -86,7 +86,7 @@ def test_reference_run_writes_complete_stores(reference) -> None:
     assert all(int(r["n_patches"]) > 20 and r["status"] == "done" for r in rows.values())
     for sid in rows:
         for kind in ("thumb", "mask", "grid"):
-            assert (Layout(out).qc_dir / f"{sid}_{kind}.png").is_file()
+            assert Layout(out).qc_image(sid, kind).is_file()
     store = open_patch_store(Path(rows["good"]["store"]))
     a = store.attrs
     for key in ["slide_id", "slide_path", "slide_fingerprint", "vendor", "mpp_level0", "target_mpp", "patch_size",
@@ -121,8 +121,8 @@ def test_client_written_stores_equal_worker_written_ones(reference, slides, clie
     _assert_same_stores(_stores(out, cfg), _stores(tmp_path / "out", client_cfg))
     for sid in _stores(out, cfg):  # QC images written by the client there, by the workers in the reference
         for kind in ("thumb", "mask", "grid"):
-            assert (Layout(tmp_path / "out").qc_dir / f"{sid}_{kind}.png").is_file()
-            assert (Layout(out).qc_dir / f"{sid}_{kind}.png").is_file()
+            assert Layout(tmp_path / "out").qc_image(sid, kind).is_file()
+            assert Layout(out).qc_image(sid, kind).is_file()
 
 
 def test_resampled_patches_within_tolerance(slides, client, tmp_path: Path) -> None:

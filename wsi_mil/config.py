@@ -104,7 +104,7 @@ class TissueConfig(Section):
     )
     thumbnail_mpp: float = Field(default=8.0, gt=0, description="Resolution of the segmentation thumbnail (um/px).")
     thumbnail_min_size: int = Field(
-        default=768, ge=64,
+        default=512, ge=64,
         description="Small slides get a finer thumbnail so its longer side has at least this many pixels.",
     )
     median_blur: int | None = Field(default=None, ge=1, description="Median filter size in thumbnail pixels (odd); None = preset.")
@@ -173,7 +173,7 @@ class TilingConfig(Section):
         description="Refuse a slide whose patch grid (before tissue selection) has more positions than this: "
         "it means a wrong MPP or settings, and would take hours and gigabytes.",
     )
-    qc_images: bool = Field(default=True, description="Write thumbnail, mask and grid PNGs to OUT/qc/.")
+    qc_images: bool = Field(default=True, description="Write the thumbnail, tissue mask and patch grid images to OUT/qc/.")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> TilingConfig:

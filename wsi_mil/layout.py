@@ -2,7 +2,7 @@
 
 ```
 OUT/slides.csv                                   inventory + per-slide status/error
-OUT/qc/<id>_thumb.png, <id>_mask.png, <id>_grid.png
+OUT/qc/<id>_thumb.jpg, <id>_mask.png, <id>_grid.jpg
 OUT/tiles/<tiling_key>/<id>.zarr                 patch store (zarr v3)
 OUT/tiles/<tiling_key>/clam_coords/<id>.h5       CLAM-style coordinates (tiling.export_clam_h5)
 OUT/features/<tiling_key>/<encoder_key>/<id>.h5  HDF5 bag
@@ -143,8 +143,8 @@ class Layout:
         return self.root / "qc"
 
     def qc_image(self, slide_id: str, kind: QCImage) -> Path:
-        """One QC image of a slide: its thumbnail, tissue mask or patch grid."""
-        return slide_file(self.qc_dir, slide_id, f"_{kind}.png")
+        """One QC image of a slide: its thumbnail and patch grid (JPEG) or tissue mask (PNG)."""
+        return slide_file(self.qc_dir, slide_id, f"_{kind}.{'png' if kind == 'mask' else 'jpg'}")
 
     def qc_images(self, slide_id: str) -> dict[str, Path]:
         """The three QC images of a slide, by kind."""

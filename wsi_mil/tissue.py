@@ -25,7 +25,7 @@ from skimage.filters.rank import median
 from wsi_mil.config import TissueConfig
 
 log = logging.getLogger(__name__)
-QC_PNG_LEVEL = 1  # zlib level of the QC PNGs: a third less CPU than the default 6 for ~10% larger files
+QC_JPEG_QUALITY = 90  # thumbnail and grid QC images: JPEG encodes ~15x faster than PNG at a quarter of the size
 
 PEN_MIN_AREA_UM2 = 2_500.0  # smaller ink-coloured pieces are not marker strokes (blood, debris)
 PEN_GROUP_UM = 16.0  # ink fragments closer than this count as one stroke
@@ -124,17 +124,44 @@ def _drop_small_groups(mask: np.ndarray, min_px: float, gap_px: float) -> np.nda
     return mask & keep[groups]
 
 
-def binary_closing(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Closing with a disk of ``radius`` pixels (Euclidean distance transforms: cost independent of radius).
+def _disk_chords(radius: float) -> list[tuple[int, int]]:
+    """Rows of the disk ``dx^2 + dy^2 <= radius^2``: (dy, half width) per row offset dy."""
+    r = int(np.floor(radius))
+    return [(dy, int(np.floor(np.sqrt(radius * radius - dy * dy)))) for dy in range(-r, r + 1)]
 
-    The image is padded first so tissue touching the border is not eroded away.
+
+def _dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Binary dilation by the disk of ``radius`` pixels; pixels outside the image count as background.
+
+    The disk is split into horizontal chords: one 1-D running maximum per distinct chord width, then
+    each row offset ORs its shifted copy in (a few cheap passes instead of a 2-D structuring element).
+    """
+    h, w = mask.shape
+    src = mask.view(np.uint8)
+    wide = {}
+    out = np.zeros((h, w), dtype=bool)
+    for dy, half in _disk_chords(radius):
+        if half not in wide:
+            wide[half] = ndimage.maximum_filter1d(src, 2 * half + 1, axis=1, mode="constant", cval=0).view(bool)
+        row = wide[half]
+        if dy >= 0:
+            out[: h - dy] |= row[dy:]
+        else:
+            out[-dy:] |= row[: h + dy]
+    return out
+
+
+def binary_closing(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Closing with the disk ``dx^2 + dy^2 <= radius^2`` (``radius`` in pixels).
+
+    Tissue touching the image border is not eroded away (the image is padded before dilating, and the
+    erosion treats what lies outside as tissue).
     """
     if radius < 1 or not mask.any():
         return mask
     pad = int(np.ceil(radius)) + 1
-    padded = np.pad(mask, pad, mode="constant")
-    dilated = ndimage.distance_transform_edt(~padded) <= radius
-    closed = ndimage.distance_transform_edt(dilated) > radius
+    dilated = _dilate_disk(np.pad(mask, pad, mode="constant"), radius)
+    closed = ~_dilate_disk(~dilated, radius)
     return closed[pad:-pad, pad:-pad] | mask
 
 
@@ -254,7 +281,7 @@ def save_qc_images(
     mask: np.ndarray,
     boxes: np.ndarray | None = None,
 ) -> dict[str, Path]:
-    """Write the thumbnail, the tissue mask and the patch grid (boxes over the thumbnail) as PNGs.
+    """Write the thumbnail and the patch grid (boxes over the thumbnail) as JPEGs, the tissue mask as a PNG.
 
     ``paths`` maps ``thumb``, ``mask`` and ``grid`` to their files (:meth:`wsi_mil.layout.Layout.qc_images`);
     ``boxes`` are [N, 4] x0, y0, x1, y1 in thumbnail pixels.
@@ -262,15 +289,14 @@ def save_qc_images(
     paths = {kind: Path(paths[kind]) for kind in ("thumb", "mask", "grid")}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(thumbnail).save(paths["thumb"], compress_level=QC_PNG_LEVEL)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(paths["mask"], compress_level=QC_PNG_LEVEL)
-    grid = thumbnail.astype(np.float32)
-    outside = ~mask
-    grid[outside] = grid[outside] * 0.55 + 255 * 0.45  # fade non-tissue
-    image = Image.fromarray(grid.astype(np.uint8))
+    Image.fromarray(thumbnail).save(paths["thumb"], quality=QC_JPEG_QUALITY)
+    Image.fromarray(mask).save(paths["mask"])  # 1-bit PNG
+    faded = (thumbnail.astype(np.uint16) * 141 + 255 * 115) >> 8  # 0.55 x pixel + 0.45 x white
+    grid = np.where(mask[..., None], thumbnail, faded.astype(np.uint8))
+    image = Image.fromarray(grid)
     draw = ImageDraw.Draw(image)
     if boxes is not None:
         for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
             draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(0, 160, 0))
-    image.save(paths["grid"], compress_level=QC_PNG_LEVEL)
+    image.save(paths["grid"], quality=QC_JPEG_QUALITY, subsampling=0)  # 4:4:4 keeps the 1 px box lines green
     return paths
