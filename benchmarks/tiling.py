@@ -195,8 +195,8 @@ def decode_table(row: dict, repeats: int) -> dict:
     return {"n": n, "plan": plan, **med}
 
 
-def gil_check() -> tuple[float, float]:
-    """(ms of one large JPEG decode by the fast path's decoder, longest ms a Python thread waited meanwhile).
+def gil_check(decoder: str) -> tuple[float, float]:
+    """(ms of one large JPEG decode by ``decoder``, longest ms a Python thread waited meanwhile).
 
     A decoder holding the GIL stalls every other thread for the whole decode; a short longest wait
     shows it runs without the GIL (the residue is the OS scheduler on a busy machine).
@@ -224,7 +224,7 @@ def gil_check() -> tuple[float, float]:
     thread.start()
     time.sleep(0.05)
     t0 = time.perf_counter()
-    decode_jpeg(data, "YCbCr")
+    decode_jpeg(data, "YCbCr", 1, decoder)
     took = time.perf_counter() - t0
     done.set()
     thread.join()
@@ -321,9 +321,10 @@ def main() -> None:
               f"-> {d['openslide'][1] / d['jpeg-tiles'][1]:.2f}x less CPU")
         print(f"  jpeg-tiles, 1 vs 2 threads: {1000 / d['threads1'][0]:.0f} vs {1000 / d['threads2'][0]:.0f} "
               f"patches/s (2-thread CPU/wall {d['threads2'][1] / d['threads2'][0]:.2f} cores)")
-        took, waited = gil_check()
-        print(f"  GIL: a Python thread waited at most {waited:.0f} ms during a {took:.0f} ms JPEG decode "
-              f"({'released' if waited < took / 3 else 'HELD'} while decoding)")
+        for decoder in ("simplejpeg", "pillow"):
+            took, waited = gil_check(decoder)
+            print(f"  GIL: a Python thread waited at most {waited:.0f} ms during a {took:.0f} ms JPEG decode by "
+                  f"{decoder} ({'released' if waited < took / 3 else 'HELD'} while decoding)")
         if args.codecs:
             print()
             print(f"{'codec':14s} {'B/patch':>8s} {'write/s':>8s} {'read/s':>8s}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from skimage.data import immunohistochemistry
 
 from wsi_mil.config import SlidesConfig
 from wsi_mil.slides import ReadPlan, inspect_slide, open_slide, read_patch
-from wsi_mil.slides.readers.jpeg_tiles import JpegTiffReader
+from wsi_mil.slides.readers import jpeg_tiles
+from wsi_mil.slides.readers.jpeg_tiles import JpegTiffReader, decode_jpeg
 from wsi_mil.slides.readers.openslide_reader import OpenSlideReader
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-slides"
@@ -82,6 +84,7 @@ def test_fast_path_patches_equal_openslide_on_aligned_unaligned_and_overlapping_
     path = write_jpeg_tiff(tmp_path / ("s.svs" if svs else "s.tiff"), photometric, tile, svs)
     fast, ref = open_slide(path), OpenSlideReader(path)
     assert isinstance(fast, JpegTiffReader) and fast.vendor == ("aperio" if svs else "generic-tiff")
+    assert fast.decoder == "simplejpeg"
     assert fast.jpeg_levels[0].mode == ("RGB" if photometric == "rgb" else "YCbCr")
     assert fast.level_dimensions == ref.level_dimensions and fast.declared_mpp == ref.declared_mpp
     grids = {"aligned": _grid(0, tile, 128), "unaligned, overlap": _grid(37, 101, 128)}
@@ -94,6 +97,30 @@ def test_fast_path_patches_equal_openslide_on_aligned_unaligned_and_overlapping_
     # the 4x level (the whole-slide region, right/bottom edges white outside the image)
     lw, lh = fast.level_dimensions[1]
     mean, peak = _diff(fast.read_region((0, 0), 1, (lw + 5, lh + 3)), ref.read_region((0, 0), 1, (lw + 5, lh + 3)))
+    assert mean <= 1.0 and peak <= 16
+
+
+@pytest.mark.parametrize("photometric", ["rgb", "ycbcr"])
+def test_simplejpeg_and_pillow_decode_the_same_pixels_at_every_dct_scale(tmp_path: Path, photometric: str) -> None:
+    fast = JpegTiffReader(write_jpeg_tiff(tmp_path / "s.svs", photometric, 256, svs=True), cache_bytes=2**24)
+    lvl = fast.jpeg_levels[0]
+    for index in range(0, lvl.offsets.size, 2):
+        data = os.pread(fast._fd, int(lvl.counts[index]), int(lvl.offsets[index]))
+        data = lvl.tables[:-2] + data[2:] if lvl.tables else data
+        for scale in (1, 2, 4, 8):
+            a, b = decode_jpeg(data, lvl.mode, scale, "simplejpeg"), decode_jpeg(data, lvl.mode, scale, "pillow")
+            assert a.shape == b.shape == (256 // scale, 256 // scale, 3)
+            mean, peak = _diff(a, b)
+            assert mean <= 0.5 and peak <= 8, f"tile {index} scale {scale}: mean {mean:.3f}, max {peak}"
+
+
+def test_a_colour_space_simplejpeg_gets_wrong_makes_the_slide_decode_with_pillow(monkeypatch) -> None:
+    path = REAL / "CMU-1-Small-Region.svs"  # RGB-coded JPEG tiles without JFIF/Adobe markers
+    assert path.is_file(), f"shared data missing: {path}"
+    monkeypatch.setattr(jpeg_tiles, "adobe_marked", lambda data, mode: data)  # libjpeg left to guess: YCbCr
+    fast, ref = JpegTiffReader(path, cache_bytes=2**24), OpenSlideReader(path)
+    assert fast.decoder == "pillow"
+    mean, peak = _compare(fast, ref, [(x, y) for x in (0, 480, 960) for y in (0, 960)], NATIVE)
     assert mean <= 1.0 and peak <= 16
 
 
@@ -131,6 +158,7 @@ def test_real_aperio_rgb_jpeg_with_tables_matches_openslide() -> None:
     assert path.is_file(), f"shared data missing: {path}"
     fast, ref = open_slide(path), OpenSlideReader(path)
     assert fast.name == "jpeg-tiles" and fast.jpeg_levels[0].tables and fast.jpeg_levels[0].mode == "RGB"
+    assert fast.decoder == "simplejpeg"  # the Adobe marker makes libjpeg take the RGB coding the TIFF states
     aligned = [(x, y) for x in (0, 480, 960, 1440) for y in (0, 960, 1920)]
     unaligned = [(x + 101, y + 53) for x, y in aligned] + [(2000, 2800)]  # the last one crosses the edge
     mean, peak = _compare(fast, ref, aligned + unaligned, NATIVE)
