@@ -195,6 +195,51 @@ def decode_table(row: dict, repeats: int) -> dict:
     return {"n": n, "plan": plan, **med}
 
 
+def slide_profile(path: Path, work: Path, repeats: int = 5) -> dict[str, float]:
+    """Median ms of each per-slide step of `wsi-mil tile` on one small slide, one thread, nothing cached.
+
+    The steps a slide costs whatever its patch count (open, thumbnail, tissue detection, patch grid, QC
+    images, store creation) and, per patch, the read and the chunk write.
+    """
+    from wsi_mil.slides import choose_level, inspect_slide, open_slide, read_thumbnail
+    from wsi_mil.tiling import _patch_array, grid_boxes, patch_grid, read_patches
+    from wsi_mil.tissue import TissueParams, detect_tissue, save_qc_images, thumbnail_mpp
+
+    cfg = load_config()
+    params = TissueParams.from_config(cfg.tissue)
+    steps: dict[str, list[float]] = {}
+
+    def timed(name: str, fn):  # noqa: ANN001, ANN202
+        t0 = time.perf_counter()
+        value = fn()
+        steps.setdefault(name, []).append(1000 * (time.perf_counter() - t0))
+        return value
+
+    for rep in range(repeats):
+        close_all_slides()
+        info = timed("inspect (open, MPP, fingerprint)", lambda: inspect_slide(path, cfg.slides))
+        reader = open_slide(path, cfg.slides)
+        w, h = reader.dimensions
+        thumb = timed("thumbnail", lambda: read_thumbnail(reader, info.mpp, thumbnail_mpp(w, h, info.mpp, params)))
+        found = timed("tissue detection", lambda: detect_tissue(thumb, info.mpp * w / thumb.shape[1], params))
+        coords, _ = timed("patch grid", lambda: patch_grid(found.mask, w, h, info.mpp, cfg.tiling))
+        boxes = grid_boxes(coords, cfg.tiling.patch_size * cfg.tiling.target_mpp / info.mpp, w, h, found.mask.shape)
+        qc = {k: work / f"qc{rep}_{k}" for k in ("thumb", "mask", "grid")}
+        timed("QC images", lambda: save_qc_images({k: v.with_suffix(".png" if k == "mask" else ".jpg")
+                                                   for k, v in qc.items()}, thumb, found.mask, boxes))
+        plan = choose_level(info.downsamples, info.mpp, cfg.tiling.target_mpp, cfg.tiling.patch_size)
+        store = work / f"profile{rep}.zarr"
+        timed("store creation", lambda: create_patch_store(store, n_patches=len(coords), patch_size=plan.patch_size,
+                                                           chunk_patches=cfg.tiling.chunk_patches,
+                                                           codec=cfg.tiling.codec, level=cfg.tiling.compression_level))
+        patches = timed("read patches (all)", lambda: read_patches(str(path), coords, plan, cfg.slides))
+        array = _patch_array.__wrapped__(str(store))  # as the workers open it (no empty-chunk scan)
+        timed("write patches (all)", lambda: array.__setitem__(slice(0, len(patches)), patches))
+        steps.setdefault("patches", []).append(float(len(coords)))
+        remove_path(store)
+    return {name: statistics.median(values) for name, values in steps.items()}
+
+
 def gil_check(decoder: str) -> tuple[float, float]:
     """(ms of one large JPEG decode by ``decoder``, longest ms a Python thread waited meanwhile).
 
@@ -321,6 +366,11 @@ def main() -> None:
               f"-> {d['openslide'][1] / d['jpeg-tiles'][1]:.2f}x less CPU")
         print(f"  jpeg-tiles, 1 vs 2 threads: {1000 / d['threads1'][0]:.0f} vs {1000 / d['threads2'][0]:.0f} "
               f"patches/s (2-thread CPU/wall {d['threads2'][1] / d['threads2'][0]:.2f} cores)")
+        prof = slide_profile(rows[0]["reads"][0][0], work, max(3, args.repeats))
+        n_patches = prof.pop("patches")
+        print(f"per-slide steps on one 8192 px slide of (a) ({n_patches:.0f} patches), one thread, median ms:")
+        for name, ms in prof.items():
+            print(f"  {name:34s} {ms:7.1f}" + (f"   ({ms / n_patches:.2f} per patch)" if "(all)" in name else ""))
         for decoder in ("simplejpeg", "pillow"):
             took, waited = gil_check(decoder)
             print(f"  GIL: a Python thread waited at most {waited:.0f} ms during a {took:.0f} ms JPEG decode by "
