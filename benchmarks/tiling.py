@@ -209,32 +209,30 @@ def slide_profile(path: Path, work: Path, repeats: int = 5) -> dict[str, float]:
     params = TissueParams.from_config(cfg.tissue)
     steps: dict[str, list[float]] = {}
 
-    def timed(name: str, fn):  # noqa: ANN001, ANN202
+    def timed(name: str, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         t0 = time.perf_counter()
-        value = fn()
+        value = fn(*args, **kwargs)
         steps.setdefault(name, []).append(1000 * (time.perf_counter() - t0))
         return value
 
     for rep in range(repeats):
         close_all_slides()
-        info = timed("inspect (open, MPP, fingerprint)", lambda: inspect_slide(path, cfg.slides))
+        info = timed("inspect (open, MPP, fingerprint)", inspect_slide, path, cfg.slides)
         reader = open_slide(path, cfg.slides)
         w, h = reader.dimensions
-        thumb = timed("thumbnail", lambda: read_thumbnail(reader, info.mpp, thumbnail_mpp(w, h, info.mpp, params)))
-        found = timed("tissue detection", lambda: detect_tissue(thumb, info.mpp * w / thumb.shape[1], params))
-        coords, _ = timed("patch grid", lambda: patch_grid(found.mask, w, h, info.mpp, cfg.tiling))
+        thumb = timed("thumbnail", read_thumbnail, reader, info.mpp, thumbnail_mpp(w, h, info.mpp, params))
+        found = timed("tissue detection", detect_tissue, thumb, info.mpp * w / thumb.shape[1], params)
+        coords, _ = timed("patch grid", patch_grid, found.mask, w, h, info.mpp, cfg.tiling)
         boxes = grid_boxes(coords, cfg.tiling.patch_size * cfg.tiling.target_mpp / info.mpp, w, h, found.mask.shape)
-        qc = {k: work / f"qc{rep}_{k}" for k in ("thumb", "mask", "grid")}
-        timed("QC images", lambda: save_qc_images({k: v.with_suffix(".png" if k == "mask" else ".jpg")
-                                                   for k, v in qc.items()}, thumb, found.mask, boxes))
+        qc = {k: work / f"qc{rep}_{k}.{'png' if k == 'mask' else 'jpg'}" for k in ("thumb", "mask", "grid")}
+        timed("QC images", save_qc_images, qc, thumb, found.mask, boxes)
         plan = choose_level(info.downsamples, info.mpp, cfg.tiling.target_mpp, cfg.tiling.patch_size)
         store = work / f"profile{rep}.zarr"
-        timed("store creation", lambda: create_patch_store(store, n_patches=len(coords), patch_size=plan.patch_size,
-                                                           chunk_patches=cfg.tiling.chunk_patches,
-                                                           codec=cfg.tiling.codec, level=cfg.tiling.compression_level))
-        patches = timed("read patches (all)", lambda: read_patches(str(path), coords, plan, cfg.slides))
+        timed("store creation", create_patch_store, store, n_patches=len(coords), patch_size=plan.patch_size,
+              chunk_patches=cfg.tiling.chunk_patches, codec=cfg.tiling.codec, level=cfg.tiling.compression_level)
+        patches = timed("read patches (all)", read_patches, str(path), coords, plan, cfg.slides)
         array = _patch_array.__wrapped__(str(store))  # as the workers open it (no empty-chunk scan)
-        timed("write patches (all)", lambda: array.__setitem__(slice(0, len(patches)), patches))
+        timed("write patches (all)", array.__setitem__, slice(0, len(patches)), patches)
         steps.setdefault("patches", []).append(float(len(coords)))
         remove_path(store)
     return {name: statistics.median(values) for name, values in steps.items()}
