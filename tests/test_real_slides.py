@@ -120,6 +120,7 @@ def test_cmu_patches_are_openslide_pixels_at_the_stored_coordinates(tiled) -> No
     store = open_patch_store(Layout(out).patch_store(tiling_key(cfg), "CMU-1-Small-Region"))
     a = store.attrs
     assert (a["reader"], a["level"], a["read_size"], a["resample_filter"]) == ("jpeg-tiles", 0, 257, "lanczos")
+    assert a["tile_decoder"] == "simplejpeg"
     slide = openslide.OpenSlide(str(REAL / "CMU-1-Small-Region.svs"))
     for i in range(0, len(store), max(1, len(store) // 8)):
         x, y = (int(v) for v in store.coords[i])

@@ -204,6 +204,7 @@ def store_attrs(info: SlideInfo, plan: ReadPlan, cfg: Config, key: str) -> dict[
         "slide_fingerprint": info.fingerprint,
         "reader": info.reader,
         "reader_note": info.reader_note,
+        "tile_decoder": info.tile_decoder,
         "vendor": info.vendor,
         "width": info.width,
         "height": info.height,

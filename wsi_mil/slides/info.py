@@ -39,6 +39,7 @@ class SlideInfo:
     fingerprint: dict[str, Any]
     mpp_error: str = ""
     reader_note: str = ""  # why readers tried before ``reader`` refused the file (e.g. the JPEG fast path)
+    tile_decoder: str = ""  # the JPEG decoder of the jpeg-tiles reader (simplejpeg | pillow); "" for other readers
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a plain dict."""
@@ -116,4 +117,5 @@ def inspect_slide(path: Path, cfg: SlidesConfig) -> SlideInfo:
         fingerprint=fingerprint,
         mpp_error=error,
         reader_note=reader.fallback_note,
+        tile_decoder=str(getattr(reader, "decoder", "")),
     )
