@@ -64,6 +64,7 @@ def test_results_files_hold_each_models_latest_predictions_from_mlflow(trained):
         auc = f"{run.metrics['test/auc_mean']:.3f} +- {run.metrics['test/auc_std']:.3f}"
         row = next(line for line in summary.splitlines() if line.startswith(f"| {model} |"))
         assert run.run_id in row and auc in row and f"{model}/predictions.csv" in row
+        assert f"none yet: `wsi-mil heatmap --run {run.run_id} --out {trained}`" in row  # `train` draws none
     older = runs[-1].run_id  # the first mean-pooling run: replaced in results/, still listed by `runs`
     assert older not in summary
 

@@ -133,6 +133,8 @@ def test_run_produces_every_output(finished, cohort):
     summary = Layout(finished).summary_md.read_text()
     for model in ("abmil", "mhim(abmil)", "ins"):  # as `wsi-mil runs` names them
         assert f"| {model} |" in summary
+    listed = [line.rsplit("`", 2)[1] for line in summary.splitlines() if line.startswith("- ") and "heatmaps" in line]
+    assert len(listed) == 3 and all(any(Path(folder).glob("*.png")) for folder in listed)  # the folders `run` drew
     tracker = open_tracker(finished, load_config())
     runs = tracker.find_runs("e2e")
     assert sorted(r.tags["wsi_mil.model"].split("(")[0].lower() for r in runs) == ["abmil", "ins", "mhim"]

@@ -118,6 +118,14 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
+def _heatmaps_cell(layout: Layout, run_id: str, label: str) -> str:
+    """The run's heatmap folder relative to ``OUT/results``, or the command that draws it when it holds none."""
+    folder = layout.heatmaps_dir(run_id, label)
+    if folder.is_dir() and any(folder.glob("*.png")):
+        return os.path.relpath(folder, layout.results_dir) + "/"
+    return f"none yet: `wsi-mil heatmap --run {run_id} --out {layout.root}`"
+
+
 def results_summary(out: Path, tracker: Tracker) -> str:
     """Markdown: the run behind each ``OUT/results/<model>/predictions.csv``, with its test metrics and files."""
     layout = Layout(out)
@@ -132,7 +140,7 @@ def results_summary(out: Path, tracker: Tracker) -> str:
                      "balanced accuracy": _mean_std(run, "balanced_accuracy"), "F1": _mean_std(run, "f1"),
                      "instance AUC": _mean_std(run, "instance_auc"),
                      "predictions": f"{path.parent.name}/{path.name}",
-                     "heatmaps": os.path.relpath(layout.heatmaps_dir(run.run_id, label), layout.results_dir) + "/",
+                     "heatmaps": _heatmaps_cell(layout, run.run_id, label),
                      "run_id": run.run_id})
     lines = ["# Results", "", "The latest run of each model: test-fold metrics, mean +- std over folds and seeds;",
              "per-slide predictions (every slide scored once per seed by the fold model that held it out);",
