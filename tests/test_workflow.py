@@ -208,6 +208,8 @@ def test_rerun_does_no_stage_twice(finished, cohort, capsys):
     assert {r.run_id for r in tracker.find_runs("e2e")} == cv_before  # no model retrained
     printed = capsys.readouterr().out
     assert "slides: 0 tiled, 8 reused" in printed and "features: 0 embedded, 8 reused" in printed
+    timing = printed.split("Where the time went:\n", 1)[1].splitlines()
+    assert [line.split()[0] for line in timing[:3]] == ["checks", "tiling", "embedding"] and "s CPU" in timing[0]
 
 
 def test_killed_run_resumes_to_the_same_result(finished, cohort, tmp_path):

@@ -377,6 +377,8 @@ def cli_run(args: argparse.Namespace, cfg: Config) -> int:
     """`wsi-mil run SLIDES_DIR --labels CSV --out OUT`."""
     outcome = run_cohort(args.slides_dir, args.labels, args.out, cfg)
     print(summary_markdown(outcome))
+    if outcome.clock is not None:
+        print("Where the time went:\n" + outcome.clock.table())
     print(f"summary: {outcome.summary_md}; heatmaps: {Layout(args.out).heatmaps_root}")
     failed = len(outcome.tiling.failed) + len(outcome.extraction.failed)
     if failed:  # like `tile` and `extract`: scripts see that the cohort is not complete
