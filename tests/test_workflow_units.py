@@ -35,7 +35,7 @@ def test_offline_demo_falls_back_to_random_weights_and_says_why():
     cfg = demo_config(load_config(), Layout("x").root)
     weights, why = choose_weights(cfg, None)
     assert weights == "random"
-    assert "pretrained weights unavailable" in why and cfg.features.encoder in why
+    assert why.startswith("pretrained weights of encoder") and cfg.features.encoder in why and "--weights PATH" in why
     assert choose_weights(cfg, "/some/file.pt") == ("/some/file.pt", "as requested")
 
 

@@ -50,7 +50,7 @@ def choose_weights(cfg: Config, requested: str | None) -> tuple[str, str]:
     try:
         build_encoder(cfg.features.model_copy(update={"weights": "pretrained"}))
     except WsiMilError as exc:
-        return "random", f"pretrained weights unavailable ({exc})"
+        return "random", str(exc).rstrip(".")
     return "pretrained", "pretrained weights found"
 
 
@@ -73,8 +73,8 @@ def cli_demo(args: argparse.Namespace, cfg: Config) -> int:
     cfg = demo_config(cfg, cohort.truth_dir)
     weights, why = choose_weights(cfg, args.weights)
     if weights == "random":
-        print(f"NOTE: encoder {cfg.features.encoder} uses RANDOM weights: {why}. The runs record "
-              "features.weights=random; pass --weights PATH to use a local weights file.", flush=True)
+        print(f"NOTE: the demo runs encoder {cfg.features.encoder} with RANDOM weights (recorded in every bag and run "
+              f"as features.weights=random) because {why}.", flush=True)
     cfg = cfg.with_overrides({"features.weights": weights})
     outcome = run_cohort(cohort.slides_dir, cohort.labels_csv, out, cfg)
     print(summary_markdown(outcome))
