@@ -315,6 +315,19 @@ class INSConfig(Section):
         "auto pretrain target); 0.5 = the reference's uniform [0.5, 0.5], which collapses to all-negative "
         "pseudo labels when positives are rare.",
     )
+    mil_pretrain_passes: int = Field(
+        default=0, ge=0, description="Max-pooling MIL passes over the training bags at the end of each pretrain "
+        "epoch: every bag's highest instance p(positive) is trained against the bag label (binary cross-entropy), "
+        "so negative bags push every instance down and positive bags only their top one; 0 = the reference "
+        "(no such pass).",
+    )
+    negative_quantile: float | None = Field(
+        default=0.99, gt=0, le=1,
+        description="Negative-bag guard on pseudo labels: a positive-bag instance may be pseudo-labelled positive "
+        "(prototype update, contrastive labels, PPLG target) only when its p(positive) exceeds this quantile of the "
+        "p(positive) of the negative-bag instances seen in the previous epoch (negative bags guarantee those are "
+        "negative); None = the reference (argmax of the classifier, prototype argmax for PPLG).",
+    )
     max_instances_per_epoch: int | None = Field(
         default=None, ge=1, description="Subsample instances per epoch (None = all)."
     )

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from wsi_mil.config import Config
@@ -69,6 +70,7 @@ from wsi_mil.mil.ins.losses import (
     auto_positive_target,
     bag_targets,
     candidate_labels,
+    guarded_pseudo_labels,
     initial_confidence,
     moco_warmup_loss,
     phi_at,
@@ -137,6 +139,8 @@ class INSMethod:
         self._patch_bags: dict[str, PatchBag] = {}
         self._augment: PatchAugment | None = None
         self._ready = False
+        self.negative_threshold = 0.5  # guard threshold before any negative-bag instance was scored
+        self._negative_probs: list[Tensor] = []
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, fold: FoldContext) -> None:
@@ -210,7 +214,54 @@ class INSMethod:
         phases = ["warmup"] if epoch >= ins.warmup_contrastive_from else []
         if epoch < ins.pretrain_epochs or not phases:
             phases.append("pretrain")
+        if epoch < ins.pretrain_epochs and ins.mil_pretrain_passes > 0:
+            phases.append("mil")
         return phases
+
+    def _mil_pass(self) -> tuple[float, int]:
+        """One max-pooling MIL pass over the training bags (shuffled, one bag per SGD step).
+
+        Bag logit = the largest instance logit margin ``z_1 - z_0`` of the bag; loss = binary cross-entropy
+        against the bag label. Negative bags guarantee that none of their instances is positive, so this
+        pushes down the highest-scoring negative-bag instance (hard negatives included) and pushes up
+        only the top instance of each positive bag. Patches variant: up to ``4 * batch_size`` random
+        patches of each bag. Returns (summed loss, steps).
+        """
+        total, steps = 0.0, 0
+        cap = None if self.variant == "features" else 4 * self.ins.batch_size
+        for b in self.rng.permutation(len(self.train_bags)):
+            ids = np.flatnonzero(self.index.bag == b)
+            if cap is not None and ids.shape[0] > cap:
+                ids = np.sort(self.rng.choice(ids, size=cap, replace=False))
+            if ids.shape[0] == 0:
+                continue
+            x_q, _ = self._views(ids)
+            logits = self.enc_q.classify(x_q)
+            margin = logits[:, 1] - logits[:, 0]
+            bag_logit = torch.logsumexp(margin, dim=0) - math.log(margin.shape[0])
+            target = torch.tensor(float(self.index.bag_label[ids[0]]), device=self.device)
+            loss = F.binary_cross_entropy_with_logits(bag_logit, target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+        return total, steps
+
+    def _note_negatives(self, logits: Tensor, candidates: Tensor) -> None:
+        """Keep the p(positive) of this batch's negative-bag instances for the next epoch's guard threshold."""
+        if self.ins.negative_quantile is None:
+            return
+        negative = candidates[:, 1] == 0
+        if bool(negative.any()):
+            self._negative_probs.append(torch.softmax(logits.detach()[negative], dim=1)[:, 1].float().cpu())
+
+    def _update_negative_threshold(self) -> None:
+        """Guard threshold = ``negative_quantile`` of the negative-bag p(positive) noted in this epoch."""
+        if self._negative_probs:
+            seen = torch.cat(self._negative_probs)
+            self.negative_threshold = float(torch.quantile(seen, float(self.ins.negative_quantile)))
+        self._negative_probs = []
 
     def _step(self, ids: np.ndarray, phase: str, phi: float) -> tuple[Tensor, Tensor, Tensor]:
         """One SGD step of ``phase`` on the instances ``ids``; returns (loss, classifier loss, contrastive loss)."""
@@ -219,7 +270,9 @@ class INSMethod:
         x_q, x_k = self._views(ids)
         zero = torch.zeros((), device=self.device)
         if phase == "pretrain":
-            loss_cls = soft_cross_entropy(self.enc_q.classify(x_q), self.bag_targets[ids_t])
+            logits = self.enc_q.classify(x_q)
+            self._note_negatives(logits, self.candidates[ids_t])
+            loss_cls = soft_cross_entropy(logits, self.bag_targets[ids_t])
             loss_cont = zero
         else:
             logits, q = self.enc_q(x_q)
@@ -233,10 +286,13 @@ class INSMethod:
             else:
                 cand = self.candidates[ids_t]
                 probs = restricted_probs(logits.detach(), cand)
-                pseudo = probs.argmax(dim=1)
+                self._note_negatives(logits, cand)
+                threshold = self.negative_threshold if ins.negative_quantile is not None else None
+                pseudo = guarded_pseudo_labels(probs, cand, threshold)
+                allowed = None if threshold is None else pseudo.bool()
                 proto_scores = self.prototypes.similarity(q.detach())
                 self.prototypes.update(q.detach(), pseudo, ins.proto_momentum)
-                self.conf[ids_t] = pplg_update(self.conf[ids_t], proto_scores, cand, phi)
+                self.conf[ids_t] = pplg_update(self.conf[ids_t], proto_scores, cand, phi, allowed)
                 pool = torch.cat([q, k, queue_keys], dim=0)
                 pool_labels = torch.cat([pseudo, pseudo, queue_probs.argmax(dim=1)], dim=0)
                 loss_cont = supcon_loss(q, pool, pseudo, pool_labels, ins.temperature)
@@ -262,6 +318,14 @@ class INSMethod:
         steps = seen = 0
         phases = self.phases(epoch)
         for phase in phases:
+            if phase == "mil":
+                for _ in range(ins.mil_pretrain_passes):
+                    total, n = self._mil_pass()
+                    sums["loss"] += total
+                    sums["loss_cls"] += total
+                    steps += n
+                    seen += len(self.index)
+                continue
             order = self._epoch_order(positive_only=phase == "warmup")
             seen += int(order.shape[0])
             n_batches = math.ceil(order.shape[0] / ins.batch_size)
@@ -272,6 +336,7 @@ class INSMethod:
                 sums["loss_cls"] += float(loss_cls)
                 sums["loss_cont"] += float(loss_cont)
                 steps += 1
+        self._update_negative_threshold()
         metrics = {key: value / max(1, steps) for key, value in sums.items()}
         positive = self.candidates[:, 1] > 0
         pos_frac = float((self.conf[positive, 1] > 0.5).float().mean()) if bool(positive.any()) else 0.0
