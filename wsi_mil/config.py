@@ -315,11 +315,13 @@ class INSConfig(Section):
         "auto pretrain target); 0.5 = the reference's uniform [0.5, 0.5], which collapses to all-negative "
         "pseudo labels when positives are rare.",
     )
-    mil_pretrain_passes: int = Field(
-        default=0, ge=0, description="Max-pooling MIL passes over the training bags at the end of each pretrain "
-        "epoch: every bag's highest instance p(positive) is trained against the bag label (binary cross-entropy), "
-        "so negative bags push every instance down and positive bags only their top one; 0 = the reference "
-        "(no such pass).",
+    novelty_quantile: float | None = Field(
+        default=0.99, gt=0, lt=1,
+        description="Feature variant: the pretrain and initial soft targets of positive-bag instances come from "
+        "novelty against negative bags (the distance to the k-th nearest negative-bag instance, standardised "
+        "features): positive when it exceeds this quantile of the same distance of negative-bag instances to "
+        "other negative bags, negative otherwise; None = the slide label (pretrain_target, initial_positive_conf; "
+        "the reference). Ignored by the patches variant (no features before training).",
     )
     conf_from_pretrain: bool = Field(
         default=True, description="At the end of the last pretrain epoch, set the soft targets of positive-bag "

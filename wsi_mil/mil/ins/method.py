@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from wsi_mil.config import Config
@@ -80,6 +79,7 @@ from wsi_mil.mil.ins.losses import (
     supcon_loss,
 )
 from wsi_mil.mil.ins.memory import KeyQueue, Prototypes
+from wsi_mil.mil.ins.novelty import novel_instances
 from wsi_mil.mil.ins.networks import INSNet, cnn_backbone, ema_update, feature_backbone
 from wsi_mil.mil.metrics import roc_auc
 from wsi_mil.mil.schedules import EpochLR
@@ -170,6 +170,15 @@ class INSMethod:
         self.positive_init = self.ins.initial_positive_conf if self.ins.initial_positive_conf is not None else auto
         self.conf = initial_confidence(self.candidates, self.positive_init)
         self.bag_targets = bag_targets(self.candidates, self.pretrain_target)
+        self.novel: Tensor | None = None
+        if self.ins.novelty_quantile is not None and self.variant == "features":
+            self.novel = novel_instances(self.train_bags, self.normalizer, self.ins.novelty_quantile, self.rng,
+                                         self.device)
+            targets = torch.stack([1.0 - self.novel.float(), self.novel.float()], dim=1).to(self.conf.dtype)
+            self.conf = targets.clone()
+            self.bag_targets = targets.clone()
+            logger.info("INS fold %d: %d of %d positive-bag instances novel against negative bags", fold.fold,
+                        int(self.novel.sum()), int((self.candidates[:, 1] > 0).sum()))
         self._ready = True
         logger.info("INS fold %d: %d training instances from %d bags (%s variant)", fold.fold, len(self.index),
                     len(self.train_bags), self.variant)
@@ -214,39 +223,7 @@ class INSMethod:
         phases = ["warmup"] if epoch >= ins.warmup_contrastive_from else []
         if epoch < ins.pretrain_epochs or not phases:
             phases.append("pretrain")
-        if epoch < ins.pretrain_epochs and ins.mil_pretrain_passes > 0:
-            phases.append("mil")
         return phases
-
-    def _mil_pass(self) -> tuple[float, int]:
-        """One max-pooling MIL pass over the training bags (shuffled, one bag per SGD step).
-
-        Bag logit = the largest instance logit margin ``z_1 - z_0`` of the bag; loss = binary cross-entropy
-        against the bag label. Negative bags guarantee that none of their instances is positive, so this
-        pushes down the highest-scoring negative-bag instance (hard negatives included) and pushes up
-        only the top instance of each positive bag. Patches variant: up to ``4 * batch_size`` random
-        patches of each bag. Returns (summed loss, steps).
-        """
-        total, steps = 0.0, 0
-        cap = None if self.variant == "features" else 4 * self.ins.batch_size
-        for b in self.rng.permutation(len(self.train_bags)):
-            ids = np.flatnonzero(self.index.bag == b)
-            if cap is not None and ids.shape[0] > cap:
-                ids = np.sort(self.rng.choice(ids, size=cap, replace=False))
-            if ids.shape[0] == 0:
-                continue
-            x_q, _ = self._views(ids)
-            logits = self.enc_q.classify(x_q)
-            margin = logits[:, 1] - logits[:, 0]
-            bag_logit = torch.logsumexp(margin, dim=0) - math.log(margin.shape[0])
-            target = torch.tensor(float(self.index.bag_label[ids[0]]), device=self.device)
-            loss = F.binary_cross_entropy_with_logits(bag_logit, target)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total += float(loss.detach())
-            steps += 1
-        return total, steps
 
     @torch.no_grad()
     def _conf_from_classifier(self) -> None:
@@ -329,14 +306,6 @@ class INSMethod:
         steps = seen = 0
         phases = self.phases(epoch)
         for phase in phases:
-            if phase == "mil":
-                for _ in range(ins.mil_pretrain_passes):
-                    total, n = self._mil_pass()
-                    sums["loss"] += total
-                    sums["loss_cls"] += total
-                    steps += n
-                    seen += len(self.index)
-                continue
             order = self._epoch_order(positive_only=phase == "warmup")
             seen += int(order.shape[0])
             n_batches = math.ceil(order.shape[0] / ins.batch_size)
