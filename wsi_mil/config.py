@@ -323,12 +323,6 @@ class INSConfig(Section):
         "other negative bags, negative otherwise; None = the slide label (pretrain_target, initial_positive_conf; "
         "the reference). Ignored by the patches variant (no features before training).",
     )
-    conf_from_pretrain: bool = Field(
-        default=True, description="At the end of the last pretrain epoch, set the soft targets of positive-bag "
-        "instances to the classifier's own p(positive) (so pseudo-labelling starts from what the pretrain learned "
-        "instead of retraining every positive-bag instance towards one value); False = initial_positive_conf "
-        "until PPLG moves it (the reference).",
-    )
     negative_quantile: float | None = Field(
         default=0.99, gt=0, le=1,
         description="Negative-bag guard on pseudo labels: a positive-bag instance may be pseudo-labelled positive "

@@ -225,17 +225,6 @@ class INSMethod:
             phases.append("pretrain")
         return phases
 
-    @torch.no_grad()
-    def _conf_from_classifier(self) -> None:
-        """Soft targets of positive-bag instances <- [1 - p, p], p = the classifier's p(positive) (eval mode)."""
-        self._cache.clear()
-        probs = np.concatenate([self.instance_probs(b) for b in self.train_bags])
-        self._cache.clear()
-        p = torch.as_tensor(probs, device=self.device, dtype=self.conf.dtype)
-        positive = self.candidates[:, 1] > 0
-        self.conf[positive, 1] = p[positive]
-        self.conf[positive, 0] = 1.0 - p[positive]
-
     def _note_negatives(self, logits: Tensor, candidates: Tensor) -> None:
         """Keep the p(positive) of this batch's negative-bag instances for the next epoch's guard threshold."""
         if self.ins.negative_quantile is None:
@@ -317,8 +306,6 @@ class INSMethod:
                 sums["loss_cont"] += float(loss_cont)
                 steps += 1
         self._update_negative_threshold()
-        if ins.conf_from_pretrain and epoch == ins.pretrain_epochs - 1 and "pretrain" in phases:
-            self._conf_from_classifier()
         metrics = {key: value / max(1, steps) for key, value in sums.items()}
         positive = self.candidates[:, 1] > 0
         pos_frac = float((self.conf[positive, 1] > 0.5).float().mean()) if bool(positive.any()) else 0.0
