@@ -22,6 +22,18 @@ Deviations (each a setting; the reference value is one setting away):
   positive-slide instances starts where the classifier's 0.5 boundary falls between the two
   populations); 0.5 / 1.0 = the reference, which collapses to all-negative pseudo labels when tumour is
   rare.
+- ``novelty_quantile`` 0.99 (feature variant): the pretrain targets and the initial soft targets of
+  positive-bag instances come from what negative bags guarantee (:mod:`wsi_mil.mil.ins.novelty`): an
+  instance is positive ([0, 1]) when its distance to its 5th-nearest negative-bag instance exceeds the
+  0.99 quantile of that distance among negative-bag instances (against other bags), else negative.
+  ``pretrain_target`` / ``initial_positive_conf`` then go unused. Why: at 2% tumour a classifier
+  trained on bag labels learns patient offsets (instance->bag-label logistic regression ranks tumour at
+  AUC 0.63), PPLG starts from it and never recovers (benchmark: 5 of 9 folds at instance AUC 0.51-0.76
+  after 60 epochs); the novelty start ranks training tumour at AUC 0.97-0.98 in every fold. None = the
+  reference's slide-label start.
+- ``negative_quantile`` 0.99: a positive-bag instance may be pseudo-labelled positive (prototype
+  update, SupCon labels, PPLG one-hot) only when its p(positive) exceeds the 0.99 quantile of the
+  negative-bag instances' p(positive) noted in the previous epoch; None = argmax (the reference).
 - ``checkpoint_from_proto_start`` true: no checkpoint from before pseudo-labelling; patience counts from
   ``proto_start``; ``fit/best_epoch_from_proto_start`` is logged (the reference picked the best epoch on
   the test set).
@@ -79,8 +91,8 @@ from wsi_mil.mil.ins.losses import (
     supcon_loss,
 )
 from wsi_mil.mil.ins.memory import KeyQueue, Prototypes
-from wsi_mil.mil.ins.novelty import novel_instances
 from wsi_mil.mil.ins.networks import INSNet, cnn_backbone, ema_update, feature_backbone
+from wsi_mil.mil.ins.novelty import novel_instances
 from wsi_mil.mil.metrics import roc_auc
 from wsi_mil.mil.schedules import EpochLR
 
@@ -171,6 +183,8 @@ class INSMethod:
         self.conf = initial_confidence(self.candidates, self.positive_init)
         self.bag_targets = bag_targets(self.candidates, self.pretrain_target)
         self.novel: Tensor | None = None
+        if self.ins.novelty_quantile is not None and self.variant == "patches":
+            logger.info("INS: novelty_quantile needs features; the patches variant starts from the slide labels")
         if self.ins.novelty_quantile is not None and self.variant == "features":
             self.novel = novel_instances(self.train_bags, self.normalizer, self.ins.novelty_quantile, self.rng,
                                          self.device)
