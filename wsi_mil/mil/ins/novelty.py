@@ -47,31 +47,42 @@ def novel_instances(bags: Sequence[BagItem], normalizer: Callable[[Tensor], Tens
     """Boolean [M] over the instances of ``bags`` (bag by bag, in row order): True for positive-bag instances
     novel against the negative bags (see the module docstring); negative-bag instances are always False.
 
-    Without negative bags (nothing to compare with) every positive-bag instance is marked novel, which
+    Bags are read one at a time (only the reference and calibration samples are held together). Cost:
+    (positive-bag instances + ``MAX_CALIBRATION``) x ``MAX_REFERENCE`` x D multiply-adds. Without two
+    negative bags (nothing to calibrate against) every positive-bag instance is marked novel, which
     amounts to the slide label.
     """
-    feats = [b.features.to(device, torch.float32) for b in bags]
-    if normalizer is not None:
-        feats = [normalizer(x) for x in feats]
-    labels = [int(b.label) for b in bags]
-    bag_id = torch.cat([torch.full((x.shape[0],), i, device=device) for i, x in enumerate(feats)])
-    x = torch.cat(feats)
-    negative = torch.as_tensor(np.repeat(np.asarray(labels) == 0, [f.shape[0] for f in feats]), device=device)
-    out = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
-    neg_ids = torch.nonzero(negative).view(-1)
-    if neg_ids.numel() == 0:
-        out[~negative] = True
+    sizes = [int(b.features.shape[0]) for b in bags]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    out = torch.zeros(int(starts[-1]), dtype=torch.bool, device=device)
+    negative_bags = [i for i, b in enumerate(bags) if int(b.label) == 0]
+
+    def view(i: int, rows: np.ndarray | None = None) -> Tensor:
+        x = bags[i].features if rows is None else bags[i].features[torch.as_tensor(rows)]
+        x = x.to(device, torch.float32)
+        return normalizer(x) if normalizer is not None else x
+
+    def sample(limit: int) -> tuple[Tensor, Tensor]:
+        total = sum(sizes[i] for i in negative_bags)
+        keep = min(1.0, limit / max(1, total))
+        parts, owners = [], []
+        for i in negative_bags:
+            n = sizes[i]
+            take = rng.permutation(n)[:max(1, int(round(n * keep)))] if n else np.zeros(0, np.int64)
+            parts.append(view(i, np.sort(take)))
+            owners.append(torch.full((take.shape[0],), i, device=device))
+        return torch.cat(parts), torch.cat(owners)
+
+    if len(negative_bags) < 2:
+        for i, b in enumerate(bags):
+            if int(b.label) != 0:
+                out[int(starts[i]):int(starts[i + 1])] = True
         return out
-    pick = neg_ids[torch.as_tensor(rng.permutation(neg_ids.numel())[:MAX_REFERENCE], device=device)]
-    calib = neg_ids[torch.as_tensor(rng.permutation(neg_ids.numel())[:MAX_CALIBRATION], device=device)]
-    reference, reference_bag = x[pick], bag_id[pick]
-    neg_score = kth_neighbour_distance(x[calib], reference, k, bag_id[calib], reference_bag)
-    neg_score = neg_score[torch.isfinite(neg_score)]
-    pos_ids = torch.nonzero(~negative).view(-1)
-    if neg_score.numel() == 0:  # a single negative bag: no other bag to calibrate against
-        out[pos_ids] = True
-        return out
-    threshold = torch.quantile(neg_score, float(quantile))
-    pos_score = kth_neighbour_distance(x[pos_ids], reference, k)
-    out[pos_ids] = pos_score > threshold
+    reference, reference_bag = sample(MAX_REFERENCE)
+    calibration, calibration_bag = sample(MAX_CALIBRATION)
+    neg_score = kth_neighbour_distance(calibration, reference, k, calibration_bag, reference_bag)
+    threshold = torch.quantile(neg_score[torch.isfinite(neg_score)], float(quantile))
+    for i, b in enumerate(bags):
+        if int(b.label) != 0 and sizes[i]:
+            out[int(starts[i]):int(starts[i + 1])] = kth_neighbour_distance(view(i), reference, k) > threshold
     return out
