@@ -250,8 +250,8 @@ class INSMethod:
     def _update_negative_threshold(self) -> None:
         """Guard threshold = ``negative_quantile`` of the negative-bag p(positive) noted in this epoch."""
         if self._negative_probs:
-            seen = torch.cat(self._negative_probs)
-            self.negative_threshold = float(torch.quantile(seen, float(self.ins.negative_quantile)))
+            seen = torch.cat(self._negative_probs).numpy()  # numpy: torch.quantile caps the input at 2^24 rows
+            self.negative_threshold = float(np.quantile(seen, float(self.ins.negative_quantile)))
         self._negative_probs = []
 
     def _step(self, ids: np.ndarray, phase: str, phi: float) -> tuple[Tensor, Tensor, Tensor]:
