@@ -25,6 +25,7 @@ from wsi_mil.mil.ins import (
     initial_confidence,
     phi_at,
     pplg_update,
+    restricted_probs,
     supcon_loss,
 )
 from wsi_mil.mil.metrics import instance_auc
@@ -329,4 +330,77 @@ def test_ins_presets_follow_the_reference_optimisation(name: str, wd: float, pro
     ins = load_config(Path(__file__).resolve().parents[1] / "configs" / name).model.ins
     assert (ins.lr, ins.lr_schedule, ins.momentum, ins.weight_decay) == (0.01, "constant", 0.9, wd)
     assert ins.proto_start == proto_start and ins.checkpoint_from_proto_start
+    normal_vs_tumour = name.startswith("camelyon16")  # the novelty start and guard need tumour-free slides
+    assert (ins.novelty_quantile, ins.negative_quantile) == ((0.99, 0.99) if normal_vs_tumour else (None, None))
     assert ins.warmup_contrastive_from == (1 if proto_start > 1 else 0)
+
+
+# ------------------------------------------------------------------------- negative-bag pseudo labels
+def test_novel_instances_marks_only_positive_bag_instances_unlike_negative_bags() -> None:
+    from wsi_mil.mil.ins import novel_instances
+
+    bags, truth = synthetic_bags(12, 80, 8, 0.05, seed=21)
+    novel = novel_instances(bags, None, 0.99, np.random.default_rng(0), torch.device("cpu")).numpy()
+    labels = np.concatenate([np.full(80, b.label) for b in bags])
+    tumour = np.concatenate(truth).astype(bool)
+    assert not novel[labels == 0].any()  # negative bags guarantee negatives
+    assert novel[tumour].mean() > 0.9  # shifted instances are far from every negative-bag instance
+    assert novel[(labels == 1) & ~tumour].mean() < 0.1  # normal tissue of positive bags is not
+    loose = novel_instances(bags, None, 0.5, np.random.default_rng(0), torch.device("cpu")).numpy()
+    assert loose[(labels == 1) & ~tumour].mean() > novel[(labels == 1) & ~tumour].mean()  # the quantile is used
+
+
+def test_ins_novelty_quantile_sets_the_starting_targets_and_none_keeps_the_slide_label() -> None:
+    train, truth = synthetic_bags(12, 40, 8, 0.1, seed=22)
+    ctx = FoldContext(0, 0, train, [], 2, 8, torch.device("cpu"))
+    novelty = INSMethod(small_config(queue_size=64), ctx)
+    novelty.setup(ctx)
+    assert novelty.ins.novelty_quantile == 0.99
+    tumour = torch.as_tensor(np.concatenate(truth).astype(bool))
+    positive = novelty.candidates[:, 1] > 0
+    assert set(novelty.conf[positive, 1].unique().tolist()) <= {0.0, 1.0}
+    assert float(novelty.conf[tumour, 1].mean()) > 0.9 and float(novelty.conf[positive & ~tumour, 1].mean()) < 0.1
+    assert torch.equal(novelty.bag_targets, novelty.conf)  # the pretrain pass learns the same targets
+    reference = INSMethod(small_config(queue_size=64, novelty_quantile=None), ctx)
+    reference.setup(ctx)
+    assert torch.all(reference.conf[positive, 1] == reference.positive_init)
+    assert torch.all(reference.bag_targets[positive, 1] == reference.pretrain_target)
+
+
+def test_guarded_pseudo_labels_need_a_score_above_negative_bags() -> None:
+    from wsi_mil.mil.ins import guarded_pseudo_labels
+
+    cand = candidate_labels(torch.tensor([0, 1, 1, 1]))
+    probs = restricted_probs(torch.log(torch.tensor([[0.1, 0.9], [0.4, 0.6], [0.8, 0.2], [0.1, 0.9]])), cand)
+    assert guarded_pseudo_labels(probs, cand, None).tolist() == [0, 1, 0, 1]  # reference: argmax
+    assert guarded_pseudo_labels(probs, cand, 0.7).tolist() == [0, 0, 0, 1]
+    s = torch.tensor([[0.1, 0.9]] * 4)  # every prototype score says positive
+    conf = initial_confidence(cand)
+    guarded = pplg_update(conf, s, cand, 0.5, allowed=torch.tensor([False, False, False, True]))
+    assert torch.allclose(guarded[:, 1], torch.tensor([0.0, 0.25, 0.25, 0.75]))
+    assert torch.allclose(pplg_update(conf, s, cand, 0.5)[:, 1], torch.tensor([0.0, 0.75, 0.75, 0.75]))
+
+
+def test_ins_negative_quantile_threshold_comes_from_negative_bags_and_blocks_the_positive_prototype() -> None:
+    train, _ = synthetic_bags(8, 32, 8, 0.1, seed=23)
+    ctx = FoldContext(0, 0, train, [], 2, 8, torch.device("cpu"))
+    method = INSMethod(small_config(queue_size=64, proto_start=1), ctx)
+    method.setup(ctx)
+    method.train_epoch(0, 3)  # pretrain: notes the negative-bag scores of the epoch
+    assert method.negative_threshold != 0.5 and not method._negative_probs
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.05, 0.95]]))
+    method._note_negatives(logits, candidate_labels(torch.tensor([0, 0, 1, 1])))
+    method._update_negative_threshold()  # only the two negative-bag rows count
+    assert method.negative_threshold == pytest.approx(0.1 + 0.99 * (0.3 - 0.1), abs=1e-5)
+    method.negative_threshold = 1.0  # nothing can beat it: no instance may become pseudo-positive
+    method._step(np.arange(len(method.index)), "main", 0.9)
+    assert float(method.prototypes.vectors[1].abs().sum()) == 0.0
+    assert float(method.prototypes.vectors[0].abs().sum()) > 0.0
+    off = INSMethod(small_config(queue_size=64, proto_start=1, negative_quantile=None), ctx)
+    off.setup(ctx)
+    off.negative_threshold = 1.0  # ignored without the guard
+    off.conf[:] = 0.0
+    with torch.no_grad():
+        off.enc_q.cls.bias.copy_(torch.tensor([-10.0, 10.0]))  # the classifier calls everything positive
+    off._step(np.arange(len(off.index)), "main", 0.9)
+    assert float(off.prototypes.vectors[1].abs().sum()) > 0.0

@@ -315,6 +315,21 @@ class INSConfig(Section):
         "auto pretrain target); 0.5 = the reference's uniform [0.5, 0.5], which collapses to all-negative "
         "pseudo labels when positives are rare.",
     )
+    novelty_quantile: float | None = Field(
+        default=0.99, gt=0, lt=1,
+        description="Feature variant: the pretrain and initial soft targets of positive-bag instances come from "
+        "novelty against negative bags (the distance to the k-th nearest negative-bag instance, standardised "
+        "features): positive when it exceeds this quantile of the same distance of negative-bag instances to "
+        "other negative bags, negative otherwise; None = the slide label (pretrain_target, initial_positive_conf; "
+        "the reference). Ignored by the patches variant (no features before training).",
+    )
+    negative_quantile: float | None = Field(
+        default=0.99, gt=0, le=1,
+        description="Negative-bag guard on pseudo labels: a positive-bag instance may be pseudo-labelled positive "
+        "(prototype update, contrastive labels, PPLG target) only when its p(positive) exceeds this quantile of the "
+        "p(positive) of the negative-bag instances seen in the previous epoch (negative bags guarantee those are "
+        "negative); None = the reference (argmax of the classifier, prototype argmax for PPLG).",
+    )
     max_instances_per_epoch: int | None = Field(
         default=None, ge=1, description="Subsample instances per epoch (None = all)."
     )

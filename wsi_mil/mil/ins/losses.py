@@ -55,18 +55,35 @@ def phi_at(epoch: int, num_epochs: int, start: float, end: float) -> float:
 
 
 @torch.no_grad()
-def pplg_update(conf: Tensor, prototype_scores: Tensor, candidates: Tensor, phi: float) -> Tensor:
+def pplg_update(conf: Tensor, prototype_scores: Tensor, candidates: Tensor, phi: float,
+                allowed: Tensor | None = None) -> Tensor:
     """Prototype-based pseudo label generation for a batch of soft targets.
 
     ``conf <- phi * conf + (1 - phi) * onehot(argmax(s * Y))``; rows whose candidate set is {negative}
-    (instances of negative bags) are forced back to [1, 0]. Returns the new targets [B, 2].
+    (instances of negative bags) are forced back to [1, 0]. ``allowed`` (bool [B], optional): rows where
+    it is False take the negative class as their one-hot choice (the negative-bag guard). Returns the new
+    targets [B, 2].
     """
     choice = (prototype_scores * candidates).argmax(dim=1)
+    if allowed is not None:
+        choice = choice * allowed.to(choice.dtype)
     onehot = F.one_hot(choice, num_classes=conf.shape[1]).to(conf.dtype)
     new = phi * conf + (1.0 - phi) * onehot
     negative = candidates[:, 1] == 0
     new[negative] = torch.tensor([1.0, 0.0], device=conf.device, dtype=conf.dtype)
     return new
+
+
+def guarded_pseudo_labels(probs: Tensor, candidates: Tensor, threshold: float | None) -> Tensor:
+    """Hard pseudo labels [B] (long) from candidate-restricted probabilities [B, 2].
+
+    ``threshold`` None: ``argmax`` (the reference). Otherwise an instance is positive only when it may
+    be (candidate set {0, 1}) and its p(positive) exceeds ``threshold`` (a high quantile of what
+    negative-bag instances score).
+    """
+    if threshold is None:
+        return probs.argmax(dim=1)
+    return ((candidates[:, 1] > 0) & (probs[:, 1] > threshold)).long()
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
