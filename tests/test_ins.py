@@ -367,6 +367,24 @@ def test_ins_novelty_quantile_sets_the_starting_targets_and_none_keeps_the_slide
     assert torch.all(reference.bag_targets[positive, 1] == reference.pretrain_target)
 
 
+def test_ins_novelty_needs_enough_negative_slides_and_otherwise_starts_from_the_slide_label() -> None:
+    from wsi_mil.mil.ins.novelty import MIN_NEGATIVE_BAGS
+
+    train, _ = synthetic_bags(12, 40, 8, 0.1, seed=22)
+    negatives = [b for b in train if b.label == 0]
+    few = [b for b in train if b.label == 1] + negatives[:MIN_NEGATIVE_BAGS - 1]
+    ctx = FoldContext(0, 0, few, [], 2, 8, torch.device("cpu"))
+    method = INSMethod(small_config(queue_size=64), ctx)
+    method.setup(ctx)
+    positive = method.candidates[:, 1] > 0
+    assert method.novel is None and torch.all(method.conf[positive, 1] == method.positive_init)
+    enough = [b for b in train if b.label == 1] + negatives[:MIN_NEGATIVE_BAGS]
+    ctx = FoldContext(0, 0, enough, [], 2, 8, torch.device("cpu"))
+    method = INSMethod(small_config(queue_size=64), ctx)
+    method.setup(ctx)
+    assert method.novel is not None
+
+
 def test_guarded_pseudo_labels_need_a_score_above_negative_bags() -> None:
     from wsi_mil.mil.ins import guarded_pseudo_labels
 

@@ -321,7 +321,8 @@ class INSConfig(Section):
         "novelty against negative bags (the distance to the k-th nearest negative-bag instance, standardised "
         "features): positive when it exceeds this quantile of the same distance of negative-bag instances to "
         "other negative bags, negative otherwise; None = the slide label (pretrain_target, initial_positive_conf; "
-        "the reference). Ignored by the patches variant (no features before training).",
+        "the reference). Folds with fewer than 5 negative training slides, and the patches variant (no features "
+        "before training), start from the slide label.",
     )
     negative_quantile: float | None = Field(
         default=0.99, gt=0, le=1,

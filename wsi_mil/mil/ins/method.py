@@ -25,7 +25,8 @@ Deviations (each a setting; the reference value is one setting away):
 - ``novelty_quantile`` 0.99 (feature variant): the pretrain targets and the initial soft targets of
   positive-bag instances come from what negative bags guarantee (:mod:`wsi_mil.mil.ins.novelty`): an
   instance is positive ([0, 1]) when its distance to its 5th-nearest negative-bag instance exceeds the
-  0.99 quantile of that distance among negative-bag instances (against other bags), else negative.
+  0.99 quantile of that distance among negative-bag instances (against other bags), else negative
+  (with fewer than 5 negative training slides there is nothing to calibrate: the slide-label start).
   ``pretrain_target`` / ``initial_positive_conf`` then go unused. Why: at 2% tumour a classifier
   trained on bag labels learns patient offsets (instance->bag-label logistic regression ranks tumour at
   AUC 0.63), PPLG starts from it and never recovers (benchmark: 5 of 9 folds at instance AUC 0.51-0.76
@@ -92,7 +93,7 @@ from wsi_mil.mil.ins.losses import (
 )
 from wsi_mil.mil.ins.memory import KeyQueue, Prototypes
 from wsi_mil.mil.ins.networks import INSNet, cnn_backbone, ema_update, feature_backbone
-from wsi_mil.mil.ins.novelty import novel_instances
+from wsi_mil.mil.ins.novelty import MIN_NEGATIVE_BAGS, novel_instances
 from wsi_mil.mil.metrics import roc_auc
 from wsi_mil.mil.schedules import EpochLR
 
@@ -185,7 +186,11 @@ class INSMethod:
         self.novel: Tensor | None = None
         if self.ins.novelty_quantile is not None and self.variant == "patches":
             logger.info("INS: novelty_quantile needs features; the patches variant starts from the slide labels")
-        if self.ins.novelty_quantile is not None and self.variant == "features":
+        negatives = sum(int(b.label) == 0 for b in self.train_bags)
+        if self.ins.novelty_quantile is not None and self.variant == "features" and negatives < MIN_NEGATIVE_BAGS:
+            logger.info("INS fold %d: %d negative training slides (< %d) cannot calibrate novelty; starting from the "
+                        "slide labels", fold.fold, negatives, MIN_NEGATIVE_BAGS)
+        elif self.ins.novelty_quantile is not None and self.variant == "features":
             self.novel = novel_instances(self.train_bags, self.normalizer, self.ins.novelty_quantile, self.rng,
                                          self.device)
             targets = torch.stack([1.0 - self.novel.float(), self.novel.float()], dim=1).to(self.conf.dtype)

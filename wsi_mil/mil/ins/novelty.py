@@ -19,6 +19,7 @@ from torch import Tensor
 from wsi_mil.mil.base import BagItem
 
 NEIGHBOURS = 5  # k of the k-th nearest negative-bag instance
+MIN_NEGATIVE_BAGS = 5  # fewer negative training slides cannot say how far negative slides lie from each other
 MAX_REFERENCE = 20000  # negative-bag instances in the reference sample
 MAX_CALIBRATION = 20000  # negative-bag instances whose own novelty sets the threshold
 CHUNK = 2048  # query rows per distance block
