@@ -178,6 +178,17 @@ def decode_jpeg(data: bytes, mode: str, scale: int = 1, decoder: str = "pillow")
     return np.asarray(image)
 
 
+def faster_decoder(stream: bytes, mode: str, reference: np.ndarray) -> str:
+    """"simplejpeg" when it decodes ``stream`` as Pillow did (``reference``, colour space included), else "pillow"."""
+    try:
+        tile = decode_jpeg(stream, mode, 1, "simplejpeg")
+    except Exception:  # noqa: BLE001 - a stream simplejpeg refuses: Pillow decodes this slide
+        return "pillow"
+    if tile.shape != reference.shape or float(np.abs(tile.astype(np.int16) - reference).mean()) > DECODER_TOLERANCE:
+        return "pillow"
+    return "simplejpeg"
+
+
 class JpegTiffReader(SlideReader):
     """OpenSlide's metadata with direct, scaled JPEG tile decoding for the levels stored as tiled JPEG pages.
 
@@ -228,29 +239,14 @@ class JpegTiffReader(SlideReader):
         self._serial = next(self.cache.serials)
         level0 = self.jpeg_levels[0]
         middle = int(np.argmax(level0.counts))  # a tissue tile: decoding it checks the codec and colour space
-        self.decoder = "pillow"
+        stream = self._tile_stream(level0, middle % level0.across, middle // level0.across)
         try:
-            tile = self._decode(level0, middle % level0.across, middle // level0.across, 1, cached=False)
+            tile = None if stream is None else decode_jpeg(stream, level0.mode, 1, "pillow")
         except Exception as exc:
             raise ValueError(f"level 0 tiles cannot be decoded ({exc})") from None
         if tile is not None and tile.shape != (level0.tile_height, level0.tile_width, 3):
             raise ValueError(f"level 0 tiles decode to {tile.shape}, not {level0.tile_height} x {level0.tile_width}")
-        self.decoder = self._faster_decoder(level0, middle, tile)
-
-    def _faster_decoder(self, lvl: JpegLevel, index: int, reference: np.ndarray | None) -> str:
-        """"simplejpeg" when it decodes the check tile as Pillow does (colour space included), else "pillow"."""
-        if reference is None:
-            return "pillow"
-        self.decoder = "simplejpeg"
-        try:
-            tile = self._decode(lvl, index % lvl.across, index // lvl.across, 1, cached=False)
-        except Exception:  # noqa: BLE001 - a stream simplejpeg refuses: Pillow decodes this slide
-            return "pillow"
-        if tile is None or tile.shape != reference.shape:
-            return "pillow"
-        if float(np.abs(tile.astype(np.int16) - reference).mean()) > DECODER_TOLERANCE:
-            return "pillow"
-        return "simplejpeg"
+        self.decoder = "pillow" if stream is None else faster_decoder(stream, level0.mode, tile)
 
     # ----------------------------------------------------------------------------------- tiles
     def _decode(self, lvl: JpegLevel, tx: int, ty: int, scale: int, cached: bool = True) -> np.ndarray | None:
@@ -259,6 +255,16 @@ class JpegTiffReader(SlideReader):
         tile = self.cache.get(key) if cached else None
         if tile is not None:
             return tile
+        data = self._tile_stream(lvl, tx, ty)
+        if data is None:
+            return None
+        tile = decode_jpeg(data, lvl.mode, scale, self.decoder)
+        if cached:
+            self.cache.put(key, tile)
+        return tile
+
+    def _tile_stream(self, lvl: JpegLevel, tx: int, ty: int) -> bytes | None:
+        """The complete JPEG stream of tile (tx, ty) of ``lvl`` (JPEGTables spliced in); None if not stored."""
         i = ty * lvl.across + tx
         count = int(lvl.counts[i])
         if count == 0:
@@ -266,12 +272,7 @@ class JpegTiffReader(SlideReader):
         data = os.pread(self._fd, count, int(lvl.offsets[i]))
         if len(data) != count:
             raise OSError(f"tile {tx},{ty} of page {lvl.index} is truncated ({len(data)} of {count} bytes)")
-        if lvl.tables:
-            data = lvl.tables[:-2] + data[2:]
-        tile = decode_jpeg(data, lvl.mode, scale, self.decoder)
-        if cached:
-            self.cache.put(key, tile)
-        return tile
+        return lvl.tables[:-2] + data[2:] if lvl.tables else data
 
     def _assemble(self, lvl: JpegLevel, x: int, y: int, w: int, h: int, scale: int,
                   out: np.ndarray | None = None, cached: bool = True) -> np.ndarray:
