@@ -186,18 +186,18 @@ class INSMethod:
         self.novel: Tensor | None = None
         if self.ins.novelty_quantile is not None and self.variant == "patches":
             logger.info("INS: novelty_quantile needs features; the patches variant starts from the slide labels")
-        negatives = sum(int(b.label) == 0 for b in self.train_bags)
-        if self.ins.novelty_quantile is not None and self.variant == "features" and negatives < MIN_NEGATIVE_BAGS:
-            logger.info("INS fold %d: %d negative training slides (< %d) cannot calibrate novelty; starting from the "
-                        "slide labels", fold.fold, negatives, MIN_NEGATIVE_BAGS)
-        elif self.ins.novelty_quantile is not None and self.variant == "features":
+        if self.ins.novelty_quantile is not None and self.variant == "features":
             self.novel = novel_instances(self.train_bags, self.normalizer, self.ins.novelty_quantile, self.rng,
                                          self.device)
-            targets = torch.stack([1.0 - self.novel.float(), self.novel.float()], dim=1).to(self.conf.dtype)
-            self.conf = targets.clone()
-            self.bag_targets = targets.clone()
-            logger.info("INS fold %d: %d of %d positive-bag instances novel against negative bags", fold.fold,
-                        int(self.novel.sum()), int((self.candidates[:, 1] > 0).sum()))
+            if self.novel is None:
+                logger.info("INS fold %d: fewer than %d negative training slides cannot calibrate novelty; starting "
+                            "from the slide labels", fold.fold, MIN_NEGATIVE_BAGS)
+            else:
+                targets = torch.stack([1.0 - self.novel.float(), self.novel.float()], dim=1).to(self.conf.dtype)
+                self.conf = targets.clone()
+                self.bag_targets = targets.clone()
+                logger.info("INS fold %d: %d of %d positive-bag instances novel against negative bags", fold.fold,
+                            int(self.novel.sum()), int((self.candidates[:, 1] > 0).sum()))
         self._ready = True
         logger.info("INS fold %d: %d training instances from %d bags (%s variant)", fold.fold, len(self.index),
                     len(self.train_bags), self.variant)

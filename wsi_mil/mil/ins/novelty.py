@@ -44,19 +44,20 @@ def kth_neighbour_distance(queries: Tensor, reference: Tensor, k: int, query_bag
 
 
 def novel_instances(bags: Sequence[BagItem], normalizer: Callable[[Tensor], Tensor] | None, quantile: float,
-                    rng: np.random.Generator, device: torch.device, k: int = NEIGHBOURS) -> Tensor:
+                    rng: np.random.Generator, device: torch.device, k: int = NEIGHBOURS) -> Tensor | None:
     """Boolean [M] over the instances of ``bags`` (bag by bag, in row order): True for positive-bag instances
     novel against the negative bags (see the module docstring); negative-bag instances are always False.
 
     Bags are read one at a time (only the reference and calibration samples are held together). Cost:
-    (positive-bag instances + ``MAX_CALIBRATION``) x ``MAX_REFERENCE`` x D multiply-adds. Without two
-    negative bags (nothing to calibrate against) every positive-bag instance is marked novel, which
-    amounts to the slide label.
+    (positive-bag instances + ``MAX_CALIBRATION``) x ``MAX_REFERENCE`` x D multiply-adds. With fewer than
+    ``MIN_NEGATIVE_BAGS`` negative bags there is nothing to calibrate against: None.
     """
+    negative_bags = [i for i, b in enumerate(bags) if int(b.label) == 0]
+    if len(negative_bags) < MIN_NEGATIVE_BAGS:
+        return None
     sizes = [int(b.features.shape[0]) for b in bags]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     out = torch.zeros(int(starts[-1]), dtype=torch.bool, device=device)
-    negative_bags = [i for i, b in enumerate(bags) if int(b.label) == 0]
 
     def view(i: int, rows: np.ndarray | None = None) -> Tensor:
         x = bags[i].features if rows is None else bags[i].features[torch.as_tensor(rows)]
@@ -74,11 +75,6 @@ def novel_instances(bags: Sequence[BagItem], normalizer: Callable[[Tensor], Tens
             owners.append(torch.full((take.shape[0],), i, device=device))
         return torch.cat(parts), torch.cat(owners)
 
-    if len(negative_bags) < 2:
-        for i, b in enumerate(bags):
-            if int(b.label) != 0:
-                out[int(starts[i]):int(starts[i + 1])] = True
-        return out
     reference, reference_bag = sample(MAX_REFERENCE)
     calibration, calibration_bag = sample(MAX_CALIBRATION)
     neg_score = kth_neighbour_distance(calibration, reference, k, calibration_bag, reference_bag)
