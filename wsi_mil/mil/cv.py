@@ -316,21 +316,28 @@ class _FoldRunner:
         return model_from_checkpoint(ckpt, self.cfg).to(self.device)
 
 
+def fold_result_from_run(tracker: Tracker, run: RunRecord) -> FoldResult:
+    """The :class:`FoldResult` of a finished fold run, read back from MLflow (its metrics, tags and predictions)."""
+    with tempfile.TemporaryDirectory(prefix="wsi-mil-reuse-") as tmp:
+        text = ["slide_id", "patient_id", "split", "label_name", "pred_name"]
+        preds = pd.read_csv(tracker.download(run.run_id, "predictions.csv", Path(tmp)), dtype=dict.fromkeys(text, str))
+    m = run.metrics
+    note = run.tags.get("wsi_mil.val_auc", "")
+    return FoldResult(int(run.tags[SEED_TAG]), int(run.tags[FOLD_TAG]), run.run_id, int(m.get("fit/best_epoch", -1)),
+                      int(m.get("fit/epochs_run", 0)), m.get("fit/threshold"),
+                      {k.removeprefix("fit/val_"): v for k, v in m.items() if k.startswith("fit/val_")},
+                      {k.removeprefix("test/"): v for k, v in m.items() if k.startswith("test/")}, preds, {},
+                      note.removeprefix("undefined: ") if note.startswith("undefined: ") else None)
+
+
 def _reused_fold(runner: _FoldRunner, run: RunRecord) -> FoldResult:
     """A finished fold of a resumed training, read back from its run (its checkpoint joins the model)."""
-    seed, fold = int(run.tags[SEED_TAG]), int(run.tags[FOLD_TAG])
-    with tempfile.TemporaryDirectory(prefix="wsi-mil-resume-") as tmp:
-        text = {str: ["slide_id", "patient_id", "split", "label_name", "pred_name"]}
-        preds = pd.read_csv(runner.tracker.download(run.run_id, "predictions.csv", Path(tmp)),
-                            dtype={c: t for t, cols in text.items() for c in cols})
+    result = fold_result_from_run(runner.tracker, run)
     if runner.log_model:
         runner.checkpoints.append(load_checkpoint(runner.tracker, run.run_id))
-    m = run.metrics
-    log.info("seed %d fold %d: finished before the training was killed; reusing run %s", seed, fold, run.run_id)
-    return FoldResult(seed, fold, run.run_id, int(m.get("fit/best_epoch", -1)), int(m.get("fit/epochs_run", 0)),
-                      m.get("fit/threshold"), {k[len("fit/val_"):]: v for k, v in m.items() if k.startswith("fit/val_")},
-                      {k[len("test/"):]: v for k, v in m.items() if k.startswith("test/")}, preds, {},
-                      run.tags.get("wsi_mil.val_auc", "").removeprefix("undefined: ") or None)
+    log.info("seed %d fold %d: finished before the training was killed; reusing run %s", result.seed, result.fold,
+             run.run_id)
+    return result
 
 
 def _same(a: pd.DataFrame, b: pd.DataFrame, seed: Any, fold: Any) -> bool:

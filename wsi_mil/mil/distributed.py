@@ -49,6 +49,7 @@ from wsi_mil.mil.cv import (
     FoldResult,
     ParentRun,
     TrainResult,
+    fold_result_from_run,
     fold_runner,
     load_cohort,
     register_parent,
@@ -154,18 +155,8 @@ def _finished_fold(tracker: Tracker, run: RunRecord, need_checkpoint: bool) -> F
     names = tracker.list_artifacts(run.run_id)
     if "predictions.csv" not in names or (need_checkpoint and CHECKPOINT not in names):
         return None
-    with tempfile.TemporaryDirectory(prefix="wsi-mil-reuse-") as tmp:
-        preds = pd.read_csv(tracker.download(run.run_id, "predictions.csv", Path(tmp)),
-                            dtype={"slide_id": str, "patient_id": str})
-    note = run.tags.get("wsi_mil.val_auc", "")
-    result = FoldResult(
-        int(run.tags[SEED_TAG]), int(run.tags[FOLD_TAG]), run.run_id, int(m["fit/best_epoch"]),
-        int(m.get("fit/epochs_run", m["fit/best_epoch"])), m.get("fit/threshold"),
-        {k.removeprefix("fit/val_"): v for k, v in m.items() if k.startswith("fit/val_")},
-        {k.removeprefix("test/"): v for k, v in m.items() if k.startswith("test/")},
-        preds, {}, note.removeprefix("undefined: ") if note.startswith("undefined: ") else None)
     checkpoint = load_checkpoint(tracker, run.run_id) if need_checkpoint else None
-    return FoldOutcome(result, checkpoint, run.tags.get(WORKER_TAG, ""))
+    return FoldOutcome(fold_result_from_run(tracker, run), checkpoint, run.tags.get(WORKER_TAG, ""))
 
 
 @dataclass
