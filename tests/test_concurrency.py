@@ -129,17 +129,21 @@ def _no_leftovers(folder: Path) -> None:
     assert not [n for n in names if ".partial-" in n or ".old-" in n or n == CLAIMS_DIR], names
 
 
-def test_two_tiles_on_one_out_both_exit_0_and_every_store_equals_a_single_run(six_slides, single_tile_run,
-                                                                              tmp_path):
-    out = tmp_path / "out"
-    procs = [subprocess.Popen(_tile_cmd(six_slides, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    tiled = 0
+def _run_two(cmd: list[str], counted: str) -> int:
+    """Run ``cmd`` twice at once; both must exit 0; the sum of the counts their output reports (``counted``)."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    total = 0
     for proc in procs:
         text, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
-        tiled += int(re.search(r"(\d+) tiled", text).group(1))
-    assert tiled == 6  # the work was divided: no slide tiled twice
+        total += int(re.search(counted, text).group(1))
+    return total
+
+
+def test_two_tiles_on_one_out_both_exit_0_and_every_store_equals_a_single_run(six_slides, single_tile_run,
+                                                                              tmp_path):
+    out = tmp_path / "out"
+    assert _run_two(_tile_cmd(six_slides, out), r"(\d+) tiled") == 6  # the work was divided: no slide tiled twice
     cfg = load_config(None, TILE_SETTINGS)
     _assert_same(_stores(out, cfg), _stores(single_tile_run, cfg))
     assert set(_slides_csv(out).values()) <= {"done", "reused"} and len(_slides_csv(out)) == 6
@@ -182,14 +186,7 @@ def _extracted_once_and_a_shared_out(tmp_path: Path) -> tuple[Config, Path, Path
 
 def test_two_extracts_on_one_out_both_exit_0_and_every_bag_equals_a_single_run(tmp_path):
     cfg, single, out, cmd = _extracted_once_and_a_shared_out(tmp_path)
-    procs = [subprocess.Popen([*cmd, str(out), *EXTRACT_FLAGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    embedded = 0
-    for proc in procs:
-        text, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        embedded += int(re.search(r"(\d+) done", text).group(1))
-    assert embedded == 6  # the work was divided: no bag embedded twice
+    assert _run_two([*cmd, str(out), *EXTRACT_FLAGS], r"(\d+) done") == 6  # the work was divided: no bag embedded twice
     features = Layout(out).features_dir(tiling_key(cfg), encoder_key(cfg.features))
     reference = Layout(single).features_dir(tiling_key(cfg), encoder_key(cfg.features))
     assert sorted(p.name for p in features.glob("*.h5")) == [f"s{i}.h5" for i in range(6)]
