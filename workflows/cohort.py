@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 from wsi_mil.workflows.heatmap import heatmaps_for_run
-from wsi_mil.workflows.results import markdown_table, model_label, write_model_results
+from wsi_mil.workflows.results import markdown_table, mean_std, model_label, write_model_results
 from wsi_mil.workflows.train import WORKFLOW_TAG, finished_run, with_truth_beside, workflow_key
 
 from wsi_mil.annotations import find_annotation
@@ -118,8 +118,7 @@ class CohortOutcome:
         for m in self.models:
             row: dict[str, object] = {"model": m.shown, "run_id": m.run_id}
             for metric in SUMMARY_METRICS:
-                mean, std = m.summary.get(metric, (math.nan, math.nan))
-                row[metric] = "n/a" if math.isnan(mean) else f"{mean:.3f} +- {std:.3f}"
+                row[metric] = mean_std(*m.summary.get(metric, (math.nan, math.nan)))
             row["localisation_auc"] = "n/a" if math.isnan(m.localisation_auc) else f"{m.localisation_auc:.3f}"
             rows.append(row)
         return pd.DataFrame(rows)

@@ -87,9 +87,13 @@ def _when(run: RunRecord) -> str:
     return dt.datetime.fromtimestamp(run.start_time / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
-def _mean_std(run: RunRecord, metric: str) -> str:
-    mean, std = run.metric(f"test/{metric}_mean"), run.metric(f"test/{metric}_std")
+def mean_std(mean: float, std: float) -> str:
+    """A metric's mean +- std over folds and seeds as shown in tables ("n/a" when undefined)."""
     return "n/a" if math.isnan(mean) else f"{mean:.3f} +- {std:.3f}"
+
+
+def _mean_std(run: RunRecord, metric: str) -> str:
+    return mean_std(run.metric(f"test/{metric}_mean"), run.metric(f"test/{metric}_std"))
 
 
 def runs_table(tracker: Tracker, experiment: str | None = None) -> pd.DataFrame:
@@ -99,7 +103,7 @@ def runs_table(tracker: Tracker, experiment: str | None = None) -> pd.DataFrame:
     -------
     pd.DataFrame
         :data:`RUNS_COLUMNS`: the model, the run's name, its start (UTC, to the minute), status, the
-        digest of the model's settings (:func:`wsi_mil.workflows.train.settings_digest`: runs with the
+        digest of the model's settings (:func:`wsi_mil.workflows.reuse.settings_digest`: runs with the
         same digest trained with the same model and training settings), the test AUC mean +- std over
         folds and seeds, and the run id.
     """
